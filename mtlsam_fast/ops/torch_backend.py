@@ -1,0 +1,113 @@
+"""The torch reference backend: the oracle every other backend is tested against.
+
+Plain PyTorch, any device, no host synchronization. Inputs are validated by
+:mod:`mtlsam_fast.ops` before they reach this module.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import qp
+from .philox import gaussian_from_counter
+
+Tensor = torch.Tensor
+
+_CHUNK = 1 << 22  # columns per chunk when a 16-bit buffer must be upcast (bounds temporary memory)
+
+
+def unavailable_reason(device_type: str) -> str | None:
+    return None
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def gram(G: Tensor) -> Tensor:
+    acc = _acc_dtype(G)
+    P = G.shape[1]
+    if G.dtype == acc or P <= _CHUNK:
+        Gf = G.to(acc)
+        out = Gf @ Gf.T
+    else:
+        out = torch.zeros(G.shape[0], G.shape[0], dtype=acc, device=G.device)
+        for start in range(0, P, _CHUNK):
+            blk = G[:, start : start + _CHUNK].to(acc)
+            out += blk @ blk.T
+    return 0.5 * (out + out.T)
+
+
+def diff_gram(A: Tensor, B: Tensor) -> Tensor:
+    A.sub_(B)
+    return gram(A)
+
+
+def _segment_sum(x: Tensor, offsets: Tensor) -> Tensor:
+    lengths = offsets.diff()
+    if x.dim() == 1:
+        return torch.segment_reduce(x, "sum", lengths=lengths)
+    return torch.segment_reduce(x, "sum", lengths=lengths.expand(x.shape[0], -1), axis=1)
+
+
+def segment_norms(x: Tensor, offsets: Tensor, weight: Tensor | None = None) -> Tensor:
+    acc = _acc_dtype(x)
+    v = x.to(acc)
+    if weight is not None:
+        v = v * weight.to(acc)
+    return _segment_sum(v * v, offsets).sqrt()
+
+
+def combine(w: Tensor, G: Tensor, w2: Tensor | None, H: Tensor | None, out: Tensor) -> Tensor:
+    acc = _acc_dtype(G)
+    d = w.to(acc) @ G.to(acc)
+    if w2 is not None:
+        d = d + w2.to(acc) @ H.to(acc)
+    return out.copy_(d)
+
+
+def _expand_segments(values: Tensor, offsets: Tensor, numel: int) -> Tensor:
+    """Per-element values from per-segment ``values`` ([S] or a scalar)."""
+    if values.numel() == 1:
+        return values.reshape(()).expand(numel)
+    return values.repeat_interleave(offsets.diff(), output_size=numel)
+
+
+def gaussian_noise(seed: int, offset: int, numel: int, device: torch.device) -> Tensor:
+    counter = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
+    return gaussian_from_counter(seed, counter)
+
+
+def perturb(
+    theta: Tensor,
+    backup: Tensor,
+    direction: Tensor | None,
+    scale: Tensor | None,
+    offsets: Tensor,
+    adaptive: bool,
+    noise_scale: Tensor | None,
+    seed: int,
+    noise_offset: int,
+) -> Tensor:
+    acc = torch.float64 if theta.dtype == torch.float64 else torch.float32
+    P = theta.numel()
+    new = backup.to(acc)
+    if direction is not None:
+        step = direction.to(acc) * _expand_segments(scale.to(acc), offsets, P)
+        if adaptive:
+            step = step * new * new
+        new = new + step
+    if noise_scale is not None:
+        z = gaussian_noise(seed, noise_offset, P, theta.device).to(acc)
+        new = new + z * _expand_segments(noise_scale.to(acc), offsets, P)
+    return theta.copy_(new)
+
+
+def noise_stats(seed: int, offset: int, ref: Tensor, offsets: Tensor) -> Tensor:
+    acc = torch.float64 if ref.dtype == torch.float64 else torch.float32
+    z = gaussian_noise(seed, offset, ref.numel(), ref.device).to(acc)
+    return torch.stack([_segment_sum(z * z, offsets), _segment_sum(z * ref.to(acc), offsets)])
+
+
+def solve_qp(gram: Tensor, q, lower, constraint: str, norm_coef, max_iter: int, tol: float) -> Tensor:
+    return qp.solve_qp(gram, q, lower, constraint=constraint, norm_coef=norm_coef, max_iter=max_iter, tol=tol)
