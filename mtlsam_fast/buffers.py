@@ -140,7 +140,10 @@ class GradBuffer:
         """Within the block, backward passes accumulate the parameters' gradients into row ``k``.
 
         The row is zeroed first unless ``accumulate``. Parameters that get no gradient keep a zero
-        row. The parameters' previous ``.grad`` tensors are put back on exit. Higher-order
+        row. The parameters' previous ``.grad`` tensors are put back on exit. Rows hold each
+        parameter in logical (row-major) order, like :func:`flatten_parameters`; a non-contiguous
+        parameter therefore gets a contiguous ``.grad`` view (autograd warns that the layout
+        differs from the parameter's; flatten the parameters first to avoid it). Higher-order
         gradients (``create_graph=True``) are not captured in place: autograd replaces ``.grad``
         instead of accumulating into it.
         """
