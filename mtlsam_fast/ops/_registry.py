@@ -1,7 +1,9 @@
 """Backend registry and selection for :mod:`mtlsam_fast.ops`.
 
 A backend is a module exposing the op functions of :mod:`mtlsam_fast.ops` (same names and
-signatures, without ``backend=``) plus ``unavailable_reason(device_type) -> str | None``.
+signatures, without ``backend=``) plus ``unavailable_reason(device_type) -> str | None``. A backend
+whose functions ``torch.compile`` can trace sets ``TRACEABLE = True``; while a function is being
+compiled, ``"auto"`` only picks such backends (an opaque extension call would break the graph).
 Backend modules are imported lazily, so ``import mtlsam_fast`` never imports Triton or the
 compiled extension.
 """
@@ -93,9 +95,11 @@ def resolve(backend: str | None, device: torch.device, op: str) -> ModuleType:
     """The backend module that runs ``op`` for tensors on ``device``."""
     name = get_backend() if backend is None else _check_name(backend)
     if name == "auto":
+        compiling = torch.compiler.is_compiling()
         for candidate in AUTO_ORDER.get(device.type, ("torch",)):
             mod = _module(candidate)
-            if mod is not None and mod.unavailable_reason(device.type) is None and hasattr(mod, op):
+            if (mod is not None and mod.unavailable_reason(device.type) is None and hasattr(mod, op)
+                    and (not compiling or getattr(mod, "TRACEABLE", False))):
                 return mod
         return _module("torch")  # type: ignore[return-value]
     reason = unavailable_reason(name, device.type)

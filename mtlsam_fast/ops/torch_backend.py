@@ -13,6 +13,8 @@ from .philox import gaussian_from_counter
 
 Tensor = torch.Tensor
 
+TRACEABLE = True  # plain torch ops: torch.compile traces them
+
 _CHUNK = 1 << 22  # columns per chunk when a 16-bit buffer must be upcast (bounds temporary memory)
 
 
