@@ -1,0 +1,41 @@
+"""Gradient aggregation without sharpness: the per-task gradients of the shared parameters are
+combined by a weighting (MGDA, PCGrad, CAGrad, ...) into one update direction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import ops
+from .base import Closure, MTLBase, Tensor
+
+
+class MTLOptimizer(MTLBase):
+    """Multi-task gradient aggregation (the ``rho = 0`` baseline of :class:`FMTL`).
+
+    One step: clean forward; K backward passes capture task ``i``'s shared gradient into row ``i``
+    of ``G [K, P]`` (head ``i`` gets the gradient of loss ``i``); ``w = W(Gram(G))``; the shared
+    parameters' gradient is ``w^T G``; the base optimizer steps (guarded by the found-inf flag).
+
+    Cost per step: 1 forward, K backwards. Memory: ``G`` (K·P) + backup (P) + ``.grad`` (P).
+    Constructor arguments: those of :class:`~mtlsam_fast.optim.base.MTLBase`.
+    """
+
+    def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:  # type: ignore[override]
+        """One aggregation step; returns the K losses (detached, on the device)."""
+        scale, inv_scale = self._begin(closure, grad_scaler)
+        K, sh, G = self.num_tasks, self._shared, self._gbuf.G
+        losses = self._forward(closure, grad=True, perturbed=False)
+        det = torch.stack([l.detach() for l in losses])
+        for i in range(K):
+            if self._heads[i] is not None:
+                self._heads[i].grad.zero_()
+            with self._gbuf.capture(i):
+                self._backward(losses[i], scale, i, retain_graph=i < K - 1)
+        del losses
+        w = self._weights(ops.gram(G, backend=self.backend), inv_scale, det)
+        ops.combine(w, G, out=sh.grad, backend=self.backend)
+        self._finish(torch.zeros((), dtype=torch.bool, device=self.device), inv_scale, grad_scaler)
+        self._step_count += 1
+        return det

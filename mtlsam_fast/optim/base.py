@@ -1,0 +1,487 @@
+"""Shared machinery of the multi-task optimizers: validation, flat parameters, gradient capture,
+the closure protocol, BatchNorm protection, the guarded (found-inf) base-optimizer step, state.
+
+Layout (memory): the shared parameters are moved into one flat buffer ``theta [P]`` (each
+``p.data`` is a view); ``backup [P]`` holds the weights at the start of the step (perturbations
+are written as ``theta <- backup + eps`` and undone by an exact copy); ``grad [P]`` backs the shared
+parameters' ``.grad`` (the final update direction); ``G [K, P]`` holds the per-task gradients,
+captured zero-copy by autograd. Each task's head (task-specific parameters) gets the same
+treatment at its own (small) size.
+
+Found-inf without a host sync: every step computes a device flag (non-finite gradients, Gram,
+weights or norms). With ``torch.optim.Adam``/``AdamW(fused=True)`` the flag is handed to the fused
+kernel, which skips natively (as under ``GradScaler.step``). Otherwise the base optimizer always
+steps, and its effect is undone on the device when the flag is set: parameters are put back from ``backup`` with ``torch.where`` and every
+optimizer-state tensor from a snapshot taken just before the step (state created by this very
+step is reset to zeros, the initial value of every built-in ``torch.optim`` state, so a skipped
+first step leaves a state equivalent to a fresh one). No ``.item()``, no Python branch on a tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+
+from .. import ops
+from .. import weighting as _weighting
+from ..buffers import FlatLayout, GradBuffer, flatten_parameters
+from ..ops import FLOAT_DTYPES
+
+Tensor = torch.Tensor
+Closure = Callable[[], "Sequence[Tensor] | Tensor"]
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm running statistics: updated by the clean forward only
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def frozen_running_stats() -> Iterator[None]:
+    """Within the block, no normalization layer updates its running statistics.
+
+    A global module forward pre-hook catches every ``_BatchNorm`` (BatchNorm1d/2d/3d, SyncBatchNorm,
+    lazy variants) that runs in training mode with ``track_running_stats`` and switches
+    ``track_running_stats`` off for the duration: in training mode this makes the layer normalize
+    with the batch statistics exactly as before, but neither ``running_mean``/``running_var`` nor
+    ``num_batches_tracked`` are touched (no arithmetic on them at all, so the result is exact).
+    Other normalization layers with running statistics (InstanceNorm with
+    ``track_running_stats=True``) have their buffers saved and copied back on exit.
+    """
+    toggled: list[_BatchNorm] = []
+    saved: dict[int, tuple[_NormBase, list[tuple[Tensor, Tensor]]]] = {}
+
+    def pre_hook(module: torch.nn.Module, args: Any) -> None:
+        if not isinstance(module, _NormBase) or not module.training or not module.track_running_stats:
+            return
+        if isinstance(module, _BatchNorm):
+            module.track_running_stats = False
+            toggled.append(module)
+        elif id(module) not in saved:
+            bufs = [b for b in (module.running_mean, module.running_var, module.num_batches_tracked) if b is not None]
+            saved[id(module)] = (module, [(b, b.clone()) for b in bufs])
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for m in toggled:
+            m.track_running_stats = True
+        with torch.no_grad():
+            for _, pairs in saved.values():
+                for buf, copy in pairs:
+                    buf.copy_(copy)
+
+
+# --------------------------------------------------------------------------------------------
+# Flat parameter groups
+# --------------------------------------------------------------------------------------------
+class _FlatParams:
+    """A list of parameters moved into one flat buffer, with a backup and a flat ``.grad`` buffer."""
+
+    def __init__(self, params: list[Tensor], what: str):
+        dtypes = {p.dtype for p in params}
+        if len(dtypes) > 1:
+            raise TypeError(f"{what}: all parameters must share one dtype (one flat buffer), got {sorted(map(str, dtypes))}")
+        self.params = params
+        self.layout = FlatLayout(params)
+        self.theta = flatten_parameters(params, self.layout)
+        self.backup = torch.empty_like(self.theta)
+        self.grad = torch.zeros_like(self.theta)
+        self.grad_views = self.layout.views(self.grad)
+        self.offsets = self.layout.offsets()  # per-parameter segments [S + 1]
+        self.whole = torch.tensor([0, self.layout.numel], dtype=torch.int64, device=self.theta.device)
+        self._ptrs = [v.data_ptr() for v in self.layout.views(self.theta)]
+        self.what = what
+
+    @property
+    def numel(self) -> int:
+        return self.layout.numel
+
+    def check_intact(self) -> None:
+        for i, (p, ptr) in enumerate(zip(self.params, self._ptrs)):
+            if p.data_ptr() != ptr or p.device != self.theta.device:
+                raise RuntimeError(
+                    f"{self.what}[{i}] no longer lives in the optimizer's flat buffer (was the model moved "
+                    "with .to()/.cuda() or a parameter's .data replaced after the optimizer was built?); "
+                    "build the optimizer after moving the model, and change weights in place (copy_)."
+                )
+
+    def attach_grads(self) -> None:
+        for p, v in zip(self.params, self.grad_views):
+            if p.grad is not v:
+                p.grad = v
+
+    def norm(self, x: Tensor, adaptive: bool, backend: str | None) -> Tensor:
+        """Global L2 norm of ``x`` ([P]) or, with ``adaptive``, of ``|backup| * x`` (ASAM's ||T x||)."""
+        weight = self.backup.abs() if adaptive else None
+        return ops.segment_norms(x, self.whole, weight=weight, backend=backend).reshape(())
+
+
+def _safe_scale(rho: Tensor | float, norm: Tensor) -> Tensor:
+    """``rho / norm``, 0 where the norm is 0 or not finite (no perturbation instead of NaN)."""
+    ok = torch.isfinite(norm) & (norm > 0)
+    return torch.where(ok, rho / torch.where(ok, norm, torch.ones_like(norm)), torch.zeros_like(norm))
+
+
+def _check_rho(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+class MTLBase(torch.optim.Optimizer):
+    """Common base of :class:`MTLOptimizer`, :class:`FMTL` and :class:`SAMO` (not used directly).
+
+    Args:
+        shared_params: the shared trunk's parameters (non-empty; one dtype; one device).
+        task_params: one iterable of task-specific parameters per task (may be empty iterables);
+            its length is K. If omitted, give ``num_tasks`` and there are no task-specific params.
+        base_optimizer: a ``torch.optim.Optimizer`` *class*; ``**base_kwargs`` (``lr``,
+            ``momentum``, ``weight_decay``, ...) are passed to it. Its ``param_groups`` are this
+            optimizer's ``param_groups`` (group 0: shared; then one group per non-empty head), so LR
+            schedulers work unchanged.
+        weighting: a registry name (``mtlsam_fast.weighting.names()``) or a ``Weighting`` object.
+        weighting_options: constructor options when ``weighting`` is a name.
+        grad_dtype: dtype of the ``[K, P]`` gradient buffer (default: the shared parameters' dtype).
+        backend: ops backend (default: the global one).
+
+    Closure contract: ``closure()`` runs the forward pass at the current weights and returns the K
+    task losses (a sequence of K scalar tensors or one ``[K]`` tensor). It must not call
+    ``backward`` or ``zero_grad``: the optimizer does the backward passes itself (and calls the
+    closure again at perturbed weights, sometimes under ``torch.no_grad()``). Task ``i``'s
+    head receives the gradient of loss ``i`` only.
+
+    Mixed precision: run the forward under ``torch.autocast`` inside the closure. With fp16 pass a
+    ``torch.amp.GradScaler`` to :meth:`step` (``opt.step(closure, grad_scaler=scaler)``), then call
+    ``scaler.update()`` yourself; do not call ``scaler.scale``/``scaler.step`` on this optimizer.
+    The optimizer seeds each backward with the scale, unscales, checks for inf/NaN on the device
+    and reports the flag to the scaler.
+    """
+
+    #: makes ``GradScaler.step(opt, closure)`` hand itself over as ``grad_scaler=`` (torch's older
+    #: custom-optimizer protocol) instead of unscaling stale ``.grad`` tensors; the supported call is
+    #: ``opt.step(closure, grad_scaler=scaler)``.
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        shared_params: Iterable[Tensor],
+        task_params: Sequence[Iterable[Tensor]] | None = None,
+        base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
+        weighting: str | _weighting.Weighting = "ls",
+        *,
+        num_tasks: int | None = None,
+        weighting_options: dict[str, Any] | None = None,
+        grad_dtype: torch.dtype | None = None,
+        backend: str | None = None,
+        **base_kwargs: Any,
+    ):
+        shared, heads = self._validate_params(shared_params, task_params, num_tasks)
+        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+            raise TypeError(
+                f"base_optimizer must be a torch.optim.Optimizer class (e.g. torch.optim.Adam), got {base_optimizer!r}"
+            )
+        if issubclass(base_optimizer, MTLBase):
+            raise TypeError("base_optimizer cannot itself be a multi-task optimizer")
+        if grad_dtype is not None and grad_dtype not in FLOAT_DTYPES:
+            raise TypeError(f"grad_dtype must be one of {FLOAT_DTYPES}, got {grad_dtype}")
+        self.weighting = _weighting.get(weighting, **(weighting_options or {}))
+        self.num_tasks = len(heads)
+        self.backend = backend
+
+        groups = [{"params": shared}] + [{"params": h} for h in heads if h]
+        self.base_optimizer = base_optimizer(groups, **base_kwargs)  # may reject its kwargs: nothing moved yet
+        # Fused Adam/AdamW skip a step natively from a device found-inf flag (no snapshot needed).
+        self._native_found_inf = type(self.base_optimizer) in (torch.optim.Adam, torch.optim.AdamW) and bool(
+            self.base_optimizer.defaults.get("fused"))
+
+        # All validation is done: from here on parameters are moved into flat buffers (values kept).
+        self._shared = _FlatParams(shared, "shared_params")
+        self._heads: list[_FlatParams | None] = [
+            _FlatParams(h, f"task_params[{k}]") if h else None for k, h in enumerate(heads)
+        ]
+        self._gbuf = GradBuffer(shared, self.num_tasks, dtype=grad_dtype, layout=self._shared.layout)
+        self.device = self._shared.theta.device
+
+        super().__init__([{"params": list(g["params"])} for g in groups], dict(self.base_optimizer.defaults))
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self._state_has_host_values = False
+        self._step_count = 0  # host counter (SAMO's noise offsets); part of state_dict
+
+    # ---------------------------------------------------------------- validation
+    @staticmethod
+    def _validate_params(
+        shared_params: Iterable[Tensor], task_params: Sequence[Iterable[Tensor]] | None, num_tasks: int | None
+    ) -> tuple[list[Tensor], list[list[Tensor]]]:
+        if isinstance(shared_params, torch.Tensor):
+            raise TypeError("shared_params must be an iterable of tensors (e.g. model.trunk.parameters()), not a tensor")
+        shared = list(shared_params)
+        if not shared:
+            raise ValueError("shared_params is empty: a multi-task optimizer needs at least one shared parameter")
+        if task_params is None:
+            if num_tasks is None:
+                raise ValueError("give task_params (one iterable per task) or num_tasks")
+            if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+                raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
+            heads: list[list[Tensor]] = [[] for _ in range(num_tasks)]
+        else:
+            if isinstance(task_params, torch.Tensor) or not isinstance(task_params, Sequence):
+                raise TypeError("task_params must be a list with one iterable of parameters per task")
+            heads = []
+            for k, h in enumerate(task_params):
+                if isinstance(h, torch.Tensor):
+                    raise TypeError(f"task_params[{k}] must be an iterable of tensors, not a tensor (wrap it in a list)")
+                heads.append(list(h))
+            if not heads:
+                raise ValueError("task_params is empty: there must be at least one task")
+            if num_tasks is not None and num_tasks != len(heads):
+                raise ValueError(f"num_tasks={num_tasks} but task_params lists {len(heads)} tasks")
+        owner: dict[int, str] = {}
+        devices: dict[str, str] = {}
+        named = [(f"shared_params[{i}]", p) for i, p in enumerate(shared)]
+        named += [(f"task_params[{k}][{j}]", p) for k, h in enumerate(heads) for j, p in enumerate(h)]
+        for name, p in named:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{name} is a {type(p).__name__}, expected a torch.Tensor (nn.Parameter)")
+            if p.dtype not in FLOAT_DTYPES:
+                raise TypeError(f"{name} has unsupported dtype {p.dtype}; supported: float32, float64, bfloat16, float16")
+            if not p.requires_grad:
+                raise ValueError(f"{name} does not require grad")
+            if not p.is_leaf:
+                raise ValueError(f"{name} is not a leaf tensor (pass the model's parameters, not results of operations)")
+            if id(p) in owner:
+                prev = owner[id(p)]
+                both = "both shared and task-specific" if prev.startswith("shared") != name.startswith("shared") else "listed twice"
+                raise ValueError(f"a parameter is {both}: {prev} and {name} are the same tensor")
+            owner[id(p)] = name
+            devices.setdefault(str(p.device), name)
+        if len(devices) > 1:
+            desc = ", ".join(f"{name} on {dev}" for dev, name in devices.items())
+            raise ValueError(f"parameters are on different devices ({desc}); move the model to one device first")
+        for what, group in [("shared_params", shared)] + [(f"task_params[{k}]", h) for k, h in enumerate(heads)]:
+            dtypes = {p.dtype for p in group}
+            if len(dtypes) > 1:
+                raise TypeError(f"{what}: all parameters must share one dtype (one flat buffer each), "
+                                f"got {sorted(map(str, dtypes))}")
+        return shared, heads
+
+    def _check_losses(self, losses: Any, *, need_grad: bool) -> list[Tensor]:
+        K = self.num_tasks
+        if isinstance(losses, torch.Tensor):
+            if losses.dim() != 1 or losses.shape[0] != K:
+                raise ValueError(
+                    f"closure returned a tensor of shape {tuple(losses.shape)}; expected K={K} task losses "
+                    f"(a [{K}] tensor or a sequence of {K} scalar tensors)"
+                )
+            items = list(losses.unbind(0))
+        elif isinstance(losses, Sequence) and not isinstance(losses, str):
+            items = list(losses)
+            if len(items) != K:
+                raise ValueError(f"closure returned {len(items)} losses, expected one per task (K={K})")
+            for i, l in enumerate(items):
+                if not isinstance(l, torch.Tensor):
+                    raise TypeError(f"loss {i} is a {type(l).__name__}, expected a scalar tensor")
+                if l.dim() != 0:
+                    raise ValueError(f"loss {i} is not a scalar: shape {tuple(l.shape)} (reduce it, e.g. .mean())")
+        else:
+            raise TypeError(f"closure must return K={K} task losses (sequence or [K] tensor), got {type(losses).__name__}")
+        for i, l in enumerate(items):
+            if not l.is_floating_point():
+                raise TypeError(f"loss {i} has dtype {l.dtype}; losses must be floating point")
+            if l.device != self.device:
+                raise ValueError(f"loss {i} is on {l.device}, the parameters on {self.device}")
+            if need_grad and not l.requires_grad:
+                raise ValueError(
+                    f"loss {i} does not require grad (computed under torch.no_grad(), from detached tensors, "
+                    "or from no trainable parameter?)"
+                )
+        return items
+
+    # ---------------------------------------------------------------- step helpers
+    def _begin(self, closure: Closure | None, grad_scaler: Any) -> tuple[Tensor, Tensor]:
+        """Checks, backups, grad views; returns (scale, inv_scale) as fp32 device scalars."""
+        if closure is None or not callable(closure):
+            raise TypeError(
+                f"{type(self).__name__}.step needs a closure that returns the K task losses at the current weights"
+            )
+        self._shared.check_intact()
+        for h in self._heads:
+            if h is not None:
+                h.check_intact()
+        with torch.no_grad():
+            self._shared.backup.copy_(self._shared.theta)
+            for h in self._heads:
+                if h is not None:
+                    h.backup.copy_(h.theta)
+        self._shared.attach_grads()
+        for h in self._heads:
+            if h is not None:
+                h.attach_grads()
+        one = torch.ones((), dtype=torch.float32, device=self.device)
+        if grad_scaler is None or not getattr(grad_scaler, "is_enabled", lambda: False)():
+            return one, one
+        scale = grad_scaler.scale(one)  # the scaler's current scale, on the device, no sync
+        return scale, 1.0 / scale
+
+    def _forward(self, closure: Closure, *, grad: bool, perturbed: bool) -> list[Tensor]:
+        ctx = frozen_running_stats() if perturbed else contextlib.nullcontext()
+        with ctx, torch.set_grad_enabled(grad):
+            losses = closure()
+        return self._check_losses(losses, need_grad=grad)
+
+    def _backward(self, loss: Tensor, seed: Tensor, task: int | None, *, retain_graph: bool = False) -> None:
+        """Backward of ``loss`` seeded with ``seed`` into the shared params and head ``task`` (all heads if None)."""
+        inputs = list(self._shared.params)
+        heads = self._heads if task is None else [self._heads[task]]
+        for h in heads:
+            if h is not None:
+                inputs.extend(h.params)
+        if loss.dtype not in (torch.float32, torch.float64):
+            loss = loss.float()  # like GradScaler: seed a 16-bit loss's backward in fp32 (no overflow of the scale)
+        torch.autograd.backward(loss, grad_tensors=seed.to(loss.dtype), retain_graph=retain_graph, inputs=inputs)
+
+    def _weights(self, gram: Tensor, inv_scale: Tensor, losses: Tensor) -> Tensor:
+        """Task weights from a Gram of scaled gradients (unscaled first, so every weighting sees true values)."""
+        g = gram * (inv_scale * inv_scale).to(gram.dtype)
+        return self.weighting(g, losses.to(g.dtype) if self.weighting.needs_losses else None)
+
+    def _perturb_head(self, k: int, scale: Tensor, adaptive: bool) -> None:
+        h = self._heads[k]
+        if h is not None:
+            ops.perturb(h.theta, h.backup, h.whole, direction=h.grad, scale=scale, adaptive=adaptive, backend=self.backend)
+
+    def _restore(self, k: int | None) -> None:
+        ops.restore(self._shared.theta, self._shared.backup)
+        if k is not None and self._heads[k] is not None:
+            ops.restore(self._heads[k].theta, self._heads[k].backup)
+
+    def _head_scales(self, rho_head: float, adaptive: bool) -> tuple[Tensor, Tensor]:
+        """Per head: rho_head / ||h_k|| (scalar tensors stacked) and a not-finite flag of the norms."""
+        scales, bad = [], torch.zeros((), dtype=torch.bool, device=self.device)
+        for h in self._heads:
+            if h is None:
+                scales.append(torch.zeros((), device=self.device))
+                continue
+            n = h.norm(h.grad, adaptive, self.backend)
+            bad = bad | ~torch.isfinite(n)
+            scales.append(_safe_scale(rho_head, n))
+        return torch.stack(scales), bad
+
+    def _finish(self, bad: Tensor, inv_scale: Tensor, grad_scaler: Any) -> None:
+        """Unscale the final gradients, set the found-inf flag, step the base optimizer guarded by it."""
+        grads = [self._shared.grad] + [h.grad for h in self._heads if h is not None]
+        found = torch.zeros(1, dtype=torch.float32, device=self.device)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv_scale.reshape(1))
+        found = torch.maximum(found, bad.reshape(1).to(torch.float32))
+        self._found_inf = found
+        if grad_scaler is not None and grad_scaler.is_enabled():
+            _report_found_inf(grad_scaler, self, found)
+        self._guarded_base_step(found.reshape(()) > 0)
+
+    @torch.no_grad()
+    def _guarded_base_step(self, skip: Tensor) -> None:
+        if self._state_has_host_values:
+            # A base optimizer that keeps host-side (non-tensor) state cannot be rolled back on the
+            # device; this is the only path that reads the flag on the host.
+            if bool(skip):
+                return
+            self.base_optimizer.step()
+            return
+        if self._native_found_inf:
+            # torch's fused Adam/AdamW read these attributes (as set by GradScaler.step): the kernel
+            # leaves parameters and moments alone when found_inf is 1, and the step count is
+            # incremented then decremented by the flag, all on the device.
+            self.base_optimizer.grad_scale = None
+            self.base_optimizer.found_inf = skip.reshape(()).to(torch.float32)
+            try:
+                self.base_optimizer.step()
+            finally:
+                del self.base_optimizer.grad_scale, self.base_optimizer.found_inf
+            return
+        params = [p for g in self.base_optimizer.param_groups for p in g["params"]]
+        snapshot: dict[tuple[int, str], Tensor] = {}
+        for p in params:
+            for key, val in self.base_optimizer.state.get(p, {}).items():
+                if isinstance(val, torch.Tensor):
+                    snapshot[(id(p), key)] = val.clone()
+        self.base_optimizer.step()
+        flats = [self._shared] + [h for h in self._heads if h is not None]
+        for f in flats:
+            torch.where(skip, f.backup, f.theta, out=f.theta)
+        for p in params:
+            for key, val in self.base_optimizer.state.get(p, {}).items():
+                if isinstance(val, torch.Tensor):
+                    old = snapshot.get((id(p), key))
+                    if old is None:
+                        old = torch.zeros((), dtype=val.dtype, device=val.device)
+                    s = skip if val.device == skip.device else skip.to(val.device)
+                    val.copy_(torch.where(s, old, val))
+                elif isinstance(val, (int, float)) and not isinstance(val, bool):
+                    self._state_has_host_values = True
+
+    # ---------------------------------------------------------------- public API
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the parameters' ``.grad`` (the optimizer re-attaches its own buffers at each step)."""
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def found_inf(self) -> Tensor | None:
+        """The last step's device flag ([1], fp32): 1 when the step was skipped (inf/NaN)."""
+        return getattr(self, "_found_inf", None)
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        """Base optimizer state, weighting state and step/seed counters (bitwise resume)."""
+        return {
+            "base_optimizer": self.base_optimizer.state_dict(),
+            "weighting": self.weighting.state_dict(),
+            "step_count": self._step_count,
+            "extra": self._extra_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        missing = {"base_optimizer", "weighting", "step_count"} - set(state_dict)
+        if missing:
+            raise ValueError(f"not a {type(self).__name__} state_dict: missing {sorted(missing)}")
+        self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
+        self.param_groups = self.base_optimizer.param_groups  # load_state_dict rebinds the list
+        self.state = self.base_optimizer.state
+        self.weighting.load_state_dict(state_dict["weighting"])
+        self._step_count = int(state_dict["step_count"])
+        self._load_extra_state(state_dict.get("extra", {}))
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(K={self.num_tasks}, P={self._shared.numel}, weighting={self.weighting!r}, "
+                f"base_optimizer={self.base_optimizer!r})")
+
+
+def _report_found_inf(scaler: Any, optimizer: torch.optim.Optimizer, found: Tensor) -> None:
+    """Record this step's found-inf flag in ``scaler`` so that ``scaler.update()`` backs off / grows.
+
+    ``GradScaler`` has no public entry point for an optimizer that runs its own backward passes, so
+    this writes the per-optimizer record that ``GradScaler.unscale_``/``step`` would have written.
+    """
+    try:
+        from torch.amp.grad_scaler import OptState
+
+        state = scaler._per_optimizer_states[id(optimizer)]
+        if state["stage"] is not OptState.READY:
+            raise RuntimeError(
+                "grad_scaler was already used on this optimizer since the last update(): call "
+                "scaler.update() once after each step and do not call scaler.unscale_/step on it"
+            )
+        state["found_inf_per_device"] = {found.device: found}
+        state["stage"] = OptState.STEPPED
+    except (AttributeError, ImportError, KeyError) as e:  # pragma: no cover - torch internals moved
+        raise RuntimeError(f"unsupported GradScaler implementation ({e}); file a bug") from e

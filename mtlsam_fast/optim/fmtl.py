@@ -1,0 +1,119 @@
+"""F-MTL: task-based flat-region seeking, Algorithm 1 of
+
+Phan, Tran, Nguyen, Ho, Le, Vo, Nguyen, Nguyen, Nguyen, Nguyen, "Improving Multi-task Learning via
+Seeking Task-based Flat Regions", 2022 (https://arxiv.org/abs/2211.13723).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from .. import ops
+from .. import weighting as _weighting
+from .base import Closure, MTLBase, Tensor, _check_rho, _safe_scale
+
+
+class FMTL(MTLBase):
+    """F-MTL (sharpness-aware multi-task learning with per-task perturbations), SAM or ASAM.
+
+    One step, with ``g_i`` the gradient of task ``i``'s loss over all shared parameters:
+
+    1. clean forward; K backward passes capture ``g_i`` into row ``i`` of ``G [K, P]`` (and each
+       head's gradient ``h_i``); loss weights ``w = W(Gram(G))``, ``d = w^T G`` is stored;
+    2. for each task ``i``: shared ``theta + eps_i`` with ``eps_i = rho g_i / ||g_i||`` (ASAM:
+       ``rho T^2 g_i / ||T g_i||``, ``T = |theta|``; norms over all shared parameters), head ``i``
+       ``+ rho_head h_i / ||h_i||``; forward; backward of loss ``i`` seeded with ``-1`` accumulates
+       into row ``i``, which becomes ``g_i - s_i = -flat_i`` in place (no second K x P buffer, no
+       extra pass); parameters restored bitwise from the backup;
+    3. flat weights ``w' = W(Gram(-F)) = W(Gram(F))``; shared direction ``d + w'^T F``; head ``i``
+       gets its gradient at the perturbed point; the base optimizer steps (guarded by the found-inf
+       flag).
+
+    Cost per step: 1 + K forwards, 2K backwards (1 clean forward, K backward, K perturbed
+    forward+backward). Extra shared-sized memory: ``G`` (K·P) + backup (P) + ``.grad`` (P) + one
+    transient P (the combine) + the transient optimizer-state snapshot of the guarded step.
+
+    Args (besides those of :class:`~mtlsam_fast.optim.base.MTLBase`):
+        rho: perturbation radius (>= 0).
+        rho_head: radius for the task-specific parameters (default ``rho``).
+        adaptive: ASAM (scale-invariant) perturbations.
+
+    Weightings that need the losses get the clean losses in both calls. A stateful weighting is
+    called twice per step (loss set, then flat set), as in the paper.
+    """
+
+    def __init__(
+        self,
+        shared_params: Iterable[Tensor],
+        task_params: Sequence[Iterable[Tensor]] | None = None,
+        base_optimizer: type[torch.optim.Optimizer] = torch.optim.SGD,
+        weighting: str | _weighting.Weighting = "ls",
+        rho: float = 0.05,
+        rho_head: float | None = None,
+        adaptive: bool = False,
+        **kwargs: Any,
+    ):
+        self.rho = _check_rho("rho", rho)
+        self.rho_head = self.rho if rho_head is None else _check_rho("rho_head", rho_head)
+        self.adaptive = bool(adaptive)
+        super().__init__(shared_params, task_params, base_optimizer, weighting, **kwargs)
+
+    def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:  # type: ignore[override]
+        """One F-MTL step; returns the K clean losses (detached, on the device)."""
+        scale, inv_scale = self._begin(closure, grad_scaler)
+        K, sh, G, be = self.num_tasks, self._shared, self._gbuf.G, self.backend
+
+        # 1. clean forward, K backward passes into the rows of G (heads: their own loss only)
+        losses = self._forward(closure, grad=True, perturbed=False)
+        det = torch.stack([l.detach() for l in losses])
+        for i in range(K):
+            if self._heads[i] is not None:
+                self._heads[i].grad.zero_()
+            with self._gbuf.capture(i):
+                self._backward(losses[i], scale, i, retain_graph=i < K - 1)
+        del losses
+
+        gram = ops.gram(G, backend=be)
+        w_loss = self._weights(gram, inv_scale, det)
+        ops.combine(w_loss, G, out=sh.grad, backend=be)  # d_loss, scaled like G
+
+        if self.adaptive:
+            norms = ops.segment_norms(G, sh.whole, weight=sh.backup.abs(), backend=be).reshape(K)
+        else:
+            norms = gram.diagonal().clamp_min(0).sqrt()
+        bad = ~torch.isfinite(norms).all()
+        scales = _safe_scale(self.rho, norms)
+        head_scales, head_bad = self._head_scales(self.rho_head, self.adaptive)
+        bad = bad | head_bad
+
+        # 2. per task: perturb, forward, backward seeded with -scale into row i (g_i - s_i), restore
+        neg = -scale
+        for i in range(K):
+            try:
+                ops.perturb(sh.theta, sh.backup, sh.whole, direction=G[i], scale=scales[i],
+                            adaptive=self.adaptive, backend=be)
+                self._perturb_head(i, head_scales[i], self.adaptive)
+                lp = self._forward(closure, grad=True, perturbed=True)
+                if self._heads[i] is not None:
+                    self._heads[i].grad.zero_()
+                with self._gbuf.capture(i, accumulate=True):
+                    self._backward(lp[i], neg, i)
+                del lp
+            finally:
+                self._restore(i)
+            if self._heads[i] is not None:
+                self._heads[i].grad.neg_()  # the head's perturbed-point gradient (exact sign flip)
+
+        # 3. flat weights on -F (same Gram as F); direction d_loss + w_flat^T F = d_loss + (-w_flat)^T (-F)
+        w_flat = self._weights(ops.gram(G, backend=be), inv_scale, det)
+        one = torch.ones(1, dtype=w_flat.dtype, device=self.device)
+        d = ops.combine(-w_flat, G, one, sh.grad.view(1, -1), dtype=sh.grad.dtype, backend=be)
+        sh.grad.copy_(d)
+        del d
+
+        self._finish(bad, inv_scale, grad_scaler)
+        self._step_count += 1
+        return det
