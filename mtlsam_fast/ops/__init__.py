@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import torch
 
+from . import _registry
 from . import qp as _qp
+from . import torch_backend as _torch_backend
 from ._registry import available_backends, get_backend, resolve, set_backend
+
+_registry._modules["torch"] = _torch_backend  # the reference is always loaded (and traceable)
 
 Tensor = torch.Tensor
 

@@ -97,11 +97,13 @@ def resolve(backend: str | None, device: torch.device, op: str) -> ModuleType:
     if name == "auto":
         compiling = torch.compiler.is_compiling()
         for candidate in AUTO_ORDER.get(device.type, ("torch",)):
-            mod = _module(candidate)
+            if compiling and candidate not in _modules:
+                continue  # never import while dynamo traces
+            mod = _modules[candidate] if compiling else _module(candidate)
             if (mod is not None and mod.unavailable_reason(device.type) is None and hasattr(mod, op)
                     and (not compiling or getattr(mod, "TRACEABLE", False))):
                 return mod
-        return _module("torch")  # type: ignore[return-value]
+        return _modules["torch"]  # type: ignore[return-value]
     reason = unavailable_reason(name, device.type)
     if reason is not None:
         avail = ", ".join(available_backends(device)) or "none"
