@@ -1,0 +1,89 @@
+"""CI check of the benchmark report: ``python -m bench --quick`` runs and writes well-formed results.
+
+Never asserts on a time or a speed-up: only on the structure of the JSON, CSV and PNG files, on the
+baselines being present, and on the naive baseline computing the right numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import naive  # noqa: E402
+from bench.common import make_offsets  # noqa: E402
+
+
+def test_naive_baseline_is_correct():
+    """The naive baseline computes what mtlsam_fast computes (so the speed-ups compare like with like)."""
+    torch.manual_seed(0)
+    G = torch.randn(5, 1000, dtype=torch.float64)
+    bounds = make_offsets(1000, 5)
+    assert bounds[0] == 0 and bounds[-1] == 1000 and all(a < b for a, b in zip(bounds, bounds[1:]))
+    vecs = naive.split(G, bounds)
+    assert torch.allclose(torch.as_tensor(naive.gram(vecs)), G @ G.T, rtol=1e-10, atol=1e-10)
+    w = torch.softmax(torch.randn(5, dtype=torch.float64), 0)
+    d = torch.cat(naive.combine(w.tolist(), vecs))
+    assert torch.allclose(d, w @ G, rtol=1e-10, atol=1e-10)
+    # Sener & Koltun's host loop reaches the exact min-norm point to its own tolerance
+    from mtlsam_fast.ops import kkt_residual
+
+    sol = torch.as_tensor(naive.mgda_weights(vecs))
+    assert abs(float(sol.sum()) - 1) < 1e-8 and float(sol.min()) >= 0
+    assert float(kkt_residual(G @ G.T, sol)) < 1e-3
+
+
+def test_quick_report_structure(tmp_path: Path):
+    out = tmp_path / "bench"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--threads", "1", "--out", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "speed-up" in proc.stdout and "roofline" in proc.stdout
+
+    doc = json.loads((out / "ops.json").read_text())
+    meta = doc["meta"]
+    for key in ("device", "device_name", "cpu_model", "torch", "triton", "mtlsam_fast_commit", "available_backends"):
+        assert key in meta, key
+    assert meta["device"] == "cpu" and "torch" in meta["available_backends"]
+    roof = doc["roofline"]
+    assert roof["read_gbps"] > 0 and roof["copy_gbps"] > 0
+    rows = doc["results"]
+    assert rows
+    ops_seen = {r["op"] for r in rows}
+    for op in ("gram", "diff_gram", "segment_norms", "combine", "perturb", "restore", "gaussian_noise",
+               "noise_stats", "solve_qp", "weighting:mgda"):
+        assert op in ops_seen, op
+    ok = [r for r in rows if r["error"] is None]
+    for r in ok:
+        assert math.isfinite(r["median_s"]) and r["median_s"] > 0
+        assert r["p25_s"] <= r["median_s"] <= r["p75_s"] and r["reps"] >= 1
+    gram_torch = [r for r in ok if r["op"] == "gram" and r["impl"] == "torch" and r["kind"] == "backend"]
+    assert gram_torch
+    for r in gram_torch:
+        assert r["gbps"] > 0 and r["pct_roof"] > 0
+        assert "torch.mm" in r["ratios"] and "naive" in r["ratios"]
+    qp = [r for r in ok if r["op"] == "solve_qp" and r["kind"] == "backend"]
+    assert qp and all(r["kkt"] is not None and "naive-fw" in r["ratios"] for r in qp)
+    assert doc["headline"] and all("speedup_vs" in h for h in doc["headline"])
+
+    with open(out / "ops.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(rows)
+    assert {"op", "impl", "kind", "dtype", "K", "P", "median_s", "gbps", "pct_roof"} <= set(table[0])
+    assert any(c.startswith("speedup_vs_") for c in table[0])
+
+    for png in ("ops.png", "qp.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert (out / "summary.md").read_text().count("|") > 10
+    assert json.loads((out / "machine.json").read_text())["torch"] == torch.__version__
