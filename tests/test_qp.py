@@ -413,7 +413,8 @@ def test_norm_batched_and_nonfinite():
 def test_every_backend_meets_the_kkt_target(device, constraint):
     """The accelerated backends on this machine, through the dispatcher, on the hard matrices."""
     for name in ops.available_backends(device):
-        for K in (3, 17, 64):
+        interpreted = name == "triton" and device.type == "cpu"  # serial fp64 sweeps: minutes at K=64
+        for K in ((3, 17) if interpreted else (3, 17, 64)):  # tests/test_triton.py covers K=64 there
             G = torch.stack([gram_of(make_gradients(k, K), torch.float32) for k in KINDS]).to(device)
             lo = torch.stack([lower_for(K, s) for s in range(len(KINDS))]).float().to(device) if constraint == "lower" else None
             v = ops.solve_qp(G, lower=lo, constraint=constraint, backend=name)

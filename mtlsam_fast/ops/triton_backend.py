@@ -1,0 +1,128 @@
+"""The Triton backend: fused kernels from :mod:`triton_kernels` behind the ops interface.
+
+Runs on CUDA tensors, and on CPU tensors only under ``TRITON_INTERPRET=1`` (the CPU test mode;
+never chosen by ``"auto"`` on the CPU). Inputs arrive validated by :mod:`mtlsam_fast.ops`.
+fp64 buffers (and Gram matrices / QPs with K > 64) are delegated to the torch backend (fp64
+accumulation is its contract; K <= 64 is the design range of the register-tile kernels). No function here reads a tensor value on the host.
+
+Beyond the ops of :mod:`mtlsam_fast.ops`, :func:`fused_aggregate` is the two-launch aggregation
+path of DESIGN.md section 6 for the optimizers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import torch
+
+from . import torch_backend
+
+Tensor = torch.Tensor
+
+__all__ = [
+    "unavailable_reason", "gram", "diff_gram", "segment_norms", "combine", "perturb",
+    "gaussian_noise", "noise_stats", "solve_qp", "fused_aggregate", "pin_config",
+]
+
+#: the kernels keep a K x K tile in registers; larger K (outside the design range) uses torch.
+MAX_K = 64
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _kernels():
+    """``triton_kernels`` (imported on first use, so importing this module never imports Triton:
+    the registry can ask :func:`unavailable_reason` before ``TRITON_INTERPRET`` is settled)."""
+    import triton_kernels.elementwise
+    import triton_kernels.fused
+    import triton_kernels.gram
+    import triton_kernels.qp
+
+    return triton_kernels
+
+
+_HAS_TRITON: list[bool] = []
+
+
+def unavailable_reason(device_type: str) -> str | None:
+    if not _HAS_TRITON:
+        _HAS_TRITON.append(importlib.util.find_spec("triton") is not None)
+    if not _HAS_TRITON[0]:
+        return "triton is not installed"
+    cfg = sys.modules.get("triton_kernels._config")
+    compiled_already = cfg is not None and not cfg.INTERPRET
+    if device_type == "cuda":
+        return None if torch.cuda.is_available() else "no CUDA device"
+    if device_type == "cpu":
+        if not _interpreting():
+            return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
+        if compiled_already:
+            return "TRITON_INTERPRET=1 was set after the Triton kernels were imported in compiled mode"
+        return None
+    return f"Triton does not support {device_type} tensors"
+
+
+def pin_config(family: str, **cfg: int) -> None:
+    """Pin the launch configuration of a kernel family (see ``triton_kernels._config``)."""
+    _kernels()._config.pin_config(family, **cfg)
+
+
+def _f64(*ts: Tensor | None) -> bool:
+    return any(t is not None and t.dtype == torch.float64 for t in ts)
+
+
+def gram(G: Tensor) -> Tensor:
+    if _f64(G) or G.shape[0] > MAX_K:
+        return torch_backend.gram(G)
+    return _kernels().gram.gram(G)
+
+
+def diff_gram(A: Tensor, B: Tensor) -> Tensor:
+    if _f64(A) or A.shape[0] > MAX_K:
+        return torch_backend.diff_gram(A, B)
+    return _kernels().gram.diff_gram(A, B)
+
+
+def segment_norms(x: Tensor, offsets: Tensor, weight: Tensor | None = None) -> Tensor:
+    if _f64(x):
+        return torch_backend.segment_norms(x, offsets, weight)
+    return _kernels().elementwise.segment_norms(x, offsets, weight)
+
+
+def combine(w: Tensor, G: Tensor, w2: Tensor | None, H: Tensor | None, out: Tensor) -> Tensor:
+    if _f64(G, H):
+        return torch_backend.combine(w, G, w2, H, out)
+    return _kernels().elementwise.combine(w, G, w2, H, out)
+
+
+def perturb(theta, backup, direction, scale, offsets, adaptive, noise_scale, seed, noise_offset):
+    if _f64(theta):
+        return torch_backend.perturb(theta, backup, direction, scale, offsets, adaptive, noise_scale, seed, noise_offset)
+    return _kernels().elementwise.perturb(theta, backup, direction, scale, offsets, adaptive, noise_scale, seed, noise_offset)
+
+
+def gaussian_noise(seed: int, offset: int, numel: int, device: torch.device) -> Tensor:
+    return _kernels().elementwise.gaussian_noise(seed, offset, numel, device)
+
+
+def noise_stats(seed: int, offset: int, ref: Tensor, offsets: Tensor) -> Tensor:
+    if _f64(ref):
+        return torch_backend.noise_stats(seed, offset, ref, offsets)
+    return _kernels().elementwise.noise_stats(seed, offset, ref, offsets)
+
+
+def solve_qp(gram: Tensor, q, lower, constraint: str, norm_coef, max_iter: int, tol: float) -> Tensor:
+    return _kernels().qp.solve_qp(gram, q, lower, constraint, norm_coef, max_iter, tol)
+
+
+def fused_aggregate(G: Tensor, H: Tensor | None = None, *, out: Tensor | None = None, theta: Tensor | None = None,
+                    lr: Tensor | None = None, max_iter: int = 60, tol: float = 1e-9):
+    """The two-launch MGDA aggregation of DESIGN.md section 6; the full contract is in
+    :func:`triton_kernels.fused.fused_aggregate`. Returns ``Aggregate(weights, gram, weights2,
+    gram2, direction)``: launch 1 = Gram partials -> last-program reduction -> QP, launch 2 =
+    ``d = w^T G (+ w2^T H)`` -> ``out <- d`` and/or ``theta <- theta - lr * d``."""
+    return _kernels().fused.fused_aggregate(G, H, out=out, theta=theta, lr=lr, max_iter=max_iter, tol=tol)
