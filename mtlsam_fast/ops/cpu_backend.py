@@ -1,0 +1,183 @@
+"""The ``"cpu"`` backend: C++/OpenMP kernels of the compiled extension ``mtlsam_fast._C``.
+
+Same functions and semantics as :mod:`.torch_backend` (the oracle). The kernels take fp32, bf16
+and fp16 buffers (fp32 accumulation; Gram / norm partials in fp64, combined in a fixed order, so
+results do not depend on the thread count) with 64-bit offsets. Inputs the kernels do not handle
+fall back to the torch backend: float64 buffers, buffers without a unit column stride,
+``solve_qp(..., norm_coef=...)`` (CAGrad's norm objective), a ``backup`` whose dtype differs from
+``theta``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _ext
+from . import qp as _qp
+from . import torch_backend as _ref
+
+Tensor = torch.Tensor
+
+_DEVICE_TYPE = "cpu"
+_M64 = (1 << 64) - 1
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def unavailable_reason(device_type: str) -> str | None:
+    if device_type != _DEVICE_TYPE:
+        return f"the {_DEVICE_TYPE!r} backend runs on {_DEVICE_TYPE} tensors only"
+    if _ext.get() is None:
+        return _ext.error()
+    return _extra_reason()
+
+
+def _extra_reason() -> str | None:
+    return None
+
+
+def _C():
+    return _ext.get()
+
+
+def _rows_ok(t: Tensor) -> bool:
+    """A [K, P] buffer the kernels can read in place: unit column stride, non-overlapping rows."""
+    K, P = t.shape
+    return (P <= 1 or t.stride(1) == 1) and (K <= 1 or t.stride(0) >= P)
+
+
+def _kernel_dtype(*ts: Tensor | None) -> bool:
+    return all(t is None or t.dtype in _KERNEL_DTYPES for t in ts)
+
+
+def _f32(t: Tensor | None) -> Tensor | None:
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        t = torch.tensor(float(t))
+    return t.reshape(-1).to(torch.float32).contiguous()
+
+
+def _vec(t: Tensor) -> Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def gram(G: Tensor) -> Tensor:
+    if not _kernel_dtype(G) or not _rows_ok(G):
+        return _ref.gram(G)
+    return _C().gram(G)
+
+
+def diff_gram(A: Tensor, B: Tensor) -> Tensor:
+    if not _kernel_dtype(A) or not _rows_ok(A):
+        return _ref.diff_gram(A, B)
+    if not _rows_ok(B):
+        B = B.contiguous()
+    return _C().diff_gram(A, B)
+
+
+def segment_norms(x: Tensor, offsets: Tensor, weight: Tensor | None = None) -> Tensor:
+    if not _kernel_dtype(x, weight):
+        return _ref.segment_norms(x, offsets, weight)
+    if x.dim() == 1:
+        x = _vec(x)
+    elif not _rows_ok(x):
+        x = x.contiguous()
+    return _C().segment_norms(x, _vec(offsets), None if weight is None else _vec(weight))
+
+
+def combine(w: Tensor, G: Tensor, w2: Tensor | None, H: Tensor | None, out: Tensor) -> Tensor:
+    if not _kernel_dtype(G, H, out) or (H is not None and H.dtype != G.dtype):
+        return _ref.combine(w, G, w2, H, out)
+    if not _rows_ok(G):
+        G = G.contiguous()
+    if H is not None and not _rows_ok(H):
+        H = H.contiguous()
+    target = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    _C().combine(_f32(w), G, _f32(w2), H, target)
+    return out if target is out else out.copy_(target)
+
+
+def perturb(
+    theta: Tensor,
+    backup: Tensor,
+    direction: Tensor | None,
+    scale: Tensor | None,
+    offsets: Tensor,
+    adaptive: bool,
+    noise_scale: Tensor | None,
+    seed: int,
+    noise_offset: int,
+) -> Tensor:
+    if (
+        not _kernel_dtype(theta, direction)
+        or backup.dtype != theta.dtype
+        or not theta.is_contiguous()
+        or (scale is not None and _f32(scale).numel() not in (1, offsets.numel() - 1))
+        or (noise_scale is not None and _f32(noise_scale).numel() not in (1, offsets.numel() - 1))
+    ):
+        return _ref.perturb(theta, backup, direction, scale, offsets, adaptive, noise_scale, seed, noise_offset)
+    return _C().perturb(
+        theta, _vec(backup), None if direction is None else _vec(direction), _f32(scale), _vec(offsets),
+        bool(adaptive), _f32(noise_scale), int(seed) & _M64, int(noise_offset) & _M64,
+    )
+
+
+def restore(theta: Tensor, backup: Tensor) -> Tensor:
+    return theta.copy_(backup)
+
+
+def gaussian_noise(seed: int, offset: int, numel: int, device: torch.device) -> Tensor:
+    """The Philox words come from the kernel; Box-Muller uses torch's own ``log`` / ``cos`` exactly
+    as :func:`.philox.gaussian_from_counter`, so the stream is bitwise the torch backend's. (Inside
+    ``perturb`` / ``noise_stats`` the kernels evaluate Box-Muller with libm: last-ulp differences.)"""
+    words = _C().philox_words(int(seed) & _M64, int(offset) & _M64, int(numel), torch.empty(0, device=device))
+    words = words.to(torch.int64) & 0xFFFFFFFF
+    u1 = ((words[:, 0] >> 8).to(torch.float32) + 0.5) * (2.0**-24)
+    u2 = (words[:, 1] >> 8).to(torch.float32) * (2.0**-24)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
+
+
+def gaussian_noise_kernel(seed: int, offset: int, numel: int, device: torch.device) -> Tensor:
+    """The noise stream computed entirely in the kernel (libm / CUDA ``logf`` / ``cosf``)."""
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    return _C().gaussian_noise(int(seed) & _M64, int(offset) & _M64, out)
+
+
+def noise_stats(seed: int, offset: int, ref: Tensor, offsets: Tensor) -> Tensor:
+    if not _kernel_dtype(ref):
+        return _ref.noise_stats(seed, offset, ref, offsets)
+    return _C().noise_stats(int(seed) & _M64, int(offset) & _M64, _vec(ref), _vec(offsets))
+
+
+def philox_words(seed: int, offset: int, n: int, device: torch.device | str = _DEVICE_TYPE) -> tuple[Tensor, Tensor]:
+    """The Philox4x32-10 words ``(r0, r1)`` (as int64) of counters ``offset .. offset + n - 1``."""
+    words = _C().philox_words(int(seed) & _M64, int(offset) & _M64, int(n), torch.empty(0, device=device))
+    words = words.to(torch.int64) & 0xFFFFFFFF
+    return words[:, 0], words[:, 1]
+
+
+def _qp_kernel_ok(gram: Tensor, norm_coef) -> bool:
+    return norm_coef is None and gram.shape[-1] >= 1
+
+
+def solve_qp(gram: Tensor, q, lower, constraint: str, norm_coef, max_iter: int, tol: float) -> Tensor:
+    if not _qp_kernel_ok(gram, norm_coef):
+        return _ref.solve_qp(gram, q, lower, constraint, norm_coef, max_iter, tol)
+    return _solve_qp_kernel(gram, q, lower, constraint, max_iter, tol)[0]
+
+
+def _solve_qp_kernel(gram: Tensor, q, lower, constraint: str, max_iter: int, tol: float) -> tuple[Tensor, Tensor]:
+    dt = torch.float64 if gram.dtype == torch.float64 else torch.float32
+    batch, K = gram.shape[:-2], gram.shape[-1]
+    g = gram.to(dt).reshape(-1, K, K).contiguous()
+    B = g.shape[0]
+
+    def vec(t):
+        return None if t is None else t.to(dt).reshape(B, K).contiguous()
+
+    v, iters = _C().solve_qp(g, vec(q), vec(lower), constraint == "simplex", int(max_iter), float(tol))
+    return v.reshape(*batch, K), iters.reshape(batch)
+
+
+DEFAULT_MAX_ITER = _qp.DEFAULT_MAX_ITER
+DEFAULT_TOL = _qp.DEFAULT_TOL
