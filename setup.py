@@ -81,6 +81,8 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "test": ["pytest>=8", "scipy", "quadprog", "pytest-benchmark", "scikit-learn", "matplotlib", "tqdm"],
+        # peers measured by `python -m bench` when installed (never needed by the tests)
+        "bench": ["torchjd[quadprog_projector]", "matplotlib", "quadprog", "pytest-benchmark"],
     },
     entry_points={"console_scripts": ["mtlsam-fast=mtlsam_fast.cli:main"]},
     **_extension_kwargs(),
