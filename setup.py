@@ -78,7 +78,7 @@ setup(
     description="Fast sharpness-aware multi-task optimization (F-MTL, SAMO) and gradient aggregation for PyTorch",
     packages=find_packages(include=["mtlsam_fast", "mtlsam_fast.*", "triton_kernels", "triton_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "scikit-learn", "tqdm", "matplotlib"],
     extras_require={
         "test": ["pytest>=8", "scipy", "quadprog", "pytest-benchmark", "scikit-learn", "matplotlib", "tqdm"],
         # peers measured by `python -m bench` when installed (never needed by the tests)

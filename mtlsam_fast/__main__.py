@@ -1,0 +1,7 @@
+"""``python -m mtlsam_fast`` == ``mtlsam-fast``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
