@@ -26,14 +26,7 @@ class MTLOptimizer(MTLBase):
         """One aggregation step; returns the K losses (detached, on the device)."""
         scale, inv_scale = self._begin(closure, grad_scaler)
         K, sh, G = self.num_tasks, self._shared, self._gbuf.G
-        losses = self._forward(closure, grad=True, perturbed=False)
-        det = torch.stack([l.detach() for l in losses])
-        for i in range(K):
-            if self._heads[i] is not None:
-                self._heads[i].grad.zero_()
-            with self._gbuf.capture(i):
-                self._backward(losses[i], scale, i, retain_graph=i < K - 1)
-        del losses
+        det = self._capture_task_gradients(closure, scale)
         w = self._weights(ops.gram(G, backend=self.backend), inv_scale, det)
         ops.combine(w, G, out=sh.grad, backend=self.backend)
         self._finish(torch.zeros((), dtype=torch.bool, device=self.device), inv_scale, grad_scaler)

@@ -346,6 +346,19 @@ class MTLBase(torch.optim.Optimizer):
             loss = loss.float()  # like GradScaler: seed a 16-bit loss's backward in fp32 (no overflow of the scale)
         torch.autograd.backward(loss, grad_tensors=seed.to(loss.dtype), retain_graph=retain_graph, inputs=inputs)
 
+    def _capture_task_gradients(self, closure: Closure, scale: Tensor) -> Tensor:
+        """Clean forward, then K backward passes: task i's shared gradient into row i of G and its
+        head's gradient into the head buffer. Returns the K detached clean losses."""
+        losses = self._forward(closure, grad=True, perturbed=False)
+        det = torch.stack([l.detach() for l in losses])
+        K = self.num_tasks
+        for i in range(K):
+            if self._heads[i] is not None:
+                self._heads[i].grad.zero_()
+            with self._gbuf.capture(i):
+                self._backward(losses[i], scale, i, retain_graph=i < K - 1)
+        return det
+
     def _weights(self, gram: Tensor, inv_scale: Tensor, losses: Tensor) -> Tensor:
         """Task weights from a Gram of scaled gradients (unscaled first, so every weighting sees true values)."""
         g = gram * (inv_scale * inv_scale).to(gram.dtype)

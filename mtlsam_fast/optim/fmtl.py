@@ -67,14 +67,7 @@ class FMTL(MTLBase):
         K, sh, G, be = self.num_tasks, self._shared, self._gbuf.G, self.backend
 
         # 1. clean forward, K backward passes into the rows of G (heads: their own loss only)
-        losses = self._forward(closure, grad=True, perturbed=False)
-        det = torch.stack([l.detach() for l in losses])
-        for i in range(K):
-            if self._heads[i] is not None:
-                self._heads[i].grad.zero_()
-            with self._gbuf.capture(i):
-                self._backward(losses[i], scale, i, retain_graph=i < K - 1)
-        del losses
+        det = self._capture_task_gradients(closure, scale)
 
         gram = ops.gram(G, backend=be)
         w_loss = self._weights(gram, inv_scale, det)
