@@ -25,7 +25,7 @@ class MTLOptimizer(MTLBase):
     def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:  # type: ignore[override]
         """One aggregation step; returns the K losses (detached, on the device)."""
         scale, inv_scale = self._begin(closure, grad_scaler)
-        K, sh, G = self.num_tasks, self._shared, self._gbuf.G
+        sh, G = self._shared, self._gbuf.G
         det = self._capture_task_gradients(closure, scale)
         w = self._weights(ops.gram(G, backend=self.backend), inv_scale, det)
         ops.combine(w, G, out=sh.grad, backend=self.backend)
