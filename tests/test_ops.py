@@ -235,6 +235,49 @@ def test_import_is_light():
     assert out.stdout.split() == ["False", "False"]
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("K", [1, 3, 17])
+@pytest.mark.parametrize("subtract", [False, True])
+def test_min_norm_aggregate_is_mgda_then_combine(K, dtype, subtract, backend, device):
+    """gram -> simplex QP -> combine in one call (fused on the GPU backends), against fp64 math."""
+    P = 301
+    G = buffer_view(K, P, dtype, device)
+    out0 = torch.randn(P, dtype=torch.float64, device=device).to(dtype)
+    out = out0.clone()
+    res = ops.min_norm_aggregate(G, out, subtract=subtract, backend=backend)
+    g64 = G.double() @ G.double().T
+    close(res.gram, g64, dtype)
+    assert res.weights.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert res.weights.shape == (K,) and float(ops.kkt_residual(g64, res.weights.double())) <= 1e-5
+    d = res.weights.double() @ G.double()
+    expected = out0.double() - d if subtract else d
+    close(out, expected.to(dtype), dtype)
+
+
+def test_min_norm_aggregate_min_norm_point_and_nonfinite(device):
+    # two opposite gradients plus a third: the min-norm point of {a, -a, b} is 0 (w = (1/2, 1/2, 0))
+    a, b = torch.randn(50, device=device), torch.randn(50, device=device)
+    G = torch.stack([a, -a, b])
+    out = torch.empty(50, device=device)
+    w = ops.min_norm_aggregate(G, out).weights
+    torch.testing.assert_close(w.cpu(), torch.tensor([0.5, 0.5, 0.0]), atol=1e-5, rtol=0)
+    assert float(out.abs().max()) <= 1e-5 * float(a.abs().max())
+    G[2, 7] = float("nan")
+    assert torch.isnan(ops.min_norm_aggregate(G, out).weights).all() and torch.isnan(out).any()
+
+
+def test_min_norm_aggregate_validates_before_work():
+    G, out = torch.randn(3, 10), torch.full((10,), 7.0)
+    with pytest.raises(ValueError, match=r"out must have shape \(10,\)"):
+        ops.min_norm_aggregate(G, torch.zeros(11))
+    with pytest.raises(ValueError, match="2 dimensions"):
+        ops.min_norm_aggregate(G[0], out)
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        ops.min_norm_aggregate(G, out.int())
+    assert torch.equal(out, torch.full((10,), 7.0))
+
+
 # --- sync-freedom ----------------------------------------------------------------------------
 
 def test_aggregation_pipeline_compiles_without_graph_breaks():

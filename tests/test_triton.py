@@ -364,6 +364,32 @@ def test_fused_aggregate_validates_before_work():
         triton_backend.fused_aggregate(G, view(3, 41, torch.float32))
 
 
+@pytest.mark.parametrize("K,dtype", [(2, torch.float32), (8, torch.bfloat16)])
+@pytest.mark.parametrize("subtract", [False, True])
+def test_min_norm_aggregate_takes_the_fused_path(K, dtype, subtract, monkeypatch):
+    import triton_kernels.fused as fused
+
+    calls = []
+    real = fused.fused_aggregate
+    monkeypatch.setattr(fused, "fused_aggregate", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    G = view(K, 97, dtype)
+    out0 = torch.randn(97, device=DEV)
+    out = out0.clone()
+    res = ops.min_norm_aggregate(G, out, subtract=subtract, backend="triton")
+    assert len(calls) == 1 and (calls[0]["theta"] is not None) == subtract
+    ref = ops.min_norm_aggregate(G, out0.clone(), backend="torch")
+    assert_close(res.gram, ref.gram, 1e-5, "gram")
+    assert float(ops.kkt_residual(ref.gram, res.weights)) <= 1e-5
+    d = ops.combine(res.weights, G, dtype=torch.float32, backend="torch")
+    assert_close(out, out0 - d if subtract else d, 1e-5, "direction")
+
+
+def test_min_norm_aggregate_fp64_keeps_fp64_weights():
+    G = view(3, 50, torch.float64)
+    res = ops.min_norm_aggregate(G, torch.empty(50, dtype=torch.float64, device=DEV), backend="triton")
+    assert res.weights.dtype == torch.float64
+
+
 # --- configuration ----------------------------------------------------------------------------
 
 def test_pin_config_and_env_parsing(monkeypatch):

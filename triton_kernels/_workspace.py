@@ -13,12 +13,15 @@ _cache: dict[tuple, torch.Tensor] = {}
 
 
 def get(device: torch.device, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
-        zero: bool = False) -> torch.Tensor:
-    """A cached tensor; ``zero=True`` zero-fills it on creation only (ticket counters)."""
+        zero: bool = False, fill: float | None = None) -> torch.Tensor:
+    """A cached tensor; ``zero=True`` zero-fills it on creation only (ticket counters), ``fill``
+    sets every element on creation only (constants)."""
     key = (device.type, device.index, name, tuple(shape), dtype)
     t = _cache.get(key)
     if t is None:
         t = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
+        if fill is not None:
+            t.fill_(fill)
         _cache[key] = t
     return t
 

@@ -12,6 +12,8 @@ and ``offsets[-1] = P``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from . import _registry
@@ -26,7 +28,7 @@ Tensor = torch.Tensor
 __all__ = [
     "available_backends", "get_backend", "set_backend",
     "gram", "diff_gram", "segment_norms", "combine", "perturb", "restore",
-    "gaussian_noise", "noise_stats", "solve_qp", "kkt_residual",
+    "gaussian_noise", "noise_stats", "solve_qp", "kkt_residual", "min_norm_aggregate", "MinNormAggregate",
 ]
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -221,3 +223,50 @@ def solve_qp(
 
 
 kkt_residual = _qp.kkt_residual
+
+
+class MinNormAggregate(NamedTuple):
+    """Result of :func:`min_norm_aggregate` (device tensors; fused backends may reuse them next call)."""
+
+    weights: Tensor  #: [K] min-norm (MGDA) weights of G's rows, fp32 (fp64 for an fp64 G)
+    gram: Tensor  #: [K, K] Gram matrix of G, same dtype
+
+
+def min_norm_aggregate(
+    G: Tensor,
+    out: Tensor,
+    *,
+    subtract: bool = False,
+    max_iter: int = _qp.DEFAULT_MAX_ITER,
+    tol: float = _qp.DEFAULT_TOL,
+    backend: str | None = None,
+) -> MinNormAggregate:
+    """MGDA in one call: ``gram = G G^T``, ``w = argmin_{v in simplex} v^T gram v`` (the min-norm
+    point of the convex hull of G's rows, Sener & Koltun 2018), then ``out <- w^T G`` (or, with
+    ``subtract``, ``out <- out - w^T G``), accumulated in fp32 and written in ``out``'s dtype.
+
+    The backends with a fused path (``"triton"``, ``"cuda"``) do this in the two launches of
+    DESIGN.md section 6: weights and Gram never leave the device. The others compose
+    :func:`gram`, :func:`solve_qp` and :func:`combine` (the same numbers). Non-finite entries in
+    ``G`` give NaN weights and a NaN ``out`` (the found-inf signal). Scaling ``G`` by any positive
+    factor leaves the weights unchanged.
+    """
+    _check_buffer("G", G)
+    _check_buffer("out", out, 1)
+    if out.shape[0] != G.shape[1]:
+        raise ValueError(f"out must have shape ({G.shape[1]},), got {tuple(out.shape)}")
+    dev = _check_same_device(G=G, out=out)
+    mod = resolve(backend, dev, "gram")
+    fused = getattr(mod, "min_norm_aggregate", None)
+    res = fused(G, out, bool(subtract), int(max_iter), float(tol)) if fused is not None else None
+    if res is not None:
+        return MinNormAggregate(*res)
+    g = mod.gram(G)
+    w = mod.solve_qp(g, None, None, "simplex", None, int(max_iter), float(tol))
+    if subtract:
+        one = torch.ones(1, dtype=w.dtype, device=dev)
+        d = mod.combine(-w, G, one, out.view(1, -1), torch.empty_like(out))
+        out.copy_(d)
+    else:
+        mod.combine(w, G, None, None, out)
+    return MinNormAggregate(w, g)

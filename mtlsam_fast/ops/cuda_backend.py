@@ -140,8 +140,38 @@ _aggregators: dict[tuple, FusedAggregator] = {}
 def fused_aggregate(G: Tensor, out: Tensor | None = None, *, mode: str = "direction", scale: Tensor | None = None,
                     backup: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:class:`FusedAggregator` with buffers cached per (device, stream, K, P); see its contract."""
-    key = (G.device, torch.cuda.current_stream(G.device).cuda_stream, G.shape[0], G.shape[1])
+    return _aggregator(G)(G, out, mode=mode, scale=scale, backup=backup)
+
+
+def _aggregator(G: Tensor, max_iter: int = _qp.DEFAULT_MAX_ITER, tol: float = _qp.DEFAULT_TOL) -> FusedAggregator:
+    key = (G.device, torch.cuda.current_stream(G.device).cuda_stream, G.shape[0], G.shape[1], max_iter, tol)
     agg = _aggregators.get(key)
     if agg is None:
-        agg = _aggregators[key] = FusedAggregator(G.shape[0], G.shape[1], G.device)
-    return agg(G, out, mode=mode, scale=scale, backup=backup)
+        agg = _aggregators[key] = FusedAggregator(G.shape[0], G.shape[1], G.device, max_iter=max_iter, tol=tol)
+    return agg
+
+
+def min_norm_aggregate(G: Tensor, out: Tensor, subtract: bool, max_iter: int, tol: float):
+    """``ops.min_norm_aggregate`` through a cached :class:`FusedAggregator` (mode ``"direction"``,
+    or ``"update"`` with scale 1 for ``subtract``). Inputs it does not take (fp64, K > 64, rows
+    without a unit column stride): ``None``, and ops composes the unfused ops."""
+    K, P = G.shape
+    if (G.dtype == torch.float64 or out.dtype == torch.float64 or K > MAX_GRAM_K or not _k._rows_ok(G)
+            or (P > 1 and out.stride(0) != 1)):
+        return None
+    agg = _aggregator(G, max_iter, tol)
+    if subtract:
+        agg(G, out, mode="update", scale=_unit_scale(G.device))
+    else:
+        agg(G, out, mode="direction")
+    return agg.weights, agg.gram
+
+
+_unit_scales: dict[torch.device, Tensor] = {}
+
+
+def _unit_scale(device: torch.device) -> Tensor:
+    t = _unit_scales.get(device)
+    if t is None:
+        t = _unit_scales[device] = torch.ones(1, dtype=torch.float32, device=device)
+    return t

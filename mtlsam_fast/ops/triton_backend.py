@@ -23,7 +23,7 @@ Tensor = torch.Tensor
 
 __all__ = [
     "unavailable_reason", "gram", "diff_gram", "segment_norms", "combine", "perturb",
-    "gaussian_noise", "noise_stats", "solve_qp", "fused_aggregate", "pin_config",
+    "gaussian_noise", "noise_stats", "solve_qp", "fused_aggregate", "min_norm_aggregate", "pin_config",
 ]
 
 #: the kernels keep a K x K tile in registers; larger K (outside the design range) uses torch.
@@ -126,3 +126,17 @@ def fused_aggregate(G: Tensor, H: Tensor | None = None, *, out: Tensor | None = 
     gram2, direction)``: launch 1 = Gram partials -> last-program reduction -> QP, launch 2 =
     ``d = w^T G (+ w2^T H)`` -> ``out <- d`` and/or ``theta <- theta - lr * d``."""
     return _kernels().fused.fused_aggregate(G, H, out=out, theta=theta, lr=lr, max_iter=max_iter, tol=tol)
+
+
+def min_norm_aggregate(G: Tensor, out: Tensor, subtract: bool, max_iter: int, tol: float):
+    """``ops.min_norm_aggregate`` through :func:`fused_aggregate` (two launches); ``subtract`` is
+    its fused update ``theta <- theta - lr * d`` with ``theta = out`` and ``lr = 1``. fp64 and
+    K > 64: ``None`` (ops composes the unfused ops, which keep fp64 weights)."""
+    if G.dtype == torch.float64 or G.shape[0] > MAX_K:
+        return None
+    if subtract:
+        one = _kernels()._workspace.get(G.device, "unit_lr", (1,), torch.float32, fill=1.0)
+        res = fused_aggregate(G, theta=out, lr=one, max_iter=max_iter, tol=tol)
+    else:
+        res = fused_aggregate(G, out=out, max_iter=max_iter, tol=tol)
+    return res.weights, res.gram

@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 
-from .. import ops
 from .base import Closure, MTLBase, Tensor
 
 
@@ -25,10 +24,8 @@ class MTLOptimizer(MTLBase):
     def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:  # type: ignore[override]
         """One aggregation step; returns the K losses (detached, on the device)."""
         scale, inv_scale = self._begin(closure, grad_scaler)
-        sh, G = self._shared, self._gbuf.G
         det = self._capture_task_gradients(closure, scale)
-        w = self._weights(ops.gram(G, backend=self.backend), inv_scale, det)
-        ops.combine(w, G, out=sh.grad, backend=self.backend)
+        self._aggregate(inv_scale, det, self._shared.grad)
         self._finish(torch.zeros((), dtype=torch.bool, device=self.device), inv_scale, grad_scaler)
         self._step_count += 1
         return det

@@ -31,6 +31,7 @@ from .. import ops
 from .. import weighting as _weighting
 from ..buffers import FlatLayout, GradBuffer, flatten_parameters
 from ..ops import FLOAT_DTYPES
+from ..weighting.mgda import MGDA as _MGDA
 
 Tensor = torch.Tensor
 Closure = Callable[[], "Sequence[Tensor] | Tensor"]
@@ -363,6 +364,27 @@ class MTLBase(torch.optim.Optimizer):
         """Task weights from a Gram of scaled gradients (unscaled first, so every weighting sees true values)."""
         g = gram * (inv_scale * inv_scale).to(gram.dtype)
         return self.weighting(g, losses.to(g.dtype) if self.weighting.needs_losses else None)
+
+    def _aggregate(self, inv_scale: Tensor, losses: Tensor, out: Tensor, *, subtract: bool = False) -> Tensor:
+        """``out <- w^T G`` (``subtract``: ``out <- out - w^T G``) with ``w`` the weighting of ``G``'s
+        rows; returns ``Gram(G)`` (scaled like ``G``).
+
+        Plain MGDA (``normalization="none"``) takes :func:`mtlsam_fast.ops.min_norm_aggregate`: on
+        the fused backends, Gram, QP and combine run in two launches and the weights never leave
+        the device (its weights are invariant to the gradient scale, so no unscaling is needed).
+        Every other weighting: ``ops.gram``, the weighting on the unscaled Gram, ``ops.combine``.
+        """
+        G, be, wt = self._gbuf.G, self.backend, self.weighting
+        if type(wt) is _MGDA and wt.normalization == "none" and wt.backend in (None, be):
+            return ops.min_norm_aggregate(G, out, subtract=subtract, max_iter=wt.max_iter, tol=wt.tol, backend=be).gram
+        gram = ops.gram(G, backend=be)
+        w = self._weights(gram, inv_scale, losses)
+        if subtract:
+            one = torch.ones(1, dtype=w.dtype, device=self.device)
+            out.copy_(ops.combine(-w, G, one, out.view(1, -1), dtype=out.dtype, backend=be))
+        else:
+            ops.combine(w, G, out=out, backend=be)
+        return gram
 
     def _perturb_head(self, k: int, scale: Tensor, adaptive: bool) -> None:
         h = self._heads[k]

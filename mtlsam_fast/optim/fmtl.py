@@ -69,9 +69,7 @@ class FMTL(MTLBase):
         # 1. clean forward, K backward passes into the rows of G (heads: their own loss only)
         det = self._capture_task_gradients(closure, scale)
 
-        gram = ops.gram(G, backend=be)
-        w_loss = self._weights(gram, inv_scale, det)
-        ops.combine(w_loss, G, out=sh.grad, backend=be)  # d_loss, scaled like G
+        gram = self._aggregate(inv_scale, det, sh.grad)  # d_loss = w_loss^T G, scaled like G
 
         if self.adaptive:
             norms = ops.segment_norms(G, sh.whole, weight=sh.backup.abs(), backend=be).reshape(K)
@@ -100,12 +98,8 @@ class FMTL(MTLBase):
             if self._heads[i] is not None:
                 self._heads[i].grad.neg_()  # the head's perturbed-point gradient (exact sign flip)
 
-        # 3. flat weights on -F (same Gram as F); direction d_loss + w_flat^T F = d_loss + (-w_flat)^T (-F)
-        w_flat = self._weights(ops.gram(G, backend=be), inv_scale, det)
-        one = torch.ones(1, dtype=w_flat.dtype, device=self.device)
-        d = ops.combine(-w_flat, G, one, sh.grad.view(1, -1), dtype=sh.grad.dtype, backend=be)
-        sh.grad.copy_(d)
-        del d
+        # 3. flat weights on -F (same Gram, same weights as F): d_loss + w_flat^T F = d_loss - w_flat^T (-F)
+        self._aggregate(inv_scale, det, sh.grad, subtract=True)
 
         self._finish(bad, inv_scale, grad_scaler)
         self._step_count += 1

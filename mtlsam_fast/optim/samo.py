@@ -90,7 +90,7 @@ class SAMO(MTLBase):
     def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:  # type: ignore[override]
         """One SAMO step; returns the K clean losses (detached, on the device)."""
         scale, inv_scale = self._begin(closure, grad_scaler)
-        K, sh, G, be = self.num_tasks, self._shared, self._gbuf.G, self.backend
+        K, sh, be = self.num_tasks, self._shared, self.backend
         dev, off = self.device, sh.offsets
         acc = torch.float64 if sh.theta.dtype == torch.float64 else torch.float32
 
@@ -149,8 +149,7 @@ class SAMO(MTLBase):
                 self._restore(i)
 
         # 3. aggregate the perturbed gradients
-        w = self._weights(ops.gram(G, backend=be), inv_scale, det)
-        ops.combine(w, G, out=sh.grad, backend=be)
+        self._aggregate(inv_scale, det, sh.grad)
         self._finish(bad, inv_scale, grad_scaler)
         self._step_count += 1
         return det
