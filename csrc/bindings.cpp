@@ -302,7 +302,7 @@ Tensor philox_words(uint64_t seed, uint64_t offset, int64_t n, const Tensor& lik
     no_cuda();
 #endif
   } else {
-    mtlsam::cpu::philox_words(seed, offset, n, reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()));
+    mtlsam::cpu::philox_words(seed, offset, n, reinterpret_cast<uint32_t*>(out.data_ptr<int32_t>()), nthreads());
   }
   return out;
 }

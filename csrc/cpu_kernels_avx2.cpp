@@ -11,8 +11,11 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
 #define MTLSAM_CPU_NS avx2
+#define MTLSAM_CPU_AVX2 1
 #include "cpu_kernels_impl.h"
+#undef MTLSAM_CPU_AVX2
 #undef MTLSAM_CPU_NS
 
 namespace mtlsam {

@@ -243,6 +243,163 @@ static void segment_norms_impl(const T* x, int64_t R, int64_t ldx, const int64_t
   }
 }
 
+// ---- Philox noise, 8 counters at a time ------------------------------------------------------
+// The stream of common.h (Philox4x32-10 words, Box-Muller in fp32) with the rounds on 8-lane
+// integer vectors and vector log / cos (Cephes single-precision polynomials, within ~2 ulp of libm;
+// the torch oracle's log / cos differ from libm by as much). Same code in both variants; the
+// AVX2 one multiplies with vpmuludq.
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+template <class To, class From>
+static inline To bit_cast(const From& from) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of one size");
+  To to;
+  __builtin_memcpy(&to, &from, sizeof(To));
+  return to;
+}
+
+static inline void mulhilo8(uint32_t m, v8u x, v8u* hi, v8u* lo) {
+#if defined(MTLSAM_CPU_AVX2)
+  const __m256i a = bit_cast<__m256i>(x), mm = _mm256_set1_epi32(static_cast<int>(m));
+  const __m256i pe = _mm256_mul_epu32(a, mm);                        // lanes 0, 2, 4, 6 -> 64 bit
+  const __m256i po = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), mm);  // lanes 1, 3, 5, 7
+  const __m256i l = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
+  const __m256i h = _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
+  *lo = bit_cast<v8u>(l);
+  *hi = bit_cast<v8u>(h);
+#else
+  for (int l = 0; l < 8; ++l) {
+    const uint64_t p = static_cast<uint64_t>(m) * x[l];
+    (*lo)[l] = static_cast<uint32_t>(p);
+    (*hi)[l] = static_cast<uint32_t>(p >> 32);
+  }
+#endif
+}
+
+static inline v8f sqrt8(v8f x) {
+#if defined(MTLSAM_CPU_AVX2)
+  return bit_cast<v8f>(_mm256_sqrt_ps(bit_cast<__m256>(x)));
+#else
+  for (int l = 0; l < 8; ++l) x[l] = std::sqrt(x[l]);
+  return x;
+#endif
+}
+
+// log(x) for normal x > 0 (Cephes logf).
+static inline v8f log8(v8f x) {
+  const v8i bits = bit_cast<v8i>(x);
+  v8i e = ((bits >> 23) & 0xff) - 126;
+  const v8i mb = (bits & 0x807fffff) | 0x3f000000;  // mantissa in [0.5, 1)
+  v8f m = bit_cast<v8f>(mb);
+  const v8i small = m < 0.70710678118654752f;
+  e += small;  // -1 where small
+  m = small ? m + m : m;
+  const v8f f = m - 1.0f, z = f * f, ef = __builtin_convertvector(e, v8f);
+  v8f y = 7.0376836292e-2f * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y += -2.12194440e-4f * ef;
+  y += -0.5f * z;
+  return (f + y) + 0.693359375f * ef;
+}
+
+// cos(a) for 0 <= a < 8 (Cephes cosf: octant reduction in three parts of pi/4, then sin / cos
+// polynomials).
+static inline v8f cos8(v8f a) {
+  v8i j = __builtin_convertvector(a * 1.27323954473516f, v8i);  // a >= 0: truncation is floor
+  j = (j + 1) & ~1;  // to the even octant: x in [-pi/4, pi/4]
+  const v8f y = __builtin_convertvector(j, v8f);
+  j &= 7;
+  const v8i neg = ((j & 4) != 0) ^ (((j & 2) != 0));  // -1 where the result is negated
+  const v8i use_sin = (j & 2) != 0;
+  const v8f x = ((a - y * 0.78515625f) - y * 2.4187564849853515625e-4f) - y * 3.77489497744594108e-8f;
+  const v8f z = x * x;
+  const v8f s = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * x + x;
+  const v8f c = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z
+                - 0.5f * z + 1.0f;
+  const v8f r = use_sin ? s : c;
+  return neg ? -r : r;
+}
+
+constexpr int kPhiloxGroups = 4;  // independent 8-lane streams interleaved: the rounds are latency-bound
+
+// Philox4x32-10 words (r0, r1) of the 32 counters first, first + 1, ... (group g, lane l: + 8 g + l).
+static inline void philox_words32(uint64_t seed, uint64_t first, v8u (&r0)[kPhiloxGroups], v8u (&r1)[kPhiloxGroups]) {
+  const v8u lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  v8u c2[kPhiloxGroups] = {}, c3[kPhiloxGroups] = {};
+  for (int g = 0; g < kPhiloxGroups; ++g) {  // 64-bit counters split in halves
+    const uint64_t base = first + static_cast<uint64_t>(8 * g);
+    const uint32_t lo = static_cast<uint32_t>(base);
+    r0[g] = lo + lane;
+    r1[g] = static_cast<uint32_t>(base >> 32) - (r0[g] < lo);  // a true compare is -1: the carry
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    for (int g = 0; g < kPhiloxGroups; ++g) {
+      v8u hb, lb, ha, la;
+      mulhilo8(0xCD9E8D57u, c2[g], &hb, &lb);
+      mulhilo8(0xD2511F53u, r0[g], &ha, &la);
+      r0[g] = hb ^ r1[g] ^ k0;
+      r1[g] = lb;
+      c2[g] = ha ^ c3[g] ^ k1;
+      c3[g] = la;
+    }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+}
+
+// z[0..n) = the Gaussian stream at counters first, first + 1, ... (n <= kNoiseBlock).
+constexpr int64_t kNoiseBlock = 256;
+
+static inline void noise_block(uint64_t seed, uint64_t first, int64_t n, float* z) {
+  const float inv24 = 5.9604644775390625e-08f;  // 2^-24
+  for (int64_t b = 0; b < n; b += 8 * kPhiloxGroups) {
+    v8u r0[kPhiloxGroups], r1[kPhiloxGroups];
+    philox_words32(seed, first + static_cast<uint64_t>(b), r0, r1);
+    for (int g = 0; g < kPhiloxGroups && b + 8 * g < n; ++g) {
+      const v8f u1 = (__builtin_convertvector(bit_cast<v8i>(r0[g] >> 8), v8f) + 0.5f) * inv24;  // < 2^24: exact
+      const v8f u2 = __builtin_convertvector(bit_cast<v8i>(r1[g] >> 8), v8f) * inv24;
+      const v8f v = sqrt8(-2.0f * log8(u1)) * cos8(6.2831854820251465f * u2);
+      const int64_t m = std::min<int64_t>(8, n - b - 8 * g);
+      __builtin_memcpy(z + b + 8 * g, &v, static_cast<size_t>(m) * sizeof(float));
+    }
+  }
+}
+
+// out[2 i], out[2 i + 1] = the words of counter offset + i (bit-exact to common.h's scalar Philox).
+static void philox_words(uint64_t seed, uint64_t offset, int64_t n, uint32_t* out, int nthreads) {
+  constexpr int64_t kSpan = 8 * kPhiloxGroups;
+  const int64_t nspans = cdiv(n, kSpan);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t k = 0; k < nspans; ++k) {
+    v8u r0[kPhiloxGroups], r1[kPhiloxGroups];
+    philox_words32(seed, offset + static_cast<uint64_t>(k * kSpan), r0, r1);
+    const int64_t m = std::min(kSpan, n - k * kSpan);
+    uint32_t* o = out + 2 * k * kSpan;
+    for (int64_t i = 0; i < m; ++i) {
+      o[2 * i] = r0[i / 8][i % 8];
+      o[2 * i + 1] = r1[i / 8][i % 8];
+    }
+  }
+}
+
+static void gaussian_noise(uint64_t seed, uint64_t offset, int64_t n, float* out, int nthreads) {
+  const int64_t nblocks = cdiv(n, kNoiseBlock);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+  for (int64_t k = 0; k < nblocks; ++k) {
+    const int64_t b = k * kNoiseBlock;
+    noise_block(seed, offset + static_cast<uint64_t>(b), std::min(kNoiseBlock, n - b), out + b);
+  }
+}
+
 template <class T>
 static void noise_stats_impl(uint64_t seed, uint64_t offset, const T* ref, const int64_t* offsets, int64_t S,
                              float* out, int nthreads) {
@@ -252,21 +409,20 @@ static void noise_stats_impl(uint64_t seed, uint64_t offset, const T* ref, const
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
   for (int64_t k = 0; k < np; ++k) {
     double s0 = 0.0, s1 = 0.0;
-    float a0 = 0.f, a1 = 0.f;
-    int cnt = 0;
-    for (int64_t i = pieces[k].begin; i < pieces[k].end; ++i) {
-      const float z = philox_gaussian(seed, offset + static_cast<uint64_t>(i));
-      a0 += z * z;
-      a1 += z * to_f(ref[i]);
-      if (++cnt == 256) {  // fp32 runs of 256, fp64 across runs
-        s0 += a0;
-        s1 += a1;
-        a0 = a1 = 0.f;
-        cnt = 0;
+    float z[kNoiseBlock];
+    for (int64_t b = pieces[k].begin; b < pieces[k].end; b += kNoiseBlock) {  // fp32 blocks, fp64 across
+      const int64_t n = std::min(kNoiseBlock, pieces[k].end - b);
+      noise_block(seed, offset + static_cast<uint64_t>(b), n, z);
+      float a0 = 0.f, a1 = 0.f;
+      for (int64_t i = 0; i < n; ++i) {
+        a0 += z[i] * z[i];
+        a1 += z[i] * to_f(ref[b + i]);
       }
+      s0 += a0;
+      s1 += a1;
     }
-    part[2 * k] = s0 + a0;
-    part[2 * k + 1] = s1 + a1;
+    part[2 * k] = s0;
+    part[2 * k + 1] = s1;
   }
   std::vector<double> tot(static_cast<size_t>(2 * S), 0.0);
   for (int64_t k = 0; k < np; ++k) {
@@ -326,16 +482,21 @@ static void perturb_impl(T* theta, const T* backup, const D* dir, const float* s
         for (int64_t i = pc.begin; i < pc.end; ++i) theta[i] = from_f<T>(to_f(backup[i]) + to_f(dir[i]) * sc);
       }
     } else {
-      for (int64_t i = pc.begin; i < pc.end; ++i) {
-        const float b = to_f(backup[i]);
-        float v = b;
-        if (dir) {
-          float st = to_f(dir[i]) * sc;
-          if (adaptive) st = st * b * b;
-          v = v + st;
+      float z[kNoiseBlock];
+      for (int64_t b0 = pc.begin; b0 < pc.end; b0 += kNoiseBlock) {
+        const int64_t n = std::min(kNoiseBlock, pc.end - b0);
+        if (noise_scale) noise_block(seed, noise_offset + static_cast<uint64_t>(b0), n, z);
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t i = b0 + j;
+          const float b = to_f(backup[i]);
+          float v = b;
+          if (dir) {
+            float st = to_f(dir[i]) * sc;
+            if (adaptive) st = st * b * b;
+            v = v + st;
+          }
+          theta[i] = from_f<T>(noise_scale ? v + z[j] * ns : v);
         }
-        if (noise_scale) v = v + philox_gaussian(seed, noise_offset + static_cast<uint64_t>(i)) * ns;
-        theta[i] = from_f<T>(v);
       }
     }
   }

@@ -14,10 +14,12 @@ struct CpuTable {
   void (*perturb)(void*, const void*, int, const void*, int, const float*, int64_t, const int64_t*, int64_t, bool,
                   const float*, int64_t, uint64_t, uint64_t, int64_t, int);
   void (*noise_stats)(uint64_t, uint64_t, const void*, int, const int64_t*, int64_t, float*, int);
+  void (*gaussian_noise)(uint64_t, uint64_t, int64_t, float*, int);
+  void (*philox_words)(uint64_t, uint64_t, int64_t, uint32_t*, int);
 };
 
 #define MTLSAM_CPU_TABLE(ns)                                                                         \
-  CpuTable{&ns::gram, &ns::diff_gram, &ns::segment_norms, &ns::combine, &ns::perturb, &ns::noise_stats}
+  CpuTable{&ns::gram, &ns::diff_gram, &ns::segment_norms, &ns::combine, &ns::perturb, &ns::noise_stats, &ns::gaussian_noise, &ns::philox_words}
 
 namespace avx2 {
 const CpuTable* table();  // nullptr when the variant was not compiled (non-x86 builds)

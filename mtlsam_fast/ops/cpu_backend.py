@@ -129,7 +129,7 @@ def restore(theta: Tensor, backup: Tensor) -> Tensor:
 def gaussian_noise(seed: int, offset: int, numel: int, device: torch.device) -> Tensor:
     """The Philox words come from the kernel; Box-Muller uses torch's own ``log`` / ``cos`` exactly
     as :func:`.philox.gaussian_from_counter`, so the stream is bitwise the torch backend's. (Inside
-    ``perturb`` / ``noise_stats`` the kernels evaluate Box-Muller with libm: last-ulp differences.)"""
+    ``perturb`` / ``noise_stats`` the kernels evaluate Box-Muller with vector log / cos polynomials: a few ulp of difference.)"""
     words = _C().philox_words(int(seed) & _M64, int(offset) & _M64, int(numel), torch.empty(0, device=device))
     words = words.to(torch.int64) & 0xFFFFFFFF
     u1 = ((words[:, 0] >> 8).to(torch.float32) + 0.5) * (2.0**-24)
@@ -138,7 +138,7 @@ def gaussian_noise(seed: int, offset: int, numel: int, device: torch.device) -> 
 
 
 def gaussian_noise_kernel(seed: int, offset: int, numel: int, device: torch.device) -> Tensor:
-    """The noise stream computed entirely in the kernel (libm / CUDA ``logf`` / ``cosf``)."""
+    """The noise stream computed entirely in the kernel (CPU: vector Philox rounds and Cephes log / cos polynomials; CUDA: ``logf`` / ``cosf``)."""
     out = torch.empty(numel, dtype=torch.float32, device=device)
     return _C().gaussian_noise(int(seed) & _M64, int(offset) & _M64, out)
 
