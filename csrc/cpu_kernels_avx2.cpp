@@ -10,9 +10,12 @@
 #include "cpu_table.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
 #pragma GCC target("avx2,fma,f16c")
 #define MTLSAM_CPU_NS avx2
+#define MTLSAM_CPU_AVX2 1
 #include "cpu_kernels_impl.h"
+#undef MTLSAM_CPU_AVX2
 #undef MTLSAM_CPU_NS
 
 namespace mtlsam {
