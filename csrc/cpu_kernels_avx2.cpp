@@ -10,6 +10,7 @@
 #include "cpu_table.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 #define MTLSAM_CPU_NS avx2
