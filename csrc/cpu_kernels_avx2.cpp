@@ -12,7 +12,6 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #pragma GCC target("avx2,fma,f16c")
-#include <immintrin.h>
 #define MTLSAM_CPU_NS avx2
 #define MTLSAM_CPU_AVX2 1
 #include "cpu_kernels_impl.h"
