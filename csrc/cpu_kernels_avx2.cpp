@@ -11,6 +11,8 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #pragma GCC target("avx2,fma,f16c")
+#define MTLSAM_QP_NAMESPACE qp_avx2  // this translation unit's own instantiation of the QP solver
+#include "qp_core.h"
 #define MTLSAM_CPU_NS avx2
 #include "cpu_kernels_impl.h"
 #undef MTLSAM_CPU_NS

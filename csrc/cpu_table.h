@@ -14,10 +14,11 @@ struct CpuTable {
   void (*perturb)(void*, const void*, int, const void*, int, const float*, int64_t, const int64_t*, int64_t, bool,
                   const float*, int64_t, uint64_t, uint64_t, int64_t, int);
   void (*noise_stats)(uint64_t, uint64_t, const void*, int, const int64_t*, int64_t, float*, int);
+  void (*solve_qp)(const void*, const void*, const void*, int, int64_t, int, bool, int, double, void*, int32_t*, int);
 };
 
 #define MTLSAM_CPU_TABLE(ns)                                                                         \
-  CpuTable{&ns::gram, &ns::diff_gram, &ns::segment_norms, &ns::combine, &ns::perturb, &ns::noise_stats}
+  CpuTable{&ns::gram, &ns::diff_gram, &ns::segment_norms, &ns::combine, &ns::perturb, &ns::noise_stats, &ns::solve_qp}
 
 namespace avx2 {
 const CpuTable* table();  // nullptr when the variant was not compiled (non-x86 builds)
