@@ -84,32 +84,9 @@ void philox_words(uint64_t seed, uint64_t offset, int64_t n, uint32_t* out, int 
   kernels().philox_words(seed, offset, n, out, nthreads);
 }
 
-template <class T>
-static void solve_qp_impl(const T* gram, const T* q, const T* lower, int64_t B, int K, bool simplex, int max_iter,
-                          double tol, T* out, int32_t* iters, int nthreads) {
-  const int64_t KK = static_cast<int64_t>(K) * K;
-#pragma omp parallel num_threads(nthreads)
-  {
-    std::vector<double> ws(static_cast<size_t>(qp_workspace_doubles(K)));
-    SerialTeam team;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t b = 0; b < B; ++b) {
-      const int it = qp_solve_one(team, K, gram + b * KK, q ? q + b * K : nullptr, lower ? lower + b * K : nullptr,
-                                  simplex, max_iter, tol, ws.data(), out + b * K);
-      if (iters) iters[b] = it;
-    }
-  }
-}
-
 void solve_qp(const void* gram, const void* q, const void* lower, int dt, int64_t B, int K, bool simplex,
               int max_iter, double tol, void* out, int32_t* iters, int nthreads) {
-  if (dt == kF64) {
-    solve_qp_impl(static_cast<const double*>(gram), static_cast<const double*>(q), static_cast<const double*>(lower),
-                  B, K, simplex, max_iter, tol, static_cast<double*>(out), iters, nthreads);
-  } else {
-    solve_qp_impl(static_cast<const float*>(gram), static_cast<const float*>(q), static_cast<const float*>(lower), B,
-                  K, simplex, max_iter, tol, static_cast<float*>(out), iters, nthreads);
-  }
+  kernels().solve_qp(gram, q, lower, dt, B, K, simplex, max_iter, tol, out, iters, nthreads);
 }
 
 }  // namespace cpu

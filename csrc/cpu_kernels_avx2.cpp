@@ -12,6 +12,8 @@
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #pragma GCC target("avx2,fma,f16c")
+#define MTLSAM_QP_NAMESPACE qp_avx2  // this translation unit's own instantiation of the QP solver
+#include "qp_core.h"
 #define MTLSAM_CPU_NS avx2
 #define MTLSAM_CPU_AVX2 1
 #include "cpu_kernels_impl.h"

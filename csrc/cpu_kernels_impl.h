@@ -6,8 +6,8 @@
 // partial results are combined in a fixed order: results are bitwise reproducible across runs
 // and thread counts.
 //
-// Requires (before inclusion): <cstdint> <cstring> <cmath> <vector> <algorithm>, common.h, and
-// <immintrin.h> with MTLSAM_CPU_AVX2 defined in the AVX2/FMA/F16C variant (explicit bf16/fp16
+// Requires (before inclusion): <cstdint> <cstring> <cmath> <vector> <algorithm>, common.h, qp_core.h,
+// and <immintrin.h> with MTLSAM_CPU_AVX2 defined in the AVX2/FMA/F16C variant (explicit bf16/fp16
 // conversions; GCC's target pragma does not define __AVX2__ in C++).
 
 namespace mtlsam {
@@ -751,6 +751,37 @@ static void perturb(void* theta, const void* backup, int tdt, const void* dir, i
 static void noise_stats(uint64_t seed, uint64_t offset, const void* ref, int dt, const int64_t* offsets, int64_t S,
                         float* out, int nthreads) {
   MTLSAM_CPU_DISPATCH(dt, T, noise_stats_impl<T>(seed, offset, static_cast<const T*>(ref), offsets, S, out, nthreads))
+}
+
+// The batched QP (qp_core.h, one problem per thread). A batch smaller than the thread count gets
+// one thread per problem, a single problem no parallel region at all (latency).
+template <class T>
+static void solve_qp_impl(const T* gram, const T* q, const T* lower, int64_t B, int K, bool simplex, int max_iter,
+                          double tol, T* out, int32_t* iters, int nthreads) {
+  const int64_t KK = static_cast<int64_t>(K) * K;
+  const int nt = static_cast<int>(B < nthreads ? B : nthreads);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<double> ws(static_cast<size_t>(qp_workspace_doubles(K)));
+    SerialTeam team;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < B; ++b) {
+      const int it = qp_solve_one(team, K, gram + b * KK, q ? q + b * K : nullptr, lower ? lower + b * K : nullptr,
+                                  simplex, max_iter, tol, ws.data(), out + b * K);
+      if (iters) iters[b] = it;
+    }
+  }
+}
+
+static void solve_qp(const void* gram, const void* q, const void* lower, int dt, int64_t B, int K, bool simplex,
+                     int max_iter, double tol, void* out, int32_t* iters, int nthreads) {
+  if (dt == kF64) {
+    solve_qp_impl(static_cast<const double*>(gram), static_cast<const double*>(q), static_cast<const double*>(lower),
+                  B, K, simplex, max_iter, tol, static_cast<double*>(out), iters, nthreads);
+  } else {
+    solve_qp_impl(static_cast<const float*>(gram), static_cast<const float*>(q), static_cast<const float*>(lower), B,
+                  K, simplex, max_iter, tol, static_cast<float*>(out), iters, nthreads);
+  }
 }
 
 }  // namespace MTLSAM_CPU_NS
