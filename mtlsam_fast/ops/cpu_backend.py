@@ -127,18 +127,9 @@ def restore(theta: Tensor, backup: Tensor) -> Tensor:
 
 
 def gaussian_noise(seed: int, offset: int, numel: int, device: torch.device) -> Tensor:
-    """The Philox words come from the kernel; Box-Muller uses torch's own ``log`` / ``cos`` exactly
-    as :func:`.philox.gaussian_from_counter`, so the stream is bitwise the torch backend's. (Inside
-    ``perturb`` / ``noise_stats`` the kernels evaluate Box-Muller with vector log / cos polynomials: a few ulp of difference.)"""
-    words = _C().philox_words(int(seed) & _M64, int(offset) & _M64, int(numel), torch.empty(0, device=device))
-    words = words.to(torch.int64) & 0xFFFFFFFF
-    u1 = ((words[:, 0] >> 8).to(torch.float32) + 0.5) * (2.0**-24)
-    u2 = (words[:, 1] >> 8).to(torch.float32) * (2.0**-24)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
-
-
-def gaussian_noise_kernel(seed: int, offset: int, numel: int, device: torch.device) -> Tensor:
-    """The noise stream computed entirely in the kernel (CPU: vector Philox rounds and Cephes log / cos polynomials; CUDA: ``logf`` / ``cosf``)."""
+    """The noise stream computed in the kernel -- vector Philox rounds (bit-exact words) and Cephes
+    log / cos polynomials, a few ulp from the torch oracle's Box-Muller -- so it is exactly the
+    noise that ``perturb`` and ``noise_stats`` of this backend add and reduce (as on CUDA)."""
     out = torch.empty(numel, dtype=torch.float32, device=device)
     return _C().gaussian_noise(int(seed) & _M64, int(offset) & _M64, out)
 

@@ -58,7 +58,7 @@ segment_norms = _k.segment_norms
 combine = _k.combine
 perturb = _k.perturb
 restore = _k.restore
-gaussian_noise = _k.gaussian_noise_kernel  # one fused launch (CUDA logf / cosf: last-ulp differences)
+gaussian_noise = _k.gaussian_noise  # one fused launch (CUDA logf / cosf: last-ulp differences)
 noise_stats = _k.noise_stats
 solve_qp = _k.solve_qp
 
