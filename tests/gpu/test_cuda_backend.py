@@ -137,7 +137,6 @@ def test_no_host_sync():
     G = torch.randn(K, P, device=DEV)
     offsets = _offsets([P // 2, P - P // 2])
     theta, backup = torch.empty(P, device=DEV), torch.randn(P, device=DEV)
-    w = torch.rand(K, device=DEV)
     scale = torch.tensor([0.1, 0.2], device=DEV)
     from mtlsam_fast.ops import cuda_backend
 
