@@ -43,10 +43,10 @@ class MGDA(Weighting):
     def weights(self, gram: Tensor, losses: Tensor | None) -> Tensor:
         dt = out_dtype(gram)
         g = gram.to(dt)
+        if self.normalization == "none":  # n = 1: the QP alone (dividing by ones changes nothing)
+            return ops.solve_qp(g, max_iter=self.max_iter, tol=self.tol, backend=self.backend)
         norms = g.diagonal().clamp_min(0).sqrt()
-        if self.normalization == "none":
-            n = torch.ones_like(norms)
-        elif self.normalization == "l2":
+        if self.normalization == "l2":
             n = norms
         elif self.normalization == "loss":
             n = losses.to(dt)
