@@ -405,13 +405,24 @@ static void segment_norms_impl(const T* x, int64_t R, int64_t ldx, const int64_t
     const int64_t r = t / np;
     const Piece pc = pieces[t % np];
     const T* row = x + r * ldx;
-    float acc[16] = {0.f};
+    v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};  // four independent FMA chains, 32 columns per step
     int64_t i = pc.begin;
-    for (; i + 16 <= pc.end; i += 16) {
-      for (int l = 0; l < 16; ++l) {
-        float v = to_f(row[i + l]);
-        if (weight) v *= to_f(weight[i + l]);
-        acc[l] += v * v;
+    if (weight) {
+      for (; i + 32 <= pc.end; i += 32) {
+        const v8f v0 = ld8(row + i) * ld8(weight + i), v1 = ld8(row + i + 8) * ld8(weight + i + 8);
+        const v8f v2 = ld8(row + i + 16) * ld8(weight + i + 16), v3 = ld8(row + i + 24) * ld8(weight + i + 24);
+        a0 += v0 * v0;
+        a1 += v1 * v1;
+        a2 += v2 * v2;
+        a3 += v3 * v3;
+      }
+    } else {
+      for (; i + 32 <= pc.end; i += 32) {
+        const v8f v0 = ld8(row + i), v1 = ld8(row + i + 8), v2 = ld8(row + i + 16), v3 = ld8(row + i + 24);
+        a0 += v0 * v0;
+        a1 += v1 * v1;
+        a2 += v2 * v2;
+        a3 += v3 * v3;
       }
     }
     double s = 0.0;
@@ -420,8 +431,7 @@ static void segment_norms_impl(const T* x, int64_t R, int64_t ldx, const int64_t
       if (weight) v *= to_f(weight[i]);
       s += static_cast<double>(v * v);
     }
-    for (int l = 0; l < 16; ++l) s += acc[l];
-    part[t] = s;
+    part[t] = s + hsum8((a0 + a1) + (a2 + a3));
   }
   for (int64_t r = 0; r < R; ++r) {
     for (int64_t s = 0; s < S; ++s) out[r * S + s] = 0.f;
