@@ -289,6 +289,29 @@ Tensor noise_stats(uint64_t seed, uint64_t offset, const Tensor& ref, const Tens
   return out;
 }
 
+// noise_stats(seed, offset, ref, offsets) and, in the same pass over the noise (CPU only),
+// theta <- backup + noise_scale[s] * z
+Tensor perturb_noise_stats(Tensor theta, const Tensor& backup, const Tensor& offsets, const Tensor& noise_scale,
+                           uint64_t seed, uint64_t offset, const Tensor& ref) {
+  TORCH_CHECK(!theta.is_cuda(), "mtlsam_fast._C: perturb_noise_stats runs on CPU tensors");
+  const int tdt = half_or_float(theta, "theta");
+  const int rdt = half_or_float(ref, "ref");
+  TORCH_CHECK(dtype_code(backup) == tdt, "mtlsam_fast._C: backup must have theta's dtype");
+  check_vec(theta, "theta");
+  check_vec(backup, "backup");
+  check_vec(ref, "ref");
+  check_offsets(offsets, theta);
+  check_f32(noise_scale, "noise_scale");
+  const int64_t P = theta.numel(), S = offsets.numel() - 1, nn = noise_scale.numel();
+  TORCH_CHECK(backup.numel() == P && ref.numel() == P, "mtlsam_fast._C: backup / ref size");
+  TORCH_CHECK(nn == 1 || nn == S, "mtlsam_fast._C: noise_scale must have 1 or S entries");
+  Tensor out = at::empty({2, S}, ref.options().dtype(at::kFloat));
+  mtlsam::cpu::perturb_noise_stats(theta.data_ptr(), backup.data_ptr(), tdt, noise_scale.data_ptr<float>(), nn, seed,
+                                   offset, ref.data_ptr(), rdt, offsets.data_ptr<int64_t>(), S,
+                                   out.data_ptr<float>(), nthreads());
+  return out;
+}
+
 // [n, 2] int32 tensor holding the uint32 words r0, r1 (testing the Philox implementation)
 Tensor philox_words(uint64_t seed, uint64_t offset, int64_t n, const Tensor& like) {
   Tensor out = at::empty({n, 2}, like.options().dtype(at::kInt));
@@ -426,6 +449,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("offsets"), py::arg("adaptive"), py::arg("noise_scale"), py::arg("seed"), py::arg("noise_offset"));
   m.def("gaussian_noise", &gaussian_noise, py::arg("seed"), py::arg("offset"), py::arg("out"));
   m.def("noise_stats", &noise_stats, py::arg("seed"), py::arg("offset"), py::arg("ref"), py::arg("offsets"));
+  m.def("perturb_noise_stats", &perturb_noise_stats, py::arg("theta"), py::arg("backup"), py::arg("offsets"),
+        py::arg("noise_scale"), py::arg("seed"), py::arg("offset"), py::arg("ref"));
   m.def("philox_words", &philox_words, py::arg("seed"), py::arg("offset"), py::arg("n"), py::arg("like"));
   m.def("solve_qp", &solve_qp, py::arg("gram"), py::arg("q"), py::arg("lower"), py::arg("simplex"),
         py::arg("max_iter"), py::arg("tol"));

@@ -76,6 +76,13 @@ void noise_stats(uint64_t seed, uint64_t offset, const void* ref, int dt, int64_
   kernels().noise_stats(seed, offset, ref, dt, offsets, S, out, nthreads);
 }
 
+void perturb_noise_stats(void* theta, const void* backup, int tdt, const float* noise_scale, int64_t nnoise,
+                         uint64_t seed, uint64_t offset, const void* ref, int rdt, const int64_t* offsets, int64_t S,
+                         float* out, int nthreads) {
+  kernels().perturb_noise_stats(theta, backup, tdt, noise_scale, nnoise, seed, offset, ref, rdt, offsets, S, out,
+                                nthreads);
+}
+
 void gaussian_noise(uint64_t seed, uint64_t offset, int64_t n, float* out, int nthreads) {
   kernels().gaussian_noise(seed, offset, n, out, nthreads);
 }

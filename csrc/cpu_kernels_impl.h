@@ -598,14 +598,19 @@ static void gaussian_noise(uint64_t seed, uint64_t offset, int64_t n, float* out
   }
 }
 
-template <class T>
+// Per segment [sum z^2, sum ref z] of the noise stream; with theta, the same pass also writes
+// theta <- backup + noise_scale[s] * z (bitwise perturb's noise-only result): SAMO's first probe and
+// its statistics from one generation of the noise.
+template <class T, class TT>
 static void noise_stats_impl(uint64_t seed, uint64_t offset, const T* ref, const int64_t* offsets, int64_t S,
-                             float* out, int nthreads) {
+                             float* out, int nthreads, TT* theta = nullptr, const TT* backup = nullptr,
+                             const float* noise_scale = nullptr, int64_t nnoise = 0) {
   const std::vector<Piece> pieces = make_pieces(offsets, S, kSegChunk);
   const int64_t np = static_cast<int64_t>(pieces.size());
   std::vector<double> part(static_cast<size_t>(2 * np));
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
   for (int64_t k = 0; k < np; ++k) {
+    const float ns = theta ? noise_scale[nnoise == 1 ? 0 : pieces[k].seg] : 0.f;
     double s0 = 0.0, s1 = 0.0;
     float z[kNoiseBlock];
     for (int64_t b = pieces[k].begin; b < pieces[k].end; b += kNoiseBlock) {  // fp32 blocks, fp64 across
@@ -616,6 +621,8 @@ static void noise_stats_impl(uint64_t seed, uint64_t offset, const T* ref, const
         a0 += z[i] * z[i];
         a1 += z[i] * to_f(ref[b + i]);
       }
+      if (theta)
+        for (int64_t i = 0; i < n; ++i) theta[b + i] = from_f<TT>(to_f(backup[b + i]) + z[i] * ns);
       s0 += a0;
       s1 += a1;
     }
@@ -760,7 +767,16 @@ static void perturb(void* theta, const void* backup, int tdt, const void* dir, i
 
 static void noise_stats(uint64_t seed, uint64_t offset, const void* ref, int dt, const int64_t* offsets, int64_t S,
                         float* out, int nthreads) {
-  MTLSAM_CPU_DISPATCH(dt, T, noise_stats_impl<T>(seed, offset, static_cast<const T*>(ref), offsets, S, out, nthreads))
+  MTLSAM_CPU_DISPATCH(dt, T, noise_stats_impl<T, float>(seed, offset, static_cast<const T*>(ref), offsets, S, out,
+                                                         nthreads))
+}
+
+static void perturb_noise_stats(void* theta, const void* backup, int tdt, const float* noise_scale, int64_t nnoise,
+                                uint64_t seed, uint64_t offset, const void* ref, int rdt, const int64_t* offsets,
+                                int64_t S, float* out, int nthreads) {
+  MTLSAM_CPU_DISPATCH(rdt, T, MTLSAM_CPU_DISPATCH(tdt, TT, noise_stats_impl<T, TT>(seed, offset,
+      static_cast<const T*>(ref), offsets, S, out, nthreads, static_cast<TT*>(theta), static_cast<const TT*>(backup),
+      noise_scale, nnoise)))
 }
 
 // The batched QP (qp_core.h, one problem per thread). A batch smaller than the thread count gets

@@ -27,6 +27,10 @@ void gaussian_noise(uint64_t seed, uint64_t offset, int64_t n, float* out, int n
 // out[0, s] = sum z^2, out[1, s] = sum ref * z over segment s
 void noise_stats(uint64_t seed, uint64_t offset, const void* ref, int dt, int64_t P, const int64_t* offsets,
                  int64_t S, float* out, int nthreads);
+// noise_stats, and in the same pass theta = backup + noise_scale[s] * z (one generation of z)
+void perturb_noise_stats(void* theta, const void* backup, int tdt, const float* noise_scale, int64_t nnoise,
+                         uint64_t seed, uint64_t offset, const void* ref, int rdt, const int64_t* offsets, int64_t S,
+                         float* out, int nthreads);
 void philox_words(uint64_t seed, uint64_t offset, int64_t n, uint32_t* out, int nthreads);  // [n, 2] words r0, r1
 // batch of B problems, gram [B, K, K], q / lower [B, K] (may be null), dt kF32 or kF64 for all
 void solve_qp(const void* gram, const void* q, const void* lower, int dt, int64_t B, int K, bool simplex,

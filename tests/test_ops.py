@@ -317,3 +317,22 @@ def test_no_host_sync_on_cuda():
         ops.perturb(backup.clone(), backup, offsets, d, scale, noise_scale=scale, seed=1, backend="torch")
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("per_segment", [False, True])
+def test_perturb_noise_stats_is_perturb_then_noise_stats(backend, dtype, per_segment, device):
+    P, S = 70_001, 5  # pieces across the kernels' 32768-element chunks
+    offsets = random_offsets(P, S, device)
+    backup = torch.randn(P, device=device).to(dtype)
+    ref = torch.randn(P, device=device).to(dtype)
+    ns = torch.rand(S, device=device) if per_segment else torch.tensor(0.3, device=device)
+    theta = torch.empty_like(backup)
+    stats = ops.perturb_noise_stats(theta, backup, offsets, ns, ref, seed=4, noise_offset=2**33 + 1, backend=backend)
+    expected_theta = ops.perturb(torch.empty_like(backup), backup, offsets, noise_scale=ns, seed=4,
+                                 noise_offset=2**33 + 1, backend=backend)
+    assert torch.equal(theta, expected_theta)
+    torch.testing.assert_close(stats, ops.noise_stats(4, 2**33 + 1, ref, offsets, backend=backend), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="ref shape"):
+        ops.perturb_noise_stats(theta, backup, offsets, ns, ref[1:], backend=backend)

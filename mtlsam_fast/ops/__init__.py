@@ -28,7 +28,7 @@ Tensor = torch.Tensor
 __all__ = [
     "available_backends", "get_backend", "set_backend",
     "gram", "diff_gram", "segment_norms", "combine", "perturb", "restore",
-    "gaussian_noise", "noise_stats", "solve_qp", "kkt_residual", "min_norm_aggregate", "MinNormAggregate",
+    "gaussian_noise", "noise_stats", "perturb_noise_stats", "solve_qp", "kkt_residual", "min_norm_aggregate", "MinNormAggregate",
 ]
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -125,6 +125,23 @@ def combine(
     return resolve(backend, dev, "combine").combine(w, G, w2, H, out)
 
 
+def _check_perturb(theta: Tensor, backup: Tensor, offsets: Tensor, direction: Tensor | None, scale: Tensor | None,
+                   noise_scale: Tensor | None) -> torch.device:
+    _check_buffer("theta", theta, 1)
+    _check_buffer("backup", backup, 1)
+    if backup.shape != theta.shape:
+        raise ValueError(f"backup shape {tuple(backup.shape)} != theta shape {tuple(theta.shape)}")
+    _check_offsets(offsets, theta.numel())
+    if (direction is None) != (scale is None):
+        raise ValueError("direction and scale must be given together")
+    if direction is not None:
+        _check_buffer("direction", direction, 1)
+        if direction.shape != theta.shape:
+            raise ValueError(f"direction shape {tuple(direction.shape)} != theta shape {tuple(theta.shape)}")
+    return _check_same_device(theta=theta, backup=backup, direction=direction, scale=scale, noise_scale=noise_scale,
+                              offsets=offsets)
+
+
 def perturb(
     theta: Tensor,
     backup: Tensor,
@@ -145,18 +162,7 @@ def perturb(
     stream :func:`gaussian_noise` ``(seed, noise_offset)``. ``theta`` is computed from ``backup``
     every time, so repeated perturbations never accumulate rounding error.
     """
-    _check_buffer("theta", theta, 1)
-    _check_buffer("backup", backup, 1)
-    if backup.shape != theta.shape:
-        raise ValueError(f"backup shape {tuple(backup.shape)} != theta shape {tuple(theta.shape)}")
-    _check_offsets(offsets, theta.numel())
-    if (direction is None) != (scale is None):
-        raise ValueError("direction and scale must be given together")
-    if direction is not None:
-        _check_buffer("direction", direction, 1)
-        if direction.shape != theta.shape:
-            raise ValueError(f"direction shape {tuple(direction.shape)} != theta shape {tuple(theta.shape)}")
-    dev = _check_same_device(theta=theta, backup=backup, direction=direction, scale=scale, noise_scale=noise_scale, offsets=offsets)
+    dev = _check_perturb(theta, backup, offsets, direction, scale, noise_scale)
     return resolve(backend, dev, "perturb").perturb(
         theta, backup, direction, scale, offsets, adaptive, noise_scale, int(seed), int(noise_offset)
     )
@@ -188,6 +194,36 @@ def noise_stats(seed: int, offset: int, ref: Tensor, offsets: Tensor, *, backend
     _check_offsets(offsets, ref.numel())
     dev = _check_same_device(ref=ref, offsets=offsets)
     return resolve(backend, dev, "noise_stats").noise_stats(int(seed), int(offset), ref, offsets)
+
+
+def perturb_noise_stats(
+    theta: Tensor,
+    backup: Tensor,
+    offsets: Tensor,
+    noise_scale: Tensor,
+    ref: Tensor,
+    *,
+    seed: int = 0,
+    noise_offset: int = 0,
+    backend: str | None = None,
+) -> Tensor:
+    """``perturb(theta, backup, offsets, noise_scale=noise_scale, seed=seed, noise_offset=noise_offset)``
+    and ``noise_stats(seed, noise_offset, ref, offsets)`` (returned, ``[2, S]``) from one generation
+    of the noise where the backend fuses them (``"cpu"``); the two ops otherwise (same results).
+    SAMO's first zeroth-order probe needs both."""
+    dev = _check_perturb(theta, backup, offsets, None, None, noise_scale)
+    if noise_scale is None:
+        raise ValueError("noise_scale is required")
+    _check_buffer("ref", ref, 1)
+    if ref.shape != theta.shape:
+        raise ValueError(f"ref shape {tuple(ref.shape)} != theta shape {tuple(theta.shape)}")
+    _check_same_device(ref=ref, theta=theta)
+    mod = resolve(backend, dev, "perturb")
+    fused = getattr(mod, "perturb_noise_stats", None)
+    if fused is not None:
+        return fused(theta, backup, offsets, noise_scale, int(seed), int(noise_offset), ref)
+    mod.perturb(theta, backup, None, None, offsets, False, noise_scale, int(seed), int(noise_offset))
+    return resolve(backend, dev, "noise_stats").noise_stats(int(seed), int(noise_offset), ref, offsets)
 
 
 def _check_qp(gram: Tensor, q: Tensor | None, lower: Tensor | None, constraint: str) -> None:

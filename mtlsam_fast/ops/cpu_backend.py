@@ -140,6 +140,19 @@ def noise_stats(seed: int, offset: int, ref: Tensor, offsets: Tensor) -> Tensor:
     return _C().noise_stats(int(seed) & _M64, int(offset) & _M64, _vec(ref), _vec(offsets))
 
 
+def perturb_noise_stats(theta: Tensor, backup: Tensor, offsets: Tensor, noise_scale: Tensor, seed: int,
+                        noise_offset: int, ref: Tensor) -> Tensor:
+    """One pass over the noise for ``perturb`` (noise only) and ``noise_stats``; other inputs: the
+    two ops (``perturb``'s own fallbacks apply)."""
+    ns = _f32(noise_scale)
+    if (not _kernel_dtype(theta, ref) or backup.dtype != theta.dtype or not theta.is_contiguous()
+            or ns.numel() not in (1, offsets.numel() - 1)):
+        perturb(theta, backup, None, None, offsets, False, noise_scale, seed, noise_offset)
+        return noise_stats(seed, noise_offset, ref, offsets)
+    return _C().perturb_noise_stats(theta, _vec(backup), _vec(offsets), ns, int(seed) & _M64,
+                                    int(noise_offset) & _M64, _vec(ref))
+
+
 def philox_words(seed: int, offset: int, n: int, device: torch.device | str = _DEVICE_TYPE) -> tuple[Tensor, Tensor]:
     """The Philox4x32-10 words ``(r0, r1)`` (as int64) of counters ``offset .. offset + n - 1``."""
     words = _C().philox_words(int(seed) & _M64, int(offset) & _M64, int(n), torch.empty(0, device=device))

@@ -29,7 +29,8 @@ class SAMO(MTLBase):
        ``ghat_i = c_i z_i``; layerwise ``ghat_i^d <- ||g0^d|| ghat_i^d / ||ghat_i^d||`` (with
        ``layerwise=False`` one normalization over all shared parameters; a zero estimate stays 0);
        ``v_i = alpha g0 + (1 - alpha) ghat_i``; ``eps_i = rho v_i / ||v_i||``, computed from per-layer
-       sums (``ops.noise_stats``) and applied by one ``ops.perturb`` call; head ``i`` is perturbed by
+       sums (reduced by ``ops.perturb_noise_stats`` in the ``+ zo_eps`` probe's pass over the noise)
+       and applied by one ``ops.perturb`` call; head ``i`` is perturbed by
        ``rho_head`` times its normalized gradient; forward + backward of loss ``i`` captures
        ``G_i`` into row ``i``; parameters restored bitwise;
     3. ``w = W(Gram(G))``, shared direction ``w^T G``; head ``i`` gets its perturbed-point gradient.
@@ -115,16 +116,17 @@ class SAMO(MTLBase):
         for i in range(K):
             noff = self.noise_offset(i)
             try:
-                # 2a. forward-only two-point estimate along z_i
+                # 2a. forward-only two-point estimate along z_i; the first probe also reduces z_i's
+                # statistics (per segment sum z^2, sum g0 z) from the same generation of the noise
                 with torch.no_grad():
-                    ops.perturb(sh.theta, sh.backup, off, noise_scale=mu, seed=self.seed, noise_offset=noff, backend=be)
+                    stats = ops.perturb_noise_stats(sh.theta, sh.backup, off, mu, g0, seed=self.seed, noise_offset=noff,
+                                                    backend=be).to(acc)
                     lp = self._forward(closure, grad=False, perturbed=True)[i].detach().to(acc)
                     ops.perturb(sh.theta, sh.backup, off, noise_scale=-mu, seed=self.seed, noise_offset=noff, backend=be)
                     lm = self._forward(closure, grad=False, perturbed=True)[i].detach().to(acc)
                 c = (lp - lm) / (2 * mu)
                 bad = bad | ~torch.isfinite(c)
                 # 2b. eps_i = rho v_i / ||v_i||,  v_i^d = alpha g0^d + beta_d z_i^d
-                stats = ops.noise_stats(self.seed, noff, g0, off, backend=be).to(acc)  # [2, S]: sum z^2, sum g0 z
                 zz, gz = stats[0], stats[1]
                 if self.layerwise:
                     zn = zz.sqrt()
