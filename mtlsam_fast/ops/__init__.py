@@ -28,7 +28,8 @@ Tensor = torch.Tensor
 __all__ = [
     "available_backends", "get_backend", "set_backend",
     "gram", "diff_gram", "segment_norms", "combine", "perturb", "restore",
-    "gaussian_noise", "noise_stats", "perturb_noise_stats", "solve_qp", "kkt_residual", "min_norm_aggregate", "MinNormAggregate",
+    "gaussian_noise", "noise_stats", "perturb_noise_stats", "solve_qp", "kkt_residual",
+    "min_norm_aggregate", "MinNormAggregate",
 ]
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -211,9 +212,9 @@ def perturb_noise_stats(
     and ``noise_stats(seed, noise_offset, ref, offsets)`` (returned, ``[2, S]``) from one generation
     of the noise where the backend fuses them (``"cpu"``); the two ops otherwise (same results).
     SAMO's first zeroth-order probe needs both."""
+    if not isinstance(noise_scale, torch.Tensor):
+        raise TypeError(f"noise_scale must be a tensor ([S] or one element), got {type(noise_scale).__name__}")
     dev = _check_perturb(theta, backup, offsets, None, None, noise_scale)
-    if noise_scale is None:
-        raise ValueError("noise_scale is required")
     _check_buffer("ref", ref, 1)
     if ref.shape != theta.shape:
         raise ValueError(f"ref shape {tuple(ref.shape)} != theta shape {tuple(theta.shape)}")
