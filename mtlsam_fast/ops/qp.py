@@ -26,6 +26,10 @@ The norm variant runs a different, equally batched and sync-free method (:func:`
 A problem whose factorization fails (precision exhausted) is frozen at its last iterate.
 
 Non-finite input propagates: such a problem returns NaN weights (the optimizers' found-inf flag).
+
+This module is the oracle. The C++/CUDA backends (``csrc/qp_core.h``) solve the same Jacobi-scaled
+problem with an exact primal active-set method first and a port of this interior point as its
+fallback; the Triton kernel ports this interior point.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ class MGDA(Weighting):
     ``"loss"`` (``L_i``), ``"loss+"`` (``L_i ||g_i||``). The returned weights are ``v_i / n_i``, so
     the direction ``d = weights^T G`` is the min-norm element of the normalized gradients' hull and
     ``<g_i, d> >= ||d||^2 n_i >= 0`` for every task (a common descent direction). The QP is solved
-    exactly by the shared interior-point solver (:mod:`mtlsam_fast.ops.qp`), not to 1e-3.
+    exactly by the shared QP solver (:func:`mtlsam_fast.ops.solve_qp`), not to 1e-3.
     """
 
     name = "mgda"

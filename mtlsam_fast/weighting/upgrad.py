@@ -56,7 +56,7 @@ class UPGrad(_DualConeWeighting):
 
     ``u`` is ``pref_vector`` (default ``1/K``: the average of the projected gradients). The K
     projections are K QPs ``min 1/2 v^T Gamma v  s.t.  v >= u_i e_i``, solved as one batched call of
-    the shared interior-point solver to the KKT tolerance (no ``norm_eps``/``reg_eps``
+    the shared QP solver (``ops.solve_qp``) to the KKT tolerance (no ``norm_eps``/``reg_eps``
     regularization is needed: the solver handles singular and badly scaled Gram matrices), and the
     weights are the sum of their solutions. ``<g_j, d> >= 0`` for every task; scaling all gradients
     scales ``d``; permuting the tasks permutes the weights.
