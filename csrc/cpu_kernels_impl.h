@@ -653,28 +653,20 @@ static void combine_impl(const float* w, const T* G, int64_t K, int64_t ldg, con
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
       v8f a0 = {}, a1 = {}, a2 = {}, a3 = {};
-      for (int64_t k = 0; k < K; ++k) {
-        const float wk = w[k];
-        const T* g = G + k * ldg + c0 + i;
+      const auto add_rows = [&](const float* wts, const T* M, int64_t rows, int64_t ld) {
+        for (int64_t k = 0; k < rows; ++k) {
+          const float wk = wts[k];
+          const T* g = M + k * ld + c0 + i;
 #pragma GCC unroll 2
-        for (int64_t l = 0; l < 32; l += L) __builtin_prefetch(g + l + W, 0, 3);
-        a0 += wk * ld8(g);
-        a1 += wk * ld8(g + 8);
-        a2 += wk * ld8(g + 16);
-        a3 += wk * ld8(g + 24);
-      }
-      if (H) {
-        for (int64_t k = 0; k < K2; ++k) {
-          const float wk = w2[k];
-          const T* h = H + k * ldh + c0 + i;
-#pragma GCC unroll 2
-          for (int64_t l = 0; l < 32; l += L) __builtin_prefetch(h + l + W, 0, 3);
-          a0 += wk * ld8(h);
-          a1 += wk * ld8(h + 8);
-          a2 += wk * ld8(h + 16);
-          a3 += wk * ld8(h + 24);
+          for (int64_t l = 0; l < 32; l += L) __builtin_prefetch(g + l + W, 0, 3);
+          a0 += wk * ld8(g);
+          a1 += wk * ld8(g + 8);
+          a2 += wk * ld8(g + 16);
+          a3 += wk * ld8(g + 24);
         }
-      }
+      };
+      add_rows(w, G, K, ldg);
+      if (H) add_rows(w2, H, K2, ldh);
       O* o = out + c0 + i;
       st8(o, a0);
       st8(o + 8, a1);
