@@ -95,6 +95,19 @@ def test_combine_matches_fp64(dtype, two_sets, device):
     assert buf.dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_combine_subtract_updates_out(dtype, device):
+    K, P = 3, 1000
+    G = buffer_view(K, P, dtype, device)
+    w = torch.rand(K, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    out0 = torch.randn(P, device=device).to(dtype)
+    out = out0.clone()
+    assert ops.combine(w, G, out=out, subtract=True) is out
+    close(out, out0.double() - w.double() @ G.double(), dtype)
+    with pytest.raises(ValueError, match="subtract needs out"):
+        ops.combine(w, G, subtract=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_perturb_and_restore(dtype, adaptive, device):

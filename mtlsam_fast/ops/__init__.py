@@ -106,9 +106,13 @@ def combine(
     *,
     out: Tensor | None = None,
     dtype: torch.dtype | None = None,
+    subtract: bool = False,
     backend: str | None = None,
 ) -> Tensor:
-    """``out = w^T G (+ w2^T H)``, accumulated in fp32, written in ``dtype`` (default ``G.dtype``)."""
+    """``out = w^T G (+ w2^T H)``, accumulated in fp32, written in ``dtype`` (default ``G.dtype``).
+
+    With ``subtract`` (needs ``out``, no ``H``): ``out <- out - w^T G`` (F-MTL's flat-set update of
+    its direction), computed as one combine of ``G`` and ``out`` into a temporary, then copied."""
     _check_buffer("G", G)
     _check_weights("w", w, G.shape[0])
     if (w2 is None) != (H is None):
@@ -118,7 +122,15 @@ def combine(
         if H.shape[1] != G.shape[1]:
             raise ValueError(f"H has {H.shape[1]} columns, G has {G.shape[1]}")
         _check_weights("w2", w2, H.shape[0])
+    if subtract and (out is None or H is not None):
+        raise ValueError("subtract needs out and no second set (w2, H)")
     dev = _check_same_device(w=w, G=G, w2=w2, H=H, out=out)
+    if subtract:
+        if out.shape != (G.shape[1],):
+            raise ValueError(f"out must have shape ({G.shape[1]},), got {tuple(out.shape)}")
+        one = torch.ones(1, dtype=w.dtype, device=dev)
+        d = resolve(backend, dev, "combine").combine(-w, G, one, out.view(1, -1), torch.empty_like(out))
+        return out.copy_(d)
     if out is None:
         out = torch.empty(G.shape[1], dtype=dtype or G.dtype, device=dev)
     elif out.shape != (G.shape[1],):
@@ -300,10 +312,5 @@ def min_norm_aggregate(
         return MinNormAggregate(*res)
     g = mod.gram(G)
     w = mod.solve_qp(g, None, None, "simplex", None, int(max_iter), float(tol))
-    if subtract:
-        one = torch.ones(1, dtype=w.dtype, device=dev)
-        d = mod.combine(-w, G, one, out.view(1, -1), torch.empty_like(out))
-        out.copy_(d)
-    else:
-        mod.combine(w, G, None, None, out)
+    combine(w, G, out=out, subtract=subtract, backend=backend)
     return MinNormAggregate(w, g)

@@ -378,12 +378,7 @@ class MTLBase(torch.optim.Optimizer):
         if type(wt) is _MGDA and wt.normalization == "none" and wt.backend in (None, be):
             return ops.min_norm_aggregate(G, out, subtract=subtract, max_iter=wt.max_iter, tol=wt.tol, backend=be).gram
         gram = ops.gram(G, backend=be)
-        w = self._weights(gram, inv_scale, losses)
-        if subtract:
-            one = torch.ones(1, dtype=w.dtype, device=self.device)
-            out.copy_(ops.combine(-w, G, one, out.view(1, -1), dtype=out.dtype, backend=be))
-        else:
-            ops.combine(w, G, out=out, backend=be)
+        ops.combine(self._weights(gram, inv_scale, losses), G, out=out, subtract=subtract, backend=be)
         return gram
 
     def _perturb_head(self, k: int, scale: Tensor, adaptive: bool) -> None:
