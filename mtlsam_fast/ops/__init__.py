@@ -222,7 +222,8 @@ def perturb_noise_stats(
 ) -> Tensor:
     """``perturb(theta, backup, offsets, noise_scale=noise_scale, seed=seed, noise_offset=noise_offset)``
     and ``noise_stats(seed, noise_offset, ref, offsets)`` (returned, ``[2, S]``) from one generation
-    of the noise where the backend fuses them (``"cpu"``); the two ops otherwise (same results).
+    of the noise where the backend fuses them (``"cpu"``: fp32/bf16/fp16 buffers); the two ops
+    otherwise (same results).
     SAMO's first zeroth-order probe needs both."""
     if not isinstance(noise_scale, torch.Tensor):
         raise TypeError(f"noise_scale must be a tensor ([S] or one element), got {type(noise_scale).__name__}")
@@ -233,8 +234,9 @@ def perturb_noise_stats(
     _check_same_device(ref=ref, theta=theta)
     mod = resolve(backend, dev, "perturb")
     fused = getattr(mod, "perturb_noise_stats", None)
-    if fused is not None:
-        return fused(theta, backup, offsets, noise_scale, int(seed), int(noise_offset), ref)
+    stats = fused(theta, backup, offsets, noise_scale, int(seed), int(noise_offset), ref) if fused else None
+    if stats is not None:
+        return stats
     mod.perturb(theta, backup, None, None, offsets, False, noise_scale, int(seed), int(noise_offset))
     return resolve(backend, dev, "noise_stats").noise_stats(int(seed), int(noise_offset), ref, offsets)
 

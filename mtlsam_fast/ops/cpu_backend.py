@@ -141,14 +141,13 @@ def noise_stats(seed: int, offset: int, ref: Tensor, offsets: Tensor) -> Tensor:
 
 
 def perturb_noise_stats(theta: Tensor, backup: Tensor, offsets: Tensor, noise_scale: Tensor, seed: int,
-                        noise_offset: int, ref: Tensor) -> Tensor:
-    """One pass over the noise for ``perturb`` (noise only) and ``noise_stats``; other inputs: the
-    two ops (``perturb``'s own fallbacks apply)."""
+                        noise_offset: int, ref: Tensor) -> Tensor | None:
+    """One pass over the noise for ``perturb`` (noise only) and ``noise_stats``; inputs the kernel
+    does not take: ``None``, and ops runs the two ops."""
     ns = _f32(noise_scale)
     if (not _kernel_dtype(theta, ref) or backup.dtype != theta.dtype or not theta.is_contiguous()
             or ns.numel() not in (1, offsets.numel() - 1)):
-        perturb(theta, backup, None, None, offsets, False, noise_scale, seed, noise_offset)
-        return noise_stats(seed, noise_offset, ref, offsets)
+        return None
     return _C().perturb_noise_stats(theta, _vec(backup), _vec(offsets), ns, int(seed) & _M64,
                                     int(noise_offset) & _M64, _vec(ref))
 
