@@ -169,10 +169,15 @@ MTLSAM_HD double qp_max_step(const Team& team, int K, const double* x, const dou
 // gradients, zero curvature) is not added: the iterate moves along the null direction -- a descent
 // direction of zero (or, from fp32 rounding, slightly negative) curvature -- to the first bound,
 // which leaves the set, and the variable is tried again. A step costs O(K s) (the gradient over the
-// free columns) plus O(s^2). The method ends in finitely many steps at a point that meets the KKT
-// conditions to the target of kkt_residual (the dual residual, in the units of the unscaled
-// problem, <= tol * max(1, max|q| / max Gamma_ii), complementarity exactly, |sum v - 1| <= tol),
-// after one step of iterative refinement on the face when needed; otherwise (non-finite values, an
+// free columns) plus O(s^2). The method stops when no bound multiplier is below its rounding level
+// (the exact optimum, not merely a point within the KKT target: on badly scaled problems that target,
+// relative to max Gamma_ii, cannot tell the optimum of the small gradients from a poor guess), or,
+// for a min-norm problem (q = 0), once x^T H x is zero to fp64 rounding (the origin is in the hull:
+// optimal, and on a degenerate face the remaining steps only settle multipliers at rounding level).
+// Either way the point must meet the KKT conditions to the target of kkt_residual (the dual
+// residual, in the units of the unscaled problem, <= tol * max(1, max|q| / max Gamma_ii),
+// complementarity exactly, |sum v - 1| <= tol), after one step of iterative refinement on the face
+// when needed; otherwise (non-finite values, an
 // unbounded direction, the step budget exhausted by degenerate cycling, a face solve that drops the
 // variable the pricing just freed, a residual refinement cannot bring down -- in practice: a linear
 // term that dwarfs the Jacobi-scaled Gram matrix, or v >= lower with a singular Gram matrix) it
@@ -180,6 +185,7 @@ MTLSAM_HD double qp_max_step(const Team& team, int K, const double* x, const dou
 constexpr double kQpAsSingular = 1e-12;  // relative pivot of M_S below which a column counts as dependent
 constexpr double kQpAsPrice = 1e-13;     // a bound multiplier above -kQpAsPrice * (its terms) counts as >= 0
 constexpr double kQpInf = 1e300;
+constexpr double kQpRound = 1.1102230246251565e-16;  // fp64 unit roundoff, 2^-53
 // The active set stands in for the interior point when the iteration budget is one the interior
 // point converges within (about 8-15 iterations); a smaller budget asks for the truncated interior
 // point itself, which the torch reference (and torch.compile) reproduces.
@@ -217,18 +223,19 @@ MTLSAM_HD double qp_dot_part(const Team& team, int lo, int n, const double* u, c
   return s;
 }
 
-// L y = b (and L y2 = b2 when b2) in place; L: n x n lower triangle, column-major with ld.
+// L y = b (and L y2 = b2 when b2) in place; L: n x n lower triangle, column-major with ld; inv: the
+// reciprocals of its diagonal (multiplications on the sequential chain of the sweep, not divisions).
 template <class Team>
-MTLSAM_HD void qp_fwd(const Team& team, int n, int ld, const double* L, double* b, double* b2) {
+MTLSAM_HD void qp_fwd(const Team& team, int n, int ld, const double* L, const double* inv, double* b, double* b2) {
   const int rk = team.rank(), ts = team.size();
   if (ts == 1 && !b2) {  // one thread: four columns per sweep (a quarter of the short inner loops)
     int j = 0;
     for (; j + 4 <= n; j += 4) {
       const double *c0 = L + j * ld, *c1 = c0 + ld, *c2 = c1 + ld, *c3 = c2 + ld;
-      const double y0 = b[j] / c0[j];
-      const double y1 = (b[j + 1] - c0[j + 1] * y0) / c1[j + 1];
-      const double y2 = (b[j + 2] - c0[j + 2] * y0 - c1[j + 2] * y1) / c2[j + 2];
-      const double y3 = (b[j + 3] - c0[j + 3] * y0 - c1[j + 3] * y1 - c2[j + 3] * y2) / c3[j + 3];
+      const double y0 = b[j] * inv[j];
+      const double y1 = (b[j + 1] - c0[j + 1] * y0) * inv[j + 1];
+      const double y2 = (b[j + 2] - c0[j + 2] * y0 - c1[j + 2] * y1) * inv[j + 2];
+      const double y3 = (b[j + 3] - c0[j + 3] * y0 - c1[j + 3] * y1 - c2[j + 3] * y2) * inv[j + 3];
       b[j] = y0;
       b[j + 1] = y1;
       b[j + 2] = y2;
@@ -237,7 +244,7 @@ MTLSAM_HD void qp_fwd(const Team& team, int n, int ld, const double* L, double* 
     }
     for (; j < n; ++j) {
       const double* cj = L + j * ld;
-      const double yj = b[j] / cj[j];
+      const double yj = b[j] * inv[j];
       b[j] = yj;
       for (int i = j + 1; i < n; ++i) b[i] -= cj[i] * yj;
     }
@@ -246,19 +253,17 @@ MTLSAM_HD void qp_fwd(const Team& team, int n, int ld, const double* L, double* 
   for (int j = 0; j < n; ++j) {
     team.sync();
     const double* col = L + j * ld;
-    const double inv = 1.0 / col[j];
-    const double yj = b[j] * inv;
+    const double yj = b[j] * inv[j];
     for (int i = j + 1 + rk; i < n; i += ts) b[i] -= col[i] * yj;
     if (b2) {
-      const double yj2 = b2[j] * inv;
+      const double yj2 = b2[j] * inv[j];
       for (int i = j + 1 + rk; i < n; i += ts) b2[i] -= col[i] * yj2;
     }
   }
   team.sync();
   for (int i = rk; i < n; i += ts) {
-    const double inv = 1.0 / L[i * ld + i];
-    b[i] *= inv;
-    if (b2) b2[i] *= inv;
+    b[i] *= inv[i];
+    if (b2) b2[i] *= inv[i];
   }
   team.sync();
 }
@@ -266,16 +271,16 @@ MTLSAM_HD void qp_fwd(const Team& team, int n, int ld, const double* L, double* 
 // L^T x = y (and L^T x2 = y2 when y2) in place, column-oriented on L^T: row j of L is read from its
 // mirror in the upper triangle (L[j * ld + q] = L(j, q), q < j), contiguous.
 template <class Team>
-MTLSAM_HD void qp_bwd(const Team& team, int n, int ld, const double* L, double* y, double* y2) {
+MTLSAM_HD void qp_bwd(const Team& team, int n, int ld, const double* L, const double* inv, double* y, double* y2) {
   const int rk = team.rank(), ts = team.size();
   if (ts == 1 && !y2) {  // one thread: four rows per sweep
     int j = n - 1;
     for (; j >= 3; j -= 4) {
       const double *r0 = L + j * ld, *r1 = r0 - ld, *r2 = r1 - ld, *r3 = r2 - ld;  // rows j, j-1, j-2, j-3
-      const double x0 = y[j] / r0[j];
-      const double x1 = (y[j - 1] - r0[j - 1] * x0) / r1[j - 1];
-      const double x2 = (y[j - 2] - r0[j - 2] * x0 - r1[j - 2] * x1) / r2[j - 2];
-      const double x3 = (y[j - 3] - r0[j - 3] * x0 - r1[j - 3] * x1 - r2[j - 3] * x2) / r3[j - 3];
+      const double x0 = y[j] * inv[j];
+      const double x1 = (y[j - 1] - r0[j - 1] * x0) * inv[j - 1];
+      const double x2 = (y[j - 2] - r0[j - 2] * x0 - r1[j - 2] * x1) * inv[j - 2];
+      const double x3 = (y[j - 3] - r0[j - 3] * x0 - r1[j - 3] * x1 - r2[j - 3] * x2) * inv[j - 3];
       y[j] = x0;
       y[j - 1] = x1;
       y[j - 2] = x2;
@@ -284,7 +289,7 @@ MTLSAM_HD void qp_bwd(const Team& team, int n, int ld, const double* L, double* 
     }
     for (; j >= 0; --j) {
       const double* rj = L + j * ld;
-      const double xj = y[j] / rj[j];
+      const double xj = y[j] * inv[j];
       y[j] = xj;
       for (int q = 0; q < j; ++q) y[q] -= rj[q] * xj;
     }
@@ -293,19 +298,17 @@ MTLSAM_HD void qp_bwd(const Team& team, int n, int ld, const double* L, double* 
   for (int j = n - 1; j >= 0; --j) {
     team.sync();
     const double* row = L + j * ld;
-    const double inv = 1.0 / row[j];
-    const double xj = y[j] * inv;
+    const double xj = y[j] * inv[j];
     for (int q = rk; q < j; q += ts) y[q] -= row[q] * xj;
     if (y2) {
-      const double xj2 = y2[j] * inv;
+      const double xj2 = y2[j] * inv[j];
       for (int q = rk; q < j; q += ts) y2[q] -= row[q] * xj2;
     }
   }
   team.sync();
   for (int i = rk; i < n; i += ts) {
-    const double inv = 1.0 / L[i * ld + i];
-    y[i] *= inv;
-    if (y2) y2[i] *= inv;
+    y[i] *= inv[i];
+    if (y2) y2[i] *= inv[i];
   }
   team.sync();
 }
@@ -313,10 +316,11 @@ MTLSAM_HD void qp_bwd(const Team& team, int n, int ld, const double* L, double* 
 // Delete position k of the free set (s: the size before): row and column k of the factor (rows below
 // move up, columns right of k move left), then Givens rotations restore the triangle -- the rank-one
 // update L22 L22^T + x x^T of the trailing block, x the old column k below the diagonal -- and
-// rotate the forward vectors fc, fa (their entry k plays the part of x). Scratch: xr, dn, nc, na.
+// rotate the forward vectors fc, fa (their entry k plays the part of x), and renews inv (the
+// reciprocals of the diagonal) from k on. Scratch: xr, dn, nc, na.
 template <class Team>
-MTLSAM_HD void qp_as_remove(const Team& team, int s, int ld, double* L, double* S, double* pos, double* fc, double* fa,
-                            int k, double* xr, double* dn, double* nc, double* na) {
+MTLSAM_HD void qp_as_remove(const Team& team, int s, int ld, double* L, double* inv, double* S, double* pos,
+                            double* fc, double* fa, int k, double* xr, double* dn, double* nc, double* na) {
   const int rk = team.rank(), ts = team.size();
   team.sync();
   for (int r = k + 1 + rk; r < s; r += ts) xr[r - 1] = L[k * ld + r];
@@ -365,6 +369,7 @@ MTLSAM_HD void qp_as_remove(const Team& team, int s, int ld, double* L, double* 
   team.sync();
   for (int i = k + rk; i < n; i += ts) {
     L[i * ld + i] = dn[i];
+    inv[i] = 1.0 / dn[i];
     fc[i] = nc[i];
     fa[i] = na[i];
   }
@@ -376,14 +381,14 @@ MTLSAM_HD void qp_as_remove(const Team& team, int s, int ld, double* L, double* 
 // Optimum of the face S from the right side b (in w; out: the solution): H_SS w - b in span(a_S),
 // a_S^T w = target (simplex); H_SS w = b otherwise. Two right sides through L (iterative refinement).
 template <class Team>
-MTLSAM_HD void qp_as_face(const Team& team, int s, int ld, const double* L, const double* a, const double* S,
-                          bool simplex, double target, double* w, double* m) {
+MTLSAM_HD void qp_as_face(const Team& team, int s, int ld, const double* L, const double* inv, const double* a,
+                          const double* S, bool simplex, double target, double* w, double* m) {
   const int rk = team.rank(), ts = team.size();
   if (simplex)
     for (int p = rk; p < s; p += ts) m[p] = a[qp_at(S, p)];
   team.sync();
-  qp_fwd(team, s, ld, L, w, simplex ? m : nullptr);
-  qp_bwd(team, s, ld, L, w, simplex ? m : nullptr);
+  qp_fwd(team, s, ld, L, inv, w, simplex ? m : nullptr);
+  qp_bwd(team, s, ld, L, inv, w, simplex ? m : nullptr);
   if (simplex) {
     double aw = 0.0, am = 0.0;
     for (int p = rk; p < s; p += ts) {
@@ -400,15 +405,18 @@ MTLSAM_HD void qp_as_face(const Team& team, int s, int ld, const double* L, cons
 }
 
 // Returns the number of steps (>= 0) with the solution in x, or -1 (failure: x is garbage).
-// Workspace: g, S, pos, fc, fa, w, m, l, v, xr, dn: K doubles each; L: K x ld.
+// Workspace: g, inv, S, pos, fc, fa, w, m, l, v, xr, dn: K doubles each; L: K x ld.
 template <class Team>
 MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, const double* c, const double* a,
                             const double* d, double beta, bool simplex, double tol, double l_scale, int max_steps,
-                            double* x, double* g, double* L, double* S, double* pos, double* fc, double* fa, double* w,
-                            double* m, double* l, double* v, double* xr, double* dn) {
+                            double* x, double* g, double* L, double* inv, double* S, double* pos, double* fc,
+                            double* fa, double* w, double* m, double* l, double* v, double* xr, double* dn) {
   const int rk = team.rank(), ts = team.size();
   const double rho = simplex ? 1.0 : 0.0;
   const double dtol = tol * l_scale;
+  double cmax = 0.0;
+  for (int i = rk; i < K; i += ts) cmax = qp_dmax(cmax, fabs(c[i]));
+  const bool min_norm = team.max(cmax) == 0.0;  // c = 0: the objective is x^T H x >= 0
   for (int i = rk; i < K; i += ts) {
     x[i] = 0.0;
     pos[i] = -1.0;
@@ -437,6 +445,7 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
       S[0] = i0;
       pos[i0] = 0.0;
       L[0] = l0;
+      inv[0] = 1.0 / l0;
       fc[0] = -c[i0] / l0;
       fa[0] = a[i0] / l0;
     }
@@ -452,7 +461,7 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
         tau = (beta - ac) / aa;
       }
       for (int p = rk; p < s; p += ts) w[p] = fc[p] + tau * fa[p];
-      qp_bwd(team, s, ld, L, w, nullptr);
+      qp_bwd(team, s, ld, L, inv, w, nullptr);
       double tb = kQpInf;
       int kb = -1;
       for (int p = rk; p < s; p += ts) {
@@ -482,7 +491,7 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
         }
         team.sync();
         if (rk == 0) x[qp_at(S, kmin)] = 0.0;
-        qp_as_remove(team, s, ld, L, S, pos, fc, fa, kmin, xr, dn, l, v);
+        qp_as_remove(team, s, ld, L, inv, S, pos, fc, fa, kmin, xr, dn, l, v);
         --s;
         if (++steps >= max_steps) return -1;
         continue;
@@ -492,6 +501,16 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
     for (int i = rk; i < K; i += ts) g[i] = c[i];
     {
       int p = 0;
+      for (; p + 8 <= s; p += 8) {  // eight columns per sweep over g
+        const double *h0 = H + qp_at(S, p) * ld, *h1 = H + qp_at(S, p + 1) * ld, *h2 = H + qp_at(S, p + 2) * ld,
+                     *h3 = H + qp_at(S, p + 3) * ld, *h4 = H + qp_at(S, p + 4) * ld, *h5 = H + qp_at(S, p + 5) * ld,
+                     *h6 = H + qp_at(S, p + 6) * ld, *h7 = H + qp_at(S, p + 7) * ld;
+        const double x0 = x[qp_at(S, p)], x1 = x[qp_at(S, p + 1)], x2 = x[qp_at(S, p + 2)], x3 = x[qp_at(S, p + 3)],
+                     x4 = x[qp_at(S, p + 4)], x5 = x[qp_at(S, p + 5)], x6 = x[qp_at(S, p + 6)], x7 = x[qp_at(S, p + 7)];
+        for (int i = rk; i < K; i += ts)
+          g[i] += ((h0[i] * x0 + h1[i] * x1) + (h2[i] * x2 + h3[i] * x3)) +
+                  ((h4[i] * x4 + h5[i] * x5) + (h6[i] * x6 + h7[i] * x7));
+      }
       for (; p + 4 <= s; p += 4) {  // four columns per sweep over g
         const int j0 = qp_at(S, p), j1 = qp_at(S, p + 1), j2 = qp_at(S, p + 2), j3 = qp_at(S, p + 3);
         const double x0 = x[j0], x1 = x[j1], x2 = x[j2], x3 = x[j3];
@@ -506,7 +525,8 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
       }
     }
     team.sync();
-    double y = 0.0, xs = 0.0;
+    // (x is zero off the free set: dv = sum_i d_i x_i = sum v, xg = x^T (H x + c))
+    double y = 0.0, xs = 0.0, dv = 0.0, xg = 0.0;
     {
       double ag = 0.0, aa = 0.0;
       for (int p = rk; p < s; p += ts) {
@@ -514,6 +534,8 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
         ag += a[i] * g[i];
         aa += a[i] * a[i];
         xs += x[i];
+        dv += d[i] * x[i];
+        xg += x[i] * g[i];
       }
       if (simplex) {
         ag = team.sum(ag);
@@ -521,39 +543,44 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
         y = ag / aa;
       }
       xs = team.sum(xs);
+      xg = team.sum(xg);
     }
-    // pricing keys in l (z_i = g_i - y a_i of the bounds below their rounding level, branch-free),
-    // then the first smallest key
-    double zb = kQpInf;
-    int jb = -1, nonfinite = 0;
+    // pricing keys in l (z_i = g_i - y a_i of the bounds below their rounding level, branch-free)
+    int nonfinite = 0;
     for (int i = rk; i < K; i += ts) {
       const double zi = g[i] - y * a[i];
       nonfinite |= !(zi - zi == 0.0);
       const bool key = (pos[i] < 0.0) & (zi < -kQpAsPrice * (fabs(c[i]) + fabs(y * a[i]) + xs));
       l[i] = key ? zi : kQpInf;
     }
+    if (team.max(nonfinite ? 1.0 : 0.0) > 0) return -1;
+    // the first smallest key
+    double zb = kQpInf;
+    int jb = -1;
     for (int i = rk; i < K; i += ts) {
       if (l[i] < zb) {
         zb = l[i];
         jb = i;
       }
     }
-    if (team.max(nonfinite ? 1.0 : 0.0) > 0) return -1;
     int j;
     qp_argmin(team, zb, jb, &j);
-    if (j < 0) {  // no bound multiplier below its rounding level: converged to the target?
-      // the dual residual in the units of the unscaled problem: |z_i| / d_i on the free set,
-      // -z_i / d_i on the bounds (kkt_residual's measure)
-      double res = 0.0, dv = 0.0;
+    // Converged? When no bound multiplier is below its rounding level; or, with c = 0 (min-norm), when
+    // the objective x^T H x is zero to fp64 rounding: H is PSD, so x is optimal to the precision of
+    // the arithmetic -- the origin lies in the hull, and the steps left would move along zero
+    // curvature only, to settle the multipliers at the rounding level. Either way the dual residual
+    // must meet the target, in the units of the unscaled problem: |z_i| / d_i on the free set,
+    // -z_i / d_i on the bounds (kkt_residual's measure).
+    if (j < 0 || (min_norm && xg <= kQpRound * xs * xs)) {
+      int above = 0;  // some |z_i| > dtol d_i (no division; vectorizes)
       for (int i = rk; i < K; i += ts) {
         const double zi = g[i] - y * a[i];
-        const double ri = (pos[i] >= 0 ? fabs(zi) : -zi) / d[i];
-        res = qp_dmax(res, ri);
-        dv += d[i] * x[i];
+        above |= (pos[i] >= 0 ? fabs(zi) : -zi) > dtol * d[i];
       }
-      res = team.max(res);
       const double feas = simplex ? fabs(1.0 - team.sum(dv)) : 0.0;  // |sum v - 1|
-      if (res <= dtol && feas <= tol) return steps;
+      if (team.max(above) == 0 && feas <= tol) return steps;
+    }
+    if (j < 0) {  // the residual is above the target: one refinement step, then give up
       if (refined) return -1;
       // one step of iterative refinement on the face: H d = -(g_S - y a_S) + y' a_S, a_S^T d = beta - a^T x
       refined = true;
@@ -563,7 +590,7 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
         w[p] = y * a[i] - g[i];
         ax += a[i] * x[i];
       }
-      qp_as_face(team, s, ld, L, a, S, simplex, beta - team.sum(ax), w, m);
+      qp_as_face(team, s, ld, L, inv, a, S, simplex, beta - team.sum(ax), w, m);
       for (int p = rk; p < s; p += ts) {
         const int i = qp_at(S, p);
         const double xi = x[i] + w[p];
@@ -579,7 +606,7 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
         const int i = qp_at(S, p);
         l[p] = H[j * ld + i] + rho * a[i] * a[j];
       }
-      qp_fwd(team, s, ld, L, l, nullptr);
+      qp_fwd(team, s, ld, L, inv, l, nullptr);
       const double ll = team.sum(qp_dot_part(team, 0, s, l, l));
       const double d2 = mjj - ll;
       if (d2 > kQpAsSingular * mjj) {
@@ -593,6 +620,7 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
         fresh = x[j] == 0.0 ? j : -1;
         if (rk == 0) {
           L[s * ld + s] = djj;
+          inv[s] = 1.0 / djj;
           fc[s] = (-c[j] - lc) / djj;
           fa[s] = (rho > 0 ? a[j] - la : 0.0) / djj;
           S[s] = j;
@@ -606,7 +634,7 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
       }
       // numerically dependent: walk along the null direction [-L^-T l; 1] to the first bound
       for (int p = rk; p < s; p += ts) v[p] = l[p];
-      qp_bwd(team, s, ld, L, v, nullptr);
+      qp_bwd(team, s, ld, L, inv, v, nullptr);
       double tb = kQpInf;
       int kb = -1;
       for (int p = rk; p < s; p += ts) {
@@ -627,7 +655,7 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
         x[j] += tmax;
         x[qp_at(S, kmin)] = 0.0;
       }
-      qp_as_remove(team, s, ld, L, S, pos, fc, fa, kmin, xr, dn, l, v);
+      qp_as_remove(team, s, ld, L, inv, S, pos, fc, fa, kmin, xr, dn, l, v);
       --s;
       if (++steps >= max_steps) return -1;
     }
@@ -660,45 +688,23 @@ MTLSAM_HD int qp_solve_one(const Team& team, int K, const T* gram, const T* q, c
   double* tmp = dz + K;  // 2 * K
   double* zrow = tmp + 2 * K;  // 1: Gamma_ii = 0 (a zero gradient)
 
-  // ---- symmetrize, check finiteness --------------------------------------------------------
+  // ---- scaling: H = D sym(Gamma) D / ref with unit diagonal, c = D q / ref; finiteness -------------
+  // sym(Gamma) = (Gamma + Gamma^T) / 2; D, ref from the diagonal (which symmetrizing leaves alone).
   double bad = 0.0;
-  if (ts == 1) {  // one thread: column by column (contiguous, vectorizable)
-    int nonfinite = 0;
+  if (ts == 1) {  // one thread: first a contiguous copy (vectorized); the pairs (i, j) in place below
     for (int j = 0; j < K; ++j) {
       const T* gj = gram + static_cast<int64_t>(j) * K;
       double* hj = H + j * ld;
-      for (int i = 0; i < K; ++i) {
-        const double v = 0.5 * (qp_load(gram, static_cast<int64_t>(i) * K + j) + qp_load(gj, i));
-        hj[i] = v;
-        nonfinite |= !(v - v == 0.0);
-      }
-    }
-    bad = nonfinite ? 1.0 : 0.0;
-  } else {
-    for (int t = rk, i = rk / K, j = rk % K; t < K * K; t += ts, qp_next_pair(K, ts, &i, &j)) {
-      const double v = 0.5 * (qp_load(gram, static_cast<int64_t>(i) * K + j) + qp_load(gram, static_cast<int64_t>(j) * K + i));
-      H[j * ld + i] = v;
-      if (!qp_isfinite(v)) bad = 1.0;
+      for (int i = 0; i < K; ++i) hj[i] = qp_load(gj, i);
     }
   }
+  double ref = 0.0, qref = 0.0;
   for (int i = rk; i < K; i += ts) {
     const double qi = q ? qp_load(q, i) : 0.0;
     c[i] = qi;
     if (!qp_isfinite(qi)) bad = 1.0;
-  }
-  bad = team.max(bad);
-  if (bad > 0) {
-    for (int i = rk; i < K; i += ts) out[i] = static_cast<T>(NAN);
-    team.sync();
-    return 0;
-  }
-  team.sync();
-
-  // ---- scaling: H = D Gamma D / ref with unit diagonal, c = D q / ref ------------------------
-  double ref = 0.0, qref = 0.0;
-  for (int i = rk; i < K; i += ts) {
-    ref = qp_dmax(ref, H[i * ld + i]);
-    qref = qp_dmax(qref, fabs(c[i]));
+    ref = qp_dmax(ref, qp_load(gram, static_cast<int64_t>(i) * K + i));
+    qref = qp_dmax(qref, fabs(qi));
   }
   ref = team.max(ref);
   qref = team.max(qref);
@@ -706,21 +712,41 @@ MTLSAM_HD int qp_solve_one(const Team& team, int K, const T* gram, const T* q, c
   // kkt_residual's step length max(max Gamma_ii, max |q|), relative to ref: the active set's dual target
   const double l_scale = qp_dmax(1.0, qref / ref);
   for (int i = rk; i < K; i += ts) {
-    const double rel = H[i * ld + i] / ref;
+    const double rel = qp_load(gram, static_cast<int64_t>(i) * K + i) / ref;
     d[i] = rel > 1e-300 ? 1.0 / sqrt(rel) : 1.0;
     zrow[i] = (rel > 1e-300 || !(c[i] >= 0)) ? 0.0 : 1.0;  // zero gradient, cost q_i >= 0
   }
   team.sync();
+  // entry (i, j) and its mirror get the same value: sym * (d_lo / ref) * d_hi, lo = min(i, j)
   if (ts == 1) {
+    int nonfinite = 0;
     for (int j = 0; j < K; ++j) {
-      const double dj = d[j] / ref;
       double* hj = H + j * ld;
-      for (int i = 0; i < K; ++i) hj[i] = hj[i] * dj * d[i];
-      hj[j] += kQpProx;
+      const double dj = d[j] / ref;
+      nonfinite |= !(hj[j] - hj[j] == 0.0);
+      hj[j] = hj[j] * dj * d[j] + kQpProx;
+      for (int i = j + 1; i < K; ++i) {
+        const double v = 0.5 * (hj[i] + H[i * ld + j]);
+        nonfinite |= !(v - v == 0.0);
+        const double h = v * dj * d[i];
+        hj[i] = h;
+        H[i * ld + j] = h;
+      }
     }
+    if (nonfinite) bad = 1.0;
   } else {
-    for (int t = rk, j = rk / K, i = rk % K; t < K * K; t += ts, qp_next_pair(K, ts, &j, &i))
-      H[j * ld + i] = H[j * ld + i] * (d[j] / ref) * d[i] + (i == j ? kQpProx : 0.0);
+    for (int t = rk, i = rk / K, j = rk % K; t < K * K; t += ts, qp_next_pair(K, ts, &i, &j)) {
+      const double v = 0.5 * (qp_load(gram, static_cast<int64_t>(i) * K + j) + qp_load(gram, static_cast<int64_t>(j) * K + i));
+      if (!qp_isfinite(v)) bad = 1.0;
+      const int lo = i < j ? i : j, hi = i < j ? j : i;
+      H[j * ld + i] = v * (d[lo] / ref) * d[hi] + (i == j ? kQpProx : 0.0);
+    }
+  }
+  bad = team.max(bad);
+  if (bad > 0) {
+    for (int i = rk; i < K; i += ts) out[i] = static_cast<T>(NAN);
+    team.sync();
+    return 0;
   }
   for (int i = rk; i < K; i += ts) c[i] = c[i] / ref * d[i];
   team.sync();
@@ -759,13 +785,14 @@ MTLSAM_HD int qp_solve_one(const Team& team, int K, const T* gram, const T* q, c
   const double c_scale = 1.0 + team.max(cmax);
 
   // ---- exact active-set method first; the interior point below is its fallback ---------------------
-  // (workspace: x; g in rd; the free set and positions in dxa, dza; f_c, f_a in tmp; w, m, l, v in
-  // rhs; scratch in dx, dz -- all rewritten by the interior point when it runs)
+  // (workspace: x; g in rd; the reciprocal diagonal of the factor in z; the free set and positions in
+  // dxa, dza; f_c, f_a in tmp; w, m, l, v in rhs; scratch in dx, dz -- all rewritten by the interior
+  // point when it runs)
   int it = 0;
   const int as_steps =
       max_iter >= kQpAsMinIter
-          ? qp_active_set(team, K, ld, H, c, a, d, beta, simplex, tol, l_scale, 4 * K + 16, x, rd, L, dxa, dza, tmp,
-                          tmp + K, rhs, rhs + K, rhs + 2 * K, rhs + 3 * K, dx, dz)
+          ? qp_active_set(team, K, ld, H, c, a, d, beta, simplex, tol, l_scale, 4 * K + 16, x, rd, L, z, dxa, dza,
+                          tmp, tmp + K, rhs, rhs + K, rhs + 2 * K, rhs + 3 * K, dx, dz)
           : -1;
   if (as_steps >= 0) {
     it = as_steps;

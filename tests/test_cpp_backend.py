@@ -313,6 +313,28 @@ def test_qp_matches_quadprog_on_definite_problems():
 
 
 @needs_ext
+def test_qp_is_exact_where_the_kkt_measure_is_blind():
+    """A min-norm problem whose optimum lies among small gradients while 1e5 times larger ones set
+    kkt_residual's scale (max Gamma_ii): any weights on the small ones meet a relative KKT target of
+    1e-9, so meeting it is not enough -- the solver must find the optimum. The large gradients
+    g_j = 1e5 (u + m_j), m_j orthogonal to the small problem's min-norm point u, price at
+    (1e5 - 1) |u|^2 > 0 and stay out: the optimum is (v_small, 0)."""
+    gen = torch.Generator().manual_seed(7)
+    K1, K2, d = 8, 24, 48
+    small = torch.randn(K1, d, generator=gen, dtype=torch.float64)
+    v_small = ops.solve_qp(small @ small.T, backend="cpu")
+    assert qp.kkt_residual(small @ small.T, v_small).item() <= 1e-9  # well scaled: the KKT residual is tight
+    u = v_small @ small
+    m = torch.randn(K2, d, generator=gen, dtype=torch.float64)
+    m = m - (m @ u)[:, None] * u / (u @ u)
+    G = torch.cat([small, 1e5 * (u + m)])
+    v = ops.solve_qp(G @ G.T, backend="cpu")
+    torch.testing.assert_close(v[:K1], v_small, rtol=0, atol=1e-7)
+    assert (v[K1:] == 0).all()
+    assert (v @ G).square().sum() <= (u @ u) * (1 + 1e-9)
+
+
+@needs_ext
 def test_qp_edge_cases():
     one = ops.solve_qp(torch.tensor([[3.0]]), backend="cpu")
     assert one.item() == 1.0
