@@ -501,7 +501,7 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
     for (int i = rk; i < K; i += ts) g[i] = c[i];
     {
       int p = 0;
-      for (; p + 8 <= s; p += 8) {  // eight columns per sweep over g
+      for (; p + 8 <= s; p += 8) {  // eight columns per sweep over g, then one at a time
         const double *h0 = H + qp_at(S, p) * ld, *h1 = H + qp_at(S, p + 1) * ld, *h2 = H + qp_at(S, p + 2) * ld,
                      *h3 = H + qp_at(S, p + 3) * ld, *h4 = H + qp_at(S, p + 4) * ld, *h5 = H + qp_at(S, p + 5) * ld,
                      *h6 = H + qp_at(S, p + 6) * ld, *h7 = H + qp_at(S, p + 7) * ld;
@@ -510,12 +510,6 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
         for (int i = rk; i < K; i += ts)
           g[i] += ((h0[i] * x0 + h1[i] * x1) + (h2[i] * x2 + h3[i] * x3)) +
                   ((h4[i] * x4 + h5[i] * x5) + (h6[i] * x6 + h7[i] * x7));
-      }
-      for (; p + 4 <= s; p += 4) {  // four columns per sweep over g
-        const int j0 = qp_at(S, p), j1 = qp_at(S, p + 1), j2 = qp_at(S, p + 2), j3 = qp_at(S, p + 3);
-        const double x0 = x[j0], x1 = x[j1], x2 = x[j2], x3 = x[j3];
-        const double *h0 = H + j0 * ld, *h1 = H + j1 * ld, *h2 = H + j2 * ld, *h3 = H + j3 * ld;
-        for (int i = rk; i < K; i += ts) g[i] += (h0[i] * x0 + h1[i] * x1) + (h2[i] * x2 + h3[i] * x3);
       }
       for (; p < s; ++p) {
         const int j = qp_at(S, p);
