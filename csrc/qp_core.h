@@ -405,18 +405,17 @@ MTLSAM_HD void qp_as_face(const Team& team, int s, int ld, const double* L, cons
 }
 
 // Returns the number of steps (>= 0) with the solution in x, or -1 (failure: x is garbage).
+// min_norm: c = 0, so the objective is x^T H x >= 0 (enables the zero-objective stop below).
 // Workspace: g, inv, S, pos, fc, fa, w, m, l, v, xr, dn: K doubles each; L: K x ld.
 template <class Team>
 MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, const double* c, const double* a,
-                            const double* d, double beta, bool simplex, double tol, double l_scale, int max_steps,
+                            const double* d, double beta, bool simplex, bool min_norm, double tol, double l_scale,
+                            int max_steps,
                             double* x, double* g, double* L, double* inv, double* S, double* pos, double* fc,
                             double* fa, double* w, double* m, double* l, double* v, double* xr, double* dn) {
   const int rk = team.rank(), ts = team.size();
   const double rho = simplex ? 1.0 : 0.0;
   const double dtol = tol * l_scale;
-  double cmax = 0.0;
-  for (int i = rk; i < K; i += ts) cmax = qp_dmax(cmax, fabs(c[i]));
-  const bool min_norm = team.max(cmax) == 0.0;  // c = 0: the objective is x^T H x >= 0
   for (int i = rk; i < K; i += ts) {
     x[i] = 0.0;
     pos[i] = -1.0;
@@ -776,7 +775,8 @@ MTLSAM_HD int qp_solve_one(const Team& team, int K, const T* gram, const T* q, c
   team.sync();
   double cmax = 0.0;
   for (int i = rk; i < K; i += ts) cmax = qp_dmax(cmax, fabs(c[i]));
-  const double c_scale = 1.0 + team.max(cmax);
+  cmax = team.max(cmax);
+  const double c_scale = 1.0 + cmax;
 
   // ---- exact active-set method first; the interior point below is its fallback ---------------------
   // (workspace: x; g in rd; the reciprocal diagonal of the factor in z; the free set and positions in
@@ -785,8 +785,8 @@ MTLSAM_HD int qp_solve_one(const Team& team, int K, const T* gram, const T* q, c
   int it = 0;
   const int as_steps =
       max_iter >= kQpAsMinIter
-          ? qp_active_set(team, K, ld, H, c, a, d, beta, simplex, tol, l_scale, 4 * K + 16, x, rd, L, z, dxa, dza,
-                          tmp, tmp + K, rhs, rhs + K, rhs + 2 * K, rhs + 3 * K, dx, dz)
+          ? qp_active_set(team, K, ld, H, c, a, d, beta, simplex, cmax == 0.0, tol, l_scale, 4 * K + 16, x, rd, L, z,
+                          dxa, dza, tmp, tmp + K, rhs, rhs + K, rhs + 2 * K, rhs + 3 * K, dx, dz)
           : -1;
   if (as_steps >= 0) {
     it = as_steps;
