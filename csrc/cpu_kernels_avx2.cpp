@@ -13,6 +13,7 @@
 #include <immintrin.h>
 #pragma GCC target("avx2,fma,f16c")
 #define MTLSAM_QP_NAMESPACE qp_avx2  // this translation unit's own instantiation of the QP solver
+#define MTLSAM_QP_AVX2 1             // with its AVX2 scaling pass (qp_scale_tiles)
 #include "qp_core.h"
 #define MTLSAM_CPU_NS avx2
 #define MTLSAM_CPU_AVX2 1

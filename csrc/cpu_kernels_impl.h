@@ -780,12 +780,14 @@ static void solve_qp_impl(const T* gram, const T* q, const T* lower, int64_t B, 
   const int nt = static_cast<int>(B < nthreads ? B : nthreads);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    std::vector<double> ws(static_cast<size_t>(qp_workspace_doubles(K)));
+    // 64-byte aligned (see qp_ld)
+    std::vector<double> buf(static_cast<size_t>(qp_workspace_doubles(K)) + 8);
+    double* ws = reinterpret_cast<double*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~static_cast<uintptr_t>(63));
     SerialTeam team;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < B; ++b) {
       const int it = qp_solve_one(team, K, gram + b * KK, q ? q + b * K : nullptr, lower ? lower + b * K : nullptr,
-                                  simplex, max_iter, tol, ws.data(), out + b * K);
+                                  simplex, max_iter, tol, ws, out + b * K);
       if (iters) iters[b] = it;
     }
   }

@@ -12,6 +12,7 @@
 
 #include "common.h"
 #include "kernels.h"
+#define MTLSAM_QP_NAMESPACE qp_cuda  // its own instantiation: qp_ld differs from the CPU builds'
 #include "qp_core.h"
 
 namespace mtlsam {

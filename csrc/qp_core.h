@@ -27,6 +27,14 @@
 #define MTLSAM_QP_NAMESPACE qp_base
 #endif
 
+// The active set's inner routines, always inlined on the host as on the device (__forceinline__):
+// GCC otherwise keeps some out of line in the large CPU kernel translation units.
+#if defined(__GNUC__) && !defined(__CUDACC__)
+#define MTLSAM_QP_INNER inline __attribute__((always_inline))
+#else
+#define MTLSAM_QP_INNER MTLSAM_HD
+#endif
+
 namespace mtlsam {
 inline namespace MTLSAM_QP_NAMESPACE {
 
@@ -38,9 +46,15 @@ struct SerialTeam {
   MTLSAM_HD double max(double v) const { return v; }
 };
 
-// Leading dimension of the K x K matrices in the workspace (odd: no shared-memory bank conflicts
-// on column walks).
+// Leading dimension of the K x K matrices in the workspace. On the GPU odd: no shared-memory bank
+// conflicts on column walks. On the CPU a multiple of four doubles -- 32-byte aligned columns for the
+// vector loads, in a 64-byte aligned workspace -- and an odd one, to spread the columns over the
+// cache sets (K = 64: ld 68; ld K + 1 measured ~4 % slower).
+#if defined(__CUDACC__)
 MTLSAM_HD int qp_ld(int K) { return K + 1; }
+#else
+MTLSAM_HD int qp_ld(int K) { return ((K + 3) & ~3) | 4; }
+#endif
 
 // Number of doubles of workspace one problem needs.
 MTLSAM_HD int64_t qp_workspace_doubles(int K) {
@@ -71,6 +85,93 @@ MTLSAM_HD void qp_next_pair(int K, int step, int* hi, int* lo) {
 
 template <class T>
 MTLSAM_HD double qp_load(const T* p, int64_t i) { return static_cast<double>(p[i]); }
+
+#if defined(MTLSAM_QP_AVX2)
+// The AVX2 build's scaling pass for one thread (qp_solve_one): H = D sym(Gamma) D / ref read straight
+// from Gamma in 4 x 4 tiles, each with its mirror tile, transposed in registers -- every load and
+// store contiguous. The same expressions as the generic pass, element by element (so the same
+// values): v = (Gamma_ij + Gamma_ji) / 2, H_ij = H_ji = v * (d_lo / ref) * d_hi, lo = min(i, j).
+// Returns false when some entry is not finite. dr: scratch, K doubles.
+MTLSAM_QP_INNER __m256d qp_load4(const float* p) { return _mm256_cvtps_pd(_mm_loadu_ps(p)); }
+MTLSAM_QP_INNER __m256d qp_load4(const double* p) { return _mm256_loadu_pd(p); }
+
+MTLSAM_QP_INNER void qp_transpose4(__m256d& r0, __m256d& r1, __m256d& r2, __m256d& r3) {
+  const __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);
+  const __m256d t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
+  r0 = _mm256_permute2f128_pd(t0, t2, 0x20);
+  r1 = _mm256_permute2f128_pd(t1, t3, 0x20);
+  r2 = _mm256_permute2f128_pd(t0, t2, 0x31);
+  r3 = _mm256_permute2f128_pd(t1, t3, 0x31);
+}
+
+template <class T>
+MTLSAM_QP_INNER bool qp_scale_tiles(int K, int ld, const T* gram, const double* d, double ref, double* dr,
+                                    double* H) {
+  for (int i = 0; i < K; ++i) dr[i] = d[i] / ref;
+  double bad = 0.0;  // sum of v - v: NaN once some v is not finite
+  const auto pair = [&](int i, int j) {  // one entry below the diagonal (i > j) and its mirror
+    const double v = 0.5 * (qp_load(gram, static_cast<int64_t>(j) * K + i) + qp_load(gram, static_cast<int64_t>(i) * K + j));
+    bad += v - v;
+    const double h = v * dr[j] * d[i];
+    H[j * ld + i] = h;
+    H[i * ld + j] = h;
+  };
+  const int K4 = K & ~3;
+  __m256d vbad = _mm256_setzero_pd();
+  const __m256d half = _mm256_set1_pd(0.5);
+  for (int j0 = 0; j0 < K4; j0 += 4) {
+    for (int j = j0; j < j0 + 4; ++j) {  // the diagonal tile
+      const double gjj = qp_load(gram, static_cast<int64_t>(j) * K + j);
+      bad += gjj - gjj;
+      H[j * ld + j] = gjj * dr[j] * d[j] + kQpProx;
+      for (int i = j + 1; i < j0 + 4; ++i) pair(i, j);
+    }
+    const T* gj = gram + static_cast<int64_t>(j0) * K;  // rows j0..j0+3 of Gamma
+    const __m256d b0 = _mm256_set1_pd(dr[j0]), b1 = _mm256_set1_pd(dr[j0 + 1]), b2 = _mm256_set1_pd(dr[j0 + 2]),
+                  b3 = _mm256_set1_pd(dr[j0 + 3]);
+    for (int i0 = j0 + 4; i0 < K4; i0 += 4) {
+      // c_k[r] = Gamma(j0 + k, i0 + r); m_k[r] = Gamma(i0 + r, j0 + k) after the transpose
+      __m256d c0 = qp_load4(gj + i0), c1 = qp_load4(gj + K + i0), c2 = qp_load4(gj + 2 * K + i0),
+              c3 = qp_load4(gj + 3 * K + i0);
+      const T* gi = gram + static_cast<int64_t>(i0) * K + j0;
+      __m256d m0 = qp_load4(gi), m1 = qp_load4(gi + K), m2 = qp_load4(gi + 2 * K), m3 = qp_load4(gi + 3 * K);
+      qp_transpose4(m0, m1, m2, m3);
+      const __m256d di = _mm256_loadu_pd(d + i0);
+      c0 = _mm256_mul_pd(half, _mm256_add_pd(c0, m0));
+      c1 = _mm256_mul_pd(half, _mm256_add_pd(c1, m1));
+      c2 = _mm256_mul_pd(half, _mm256_add_pd(c2, m2));
+      c3 = _mm256_mul_pd(half, _mm256_add_pd(c3, m3));
+      vbad = _mm256_add_pd(vbad, _mm256_add_pd(_mm256_sub_pd(c0, c0), _mm256_sub_pd(c1, c1)));
+      vbad = _mm256_add_pd(vbad, _mm256_add_pd(_mm256_sub_pd(c2, c2), _mm256_sub_pd(c3, c3)));
+      c0 = _mm256_mul_pd(_mm256_mul_pd(c0, b0), di);
+      c1 = _mm256_mul_pd(_mm256_mul_pd(c1, b1), di);
+      c2 = _mm256_mul_pd(_mm256_mul_pd(c2, b2), di);
+      c3 = _mm256_mul_pd(_mm256_mul_pd(c3, b3), di);
+      _mm256_storeu_pd(H + j0 * ld + i0, c0);
+      _mm256_storeu_pd(H + (j0 + 1) * ld + i0, c1);
+      _mm256_storeu_pd(H + (j0 + 2) * ld + i0, c2);
+      _mm256_storeu_pd(H + (j0 + 3) * ld + i0, c3);
+      qp_transpose4(c0, c1, c2, c3);
+      _mm256_storeu_pd(H + i0 * ld + j0, c0);
+      _mm256_storeu_pd(H + (i0 + 1) * ld + j0, c1);
+      _mm256_storeu_pd(H + (i0 + 2) * ld + j0, c2);
+      _mm256_storeu_pd(H + (i0 + 3) * ld + j0, c3);
+    }
+    for (int i = K4; i < K; ++i)
+      for (int j = j0; j < j0 + 4; ++j) pair(i, j);
+  }
+  for (int j = K4; j < K; ++j) {  // the last K % 4 columns
+    const double gjj = qp_load(gram, static_cast<int64_t>(j) * K + j);
+    bad += gjj - gjj;
+    H[j * ld + j] = gjj * dr[j] * d[j] + kQpProx;
+    for (int i = j + 1; i < K; ++i) pair(i, j);
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, vbad);
+  bad += (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  return bad == 0.0;
+}
+#endif
 
 // In-place Cholesky factorization of the lower triangle of M (column-major, M[j*ld + i] is row i,
 // column j; i >= j), right-looking; each column step is parallel over the trailing triangle.
@@ -191,12 +292,12 @@ constexpr double kQpRound = 1.1102230246251565e-16;  // fp64 unit roundoff, 2^-5
 // point itself, which the torch reference (and torch.compile) reproduces.
 constexpr int kQpAsMinIter = 20;
 
-MTLSAM_HD int qp_at(const double* S, int p) { return static_cast<int>(S[p]); }
+MTLSAM_QP_INNER int qp_at(const double* S, int p) { return static_cast<int>(S[p]); }
 
 // Team-wide argmin: the smallest value and the smallest index attaining it (index -1: none).
 // (v, i): each thread's own best, v = kQpInf and i = -1 when it has no candidate.
 template <class Team>
-MTLSAM_HD double qp_argmin(const Team& team, double v, int i, int* idx) {
+MTLSAM_QP_INNER double qp_argmin(const Team& team, double v, int i, int* idx) {
   const double vmin = -team.max(-v);
   const double im = team.max((i >= 0 && v == vmin) ? -static_cast<double>(i) : -kQpInf);
   *idx = im > -0.5 * kQpInf ? static_cast<int>(-im) : -1;
@@ -205,7 +306,7 @@ MTLSAM_HD double qp_argmin(const Team& team, double v, int i, int* idx) {
 
 // This thread's part of sum_{lo <= i < n} u_i v_i (one thread: four partial sums, for the vector unit).
 template <class Team>
-MTLSAM_HD double qp_dot_part(const Team& team, int lo, int n, const double* u, const double* v) {
+MTLSAM_QP_INNER double qp_dot_part(const Team& team, int lo, int n, const double* u, const double* v) {
   if (team.size() == 1) {
     double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
     int i = lo;
@@ -226,7 +327,7 @@ MTLSAM_HD double qp_dot_part(const Team& team, int lo, int n, const double* u, c
 // L y = b (and L y2 = b2 when b2) in place; L: n x n lower triangle, column-major with ld; inv: the
 // reciprocals of its diagonal (multiplications on the sequential chain of the sweep, not divisions).
 template <class Team>
-MTLSAM_HD void qp_fwd(const Team& team, int n, int ld, const double* L, const double* inv, double* b, double* b2) {
+MTLSAM_QP_INNER void qp_fwd(const Team& team, int n, int ld, const double* L, const double* inv, double* b, double* b2) {
   const int rk = team.rank(), ts = team.size();
   if (ts == 1 && !b2) {  // one thread: four columns per sweep (a quarter of the short inner loops)
     int j = 0;
@@ -271,7 +372,7 @@ MTLSAM_HD void qp_fwd(const Team& team, int n, int ld, const double* L, const do
 // L^T x = y (and L^T x2 = y2 when y2) in place, column-oriented on L^T: row j of L is read from its
 // mirror in the upper triangle (L[j * ld + q] = L(j, q), q < j), contiguous.
 template <class Team>
-MTLSAM_HD void qp_bwd(const Team& team, int n, int ld, const double* L, const double* inv, double* y, double* y2) {
+MTLSAM_QP_INNER void qp_bwd(const Team& team, int n, int ld, const double* L, const double* inv, double* y, double* y2) {
   const int rk = team.rank(), ts = team.size();
   if (ts == 1 && !y2) {  // one thread: four rows per sweep
     int j = n - 1;
@@ -319,7 +420,7 @@ MTLSAM_HD void qp_bwd(const Team& team, int n, int ld, const double* L, const do
 // rotate the forward vectors fc, fa (their entry k plays the part of x), and renews inv (the
 // reciprocals of the diagonal) from k on. Scratch: xr, dn, nc, na.
 template <class Team>
-MTLSAM_HD void qp_as_remove(const Team& team, int s, int ld, double* L, double* inv, double* S, double* pos,
+MTLSAM_QP_INNER void qp_as_remove(const Team& team, int s, int ld, double* L, double* inv, double* S, double* pos,
                             double* fc, double* fa, int k, double* xr, double* dn, double* nc, double* na) {
   const int rk = team.rank(), ts = team.size();
   team.sync();
@@ -327,9 +428,21 @@ MTLSAM_HD void qp_as_remove(const Team& team, int s, int ld, double* L, double* 
   double xc = fc[k], xa = fa[k];  // every thread, before the shift below
   if (rk == 0) pos[qp_at(S, k)] = -1.0;
   team.sync();
-  for (int r = k; r < s - 1; ++r) {  // row r <- row r + 1: reads row r + 1 only, writes row r only
-    for (int col = rk; col <= r; col += ts) L[col * ld + r] = L[(col < k ? col : col + 1) * ld + r + 1];
-    team.sync();
+  if (ts == 1) {  // one thread, column by column (contiguous): columns left of k lose entry k (the
+    // rows below move up); column c >= k becomes column c + 1 without its entry k, mirror included
+    for (int col = 0; col < k; ++col)
+      for (int r = k; r < s - 1; ++r) L[col * ld + r] = L[col * ld + r + 1];
+    for (int col = k; col < s - 1; ++col) {
+      double* dst = L + col * ld;
+      const double* src = dst + ld;
+      for (int q = 0; q < k; ++q) dst[q] = src[q];
+      for (int q = k; q < s - 1; ++q) dst[q] = src[q + 1];
+    }
+  } else {
+    for (int r = k; r < s - 1; ++r) {  // row r <- row r + 1: reads row r + 1 only, writes row r only
+      for (int col = rk; col <= r; col += ts) L[col * ld + r] = L[(col < k ? col : col + 1) * ld + r + 1];
+      team.sync();
+    }
   }
   for (int base = k; base < s - 1; base += ts) {  // S, fc, fa: [p] <- [p + 1], in chunks of the team size
     const int p = base + rk;
@@ -373,15 +486,17 @@ MTLSAM_HD void qp_as_remove(const Team& team, int s, int ld, double* L, double* 
     fc[i] = nc[i];
     fa[i] = na[i];
   }
-  for (int r = k; r < n; ++r)  // the mirror of the rows that changed (upper triangle, see qp_bwd)
-    for (int q = rk; q < r; q += ts) L[r * ld + q] = L[q * ld + r];
+  // the mirror of the rows that changed (upper triangle, see qp_bwd): the rotated trailing block;
+  // one thread shifted the mirror of the columns left of k along with the columns above
+  for (int r = k; r < n; ++r)
+    for (int q = (ts == 1 ? k : 0) + rk; q < r; q += ts) L[r * ld + q] = L[q * ld + r];
   team.sync();
 }
 
 // Optimum of the face S from the right side b (in w; out: the solution): H_SS w - b in span(a_S),
 // a_S^T w = target (simplex); H_SS w = b otherwise. Two right sides through L (iterative refinement).
 template <class Team>
-MTLSAM_HD void qp_as_face(const Team& team, int s, int ld, const double* L, const double* inv, const double* a,
+MTLSAM_QP_INNER void qp_as_face(const Team& team, int s, int ld, const double* L, const double* inv, const double* a,
                           const double* S, bool simplex, double target, double* w, double* m) {
   const int rk = team.rank(), ts = team.size();
   if (simplex)
@@ -455,7 +570,7 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
     if (solve) {  // ---- the face optimum w = L^-T (fc + tau fa), then the ratio test ----
       double tau = 0.0;
       if (simplex) {
-        const double ac = team.sum(qp_dot_part(team, 0, s, fa, fc));
+        const double ac = min_norm ? 0.0 : team.sum(qp_dot_part(team, 0, s, fa, fc));  // (c = 0: f_c = 0)
         const double aa = team.sum(qp_dot_part(team, 0, s, fa, fa));
         tau = (beta - ac) / aa;
       }
@@ -497,24 +612,50 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
       }
     }
     // ---- pricing at the face optimum: g = H x + c over the free columns ----
-    for (int i = rk; i < K; i += ts) g[i] = c[i];
-    {
-      int p = 0;
-      for (; p + 8 <= s; p += 8) {  // eight columns per sweep over g, then one at a time
-        const double *h0 = H + qp_at(S, p) * ld, *h1 = H + qp_at(S, p + 1) * ld, *h2 = H + qp_at(S, p + 2) * ld,
-                     *h3 = H + qp_at(S, p + 3) * ld, *h4 = H + qp_at(S, p + 4) * ld, *h5 = H + qp_at(S, p + 5) * ld,
-                     *h6 = H + qp_at(S, p + 6) * ld, *h7 = H + qp_at(S, p + 7) * ld;
-        const double x0 = x[qp_at(S, p)], x1 = x[qp_at(S, p + 1)], x2 = x[qp_at(S, p + 2)], x3 = x[qp_at(S, p + 3)],
-                     x4 = x[qp_at(S, p + 4)], x5 = x[qp_at(S, p + 5)], x6 = x[qp_at(S, p + 6)], x7 = x[qp_at(S, p + 7)];
-        for (int i = rk; i < K; i += ts)
-          g[i] += ((h0[i] * x0 + h1[i] * x1) + (h2[i] * x2 + h3[i] * x3)) +
-                  ((h4[i] * x4 + h5[i] * x5) + (h6[i] * x6 + h7[i] * x7));
+    // Each g_i is c_i plus the free columns' terms in the order of S, accumulated in a register; one
+    // thread takes 16 rows at a time (four vectors of accumulators, no store until the sum is done).
+    if (ts == 1) {
+      constexpr int kRows = 16;
+      int i0 = 0;
+      for (; i0 + 2 * kRows <= K; i0 += 2 * kRows) {  // two blocks: eight independent FMA chains
+        double acc0[kRows], acc1[kRows];
+        for (int r = 0; r < kRows; ++r) {
+          acc0[r] = c[i0 + r];
+          acc1[r] = c[i0 + kRows + r];
+        }
+        for (int p = 0; p < s; ++p) {
+          const int j = qp_at(S, p);
+          const double xj = x[j];
+          const double* hj = H + j * ld + i0;
+          for (int r = 0; r < kRows; ++r) acc0[r] += hj[r] * xj;
+          for (int r = 0; r < kRows; ++r) acc1[r] += hj[kRows + r] * xj;
+        }
+        for (int r = 0; r < kRows; ++r) {
+          g[i0 + r] = acc0[r];
+          g[i0 + kRows + r] = acc1[r];
+        }
       }
-      for (; p < s; ++p) {
-        const int j = qp_at(S, p);
-        const double xj = x[j];
-        const double* hj = H + j * ld;
-        for (int i = rk; i < K; i += ts) g[i] += hj[i] * xj;
+      for (; i0 + kRows <= K; i0 += kRows) {
+        double acc[kRows];
+        for (int r = 0; r < kRows; ++r) acc[r] = c[i0 + r];
+        for (int p = 0; p < s; ++p) {
+          const int j = qp_at(S, p);
+          const double xj = x[j];
+          const double* hj = H + j * ld + i0;
+          for (int r = 0; r < kRows; ++r) acc[r] += hj[r] * xj;
+        }
+        for (int r = 0; r < kRows; ++r) g[i0 + r] = acc[r];
+      }
+      for (int i = i0; i < K; ++i) {
+        double acc = c[i];
+        for (int p = 0; p < s; ++p) acc += H[qp_at(S, p) * ld + i] * x[qp_at(S, p)];
+        g[i] = acc;
+      }
+    } else {
+      for (int i = rk; i < K; i += ts) {
+        double acc = c[i];
+        for (int p = 0; p < s; ++p) acc += H[qp_at(S, p) * ld + i] * x[qp_at(S, p)];
+        g[i] = acc;
       }
     }
     team.sync();
@@ -603,7 +744,7 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
       const double ll = team.sum(qp_dot_part(team, 0, s, l, l));
       const double d2 = mjj - ll;
       if (d2 > kQpAsSingular * mjj) {
-        const double lc = team.sum(qp_dot_part(team, 0, s, l, fc));
+        const double lc = min_norm ? 0.0 : team.sum(qp_dot_part(team, 0, s, l, fc));
         const double la = team.sum(qp_dot_part(team, 0, s, l, fa));
         const double djj = sqrt(d2);
         for (int p = rk; p < s; p += ts) {
@@ -684,7 +825,12 @@ MTLSAM_HD int qp_solve_one(const Team& team, int K, const T* gram, const T* q, c
   // ---- scaling: H = D sym(Gamma) D / ref with unit diagonal, c = D q / ref; finiteness -------------
   // sym(Gamma) = (Gamma + Gamma^T) / 2; D, ref from the diagonal (which symmetrizing leaves alone).
   double bad = 0.0;
-  if (ts == 1) {  // one thread: first a contiguous copy (vectorized); the pairs (i, j) in place below
+#if defined(MTLSAM_QP_AVX2)
+  const bool tiles = ts == 1;  // one thread: qp_scale_tiles reads Gamma itself
+#else
+  const bool tiles = false;
+#endif
+  if (ts == 1 && !tiles) {  // one thread: first a contiguous copy (vectorized); the pairs (i, j) in place below
     for (int j = 0; j < K; ++j) {
       const T* gj = gram + static_cast<int64_t>(j) * K;
       double* hj = H + j * ld;
@@ -711,7 +857,11 @@ MTLSAM_HD int qp_solve_one(const Team& team, int K, const T* gram, const T* q, c
   }
   team.sync();
   // entry (i, j) and its mirror get the same value: sym * (d_lo / ref) * d_hi, lo = min(i, j)
-  if (ts == 1) {
+  if (tiles) {
+#if defined(MTLSAM_QP_AVX2)
+    if (!qp_scale_tiles(K, ld, gram, d, ref, x, H)) bad = 1.0;  // (x: scratch until the active set)
+#endif
+  } else if (ts == 1) {
     int nonfinite = 0;
     for (int j = 0; j < K; ++j) {
       double* hj = H + j * ld;

@@ -335,6 +335,33 @@ def test_qp_is_exact_where_the_kkt_measure_is_blind():
 
 
 @needs_ext
+@pytest.mark.parametrize("K", [8, 17, 64])
+def test_qp_symmetrizes_and_checks_every_entry(K):
+    """The scaling pass reads Gamma in 4 x 4 tiles with their mirrors (AVX2) or by pairs: Gamma and
+    Gamma^T give bitwise the same weights, an antisymmetric part changes nothing beyond rounding, and
+    a non-finite entry anywhere (diagonal or off-diagonal tiles, the K % 4 tail) makes its problem NaN."""
+    g = _grams(K, B=2)  # full rank; badly scaled
+    gen = torch.Generator().manual_seed(11)
+    n = torch.randn(2, K, K, generator=gen)
+    asym = g + 1e-3 * g.abs().amax(dim=(-2, -1), keepdim=True) * (n - n.mT)
+    for dtype in (torch.float32, torch.float64):
+        a = asym.to(dtype)
+        v = ops.solve_qp(a, backend="cpu")
+        assert torch.equal(v, ops.solve_qp(a.mT.contiguous(), backend="cpu"))
+        assert qp.kkt_residual(0.5 * (a + a.mT), v).max() <= 1e-5
+        vr = qp.solve_qp(a)
+        obj = lambda w: torch.einsum("bi,bij,bj->b", w.double(), g.double(), w.double())  # noqa: E731
+        scale = g.double().diagonal(dim1=-2, dim2=-1).amax(-1)
+        assert ((obj(v) - obj(vr)) / scale).max() <= 1e-6
+    for i, j in [(K - 1, 0), (0, K - 1), (5, 2), (K // 2, K // 2 - 1), (K - 1, K - 1), (K - 1, K - 2)]:
+        for value in (float("nan"), float("inf")):
+            bad = g.clone()
+            bad[1, i, j] = value
+            v = ops.solve_qp(bad, backend="cpu")
+            assert torch.isfinite(v[0]).all() and torch.isnan(v[1]).all(), (i, j, value)
+
+
+@needs_ext
 def test_qp_edge_cases():
     one = ops.solve_qp(torch.tensor([[3.0]]), backend="cpu")
     assert one.item() == 1.0
