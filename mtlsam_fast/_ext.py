@@ -28,8 +28,11 @@ CSRC = os.path.join(_ROOT, "csrc")
 #: sources of the extension (relative to the repository root)
 CPU_SOURCES = ["csrc/bindings.cpp", "csrc/cpu_kernels.cpp", "csrc/cpu_kernels_avx2.cpp"]
 CUDA_SOURCES = ["csrc/cuda_kernels.cu"]
-CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-fno-math-errno"]  # torch adds its -std (C++20 for torch >= 2.10);
-# -fno-math-errno: sqrt and friends without the errno branch (inlined, vectorizable)
+CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+# torch adds its -std (C++20 for torch >= 2.10). -fno-math-errno: sqrt and friends without the errno
+# branch (inlined, vectorizable). -fno-trapping-math: no kernel reads the FP exception flags, so GCC
+# may if-convert and vectorize FP code that could trap; same results (the QP's weights bitwise),
+# the K = 64 QP solve ~3 % faster. (-funroll-loops: QP another ~2 %, but diff_gram bf16 ~5 % slower.)
 NVCC_FLAGS = ["-O3", "-std=c++17"]
 LINK_FLAGS = ["-fopenmp"]
 DEFAULT_ARCH_LIST = "8.0;9.0"
