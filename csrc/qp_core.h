@@ -429,15 +429,12 @@ MTLSAM_QP_INNER void qp_as_remove(const Team& team, int s, int ld, double* L, do
   if (rk == 0) pos[qp_at(S, k)] = -1.0;
   team.sync();
   if (ts == 1) {  // one thread, column by column (contiguous): columns left of k lose entry k (the
-    // rows below move up); column c >= k becomes column c + 1 without its entry k, mirror included
+    // rows below move up); column c >= k becomes column c + 1 without its entry k: here the mirror
+    // left of k, the lower part is read from column c + 1 by the rotations below
     for (int col = 0; col < k; ++col)
       for (int r = k; r < s - 1; ++r) L[col * ld + r] = L[col * ld + r + 1];
-    for (int col = k; col < s - 1; ++col) {
-      double* dst = L + col * ld;
-      const double* src = dst + ld;
-      for (int q = 0; q < k; ++q) dst[q] = src[q];
-      for (int q = k; q < s - 1; ++q) dst[q] = src[q + 1];
-    }
+    for (int col = k; col < s - 1; ++col)
+      for (int q = 0; q < k; ++q) L[col * ld + q] = L[(col + 1) * ld + q];
   } else {
     for (int r = k; r < s - 1; ++r) {  // row r <- row r + 1: reads row r + 1 only, writes row r only
       for (int col = rk; col <= r; col += ts) L[col * ld + r] = L[(col < k ? col : col + 1) * ld + r + 1];
@@ -461,14 +458,15 @@ MTLSAM_QP_INNER void qp_as_remove(const Team& team, int s, int ld, double* L, do
   for (int i = k; i < n; ++i) {  // rotation of (column i, x): zeroes x_i (LINPACK dchud)
     team.sync();
     double* col = L + i * ld;
-    const double lii = col[i], xi = xr[i];
+    const double* src = ts == 1 ? col + ld + 1 : col;  // one thread: column i + 1, one row down
+    const double lii = src[i], xi = xr[i];
     const double r = sqrt(lii * lii + xi * xi);
     const double ir = 1.0 / r;
     const double cs = lii * ir, sn = xi * ir;
     for (int j = i + 1 + rk; j < n; j += ts) {
-      const double lj = cs * col[j] + sn * xr[j];
-      xr[j] = cs * xr[j] - sn * col[j];
-      col[j] = lj;
+      const double lj = src[j];
+      col[j] = cs * lj + sn * xr[j];
+      xr[j] = cs * xr[j] - sn * lj;
     }
     const double fci = fc[i], fai = fa[i];
     if (rk == 0) {  // written after the sweep: every thread reads col[i], fc[i], fa[i] here
