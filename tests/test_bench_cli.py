@@ -10,10 +10,12 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,3 +89,18 @@ def test_quick_report_structure(tmp_path: Path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     assert (out / "summary.md").read_text().count("|") > 10
     assert json.loads((out / "machine.json").read_text())["torch"] == torch.__version__
+
+
+def test_qp_native_tool_builds_and_solves(tmp_path):
+    """bench/qp_native.sh (the QP timed without Python, for A/B tests of solver changes) builds
+    against csrc/ with the extension's flags and returns simplex weights; K = 17 takes the solver's
+    tails (K % 4, K % 16). No timing is checked."""
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler")
+    out = tmp_path / "w.bin"
+    res = subprocess.run(["bash", str(ROOT / "bench" / "qp_native.sh"), "--K", "17", "--batch", "3", "--reps", "1",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "family=rank K=17 batch=3:" in res.stdout and "us/problem" in res.stdout
+    w = torch.frombuffer(bytearray(out.read_bytes()), dtype=torch.float32).reshape(3, 17)
+    assert (w >= 0).all() and torch.allclose(w.sum(-1), torch.ones(3), atol=1e-6)
