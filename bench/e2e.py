@@ -554,7 +554,7 @@ def main(args: argparse.Namespace) -> int:
             r["speedup_step"] = nv["step_s"] / r["step_s"]
             r["speedup_overhead"] = nv["overhead_s"] / r["overhead_s"] if r["overhead_s"] > 0 else math.inf
     meta["loadavg_end"] = list(__import__("os").getloadavg())
-    out = args.out or (REPO_ROOT / "bench" / "results" / ("cpu" if device.type == "cpu" else f"cuda"))
+    out = args.out or (REPO_ROOT / "bench" / "results" / ("cpu" if device.type == "cpu" else "cuda"))
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(rows)
     print()
