@@ -484,8 +484,8 @@ MTLSAM_QP_INNER void qp_as_remove(const Team& team, int s, int ld, double* L, do
     fc[i] = nc[i];
     fa[i] = na[i];
   }
-  // the mirror of the rows that changed (upper triangle, see qp_bwd): the rotated trailing block;
-  // one thread shifted the mirror of the columns left of k along with the columns above
+  // the mirror of the rows that changed (upper triangle, see qp_bwd): the rotated trailing block
+  // (one thread already moved these rows' entries left of column k, in the shift above)
   for (int r = k; r < n; ++r)
     for (int q = (ts == 1 ? k : 0) + rk; q < r; q += ts) L[r * ld + q] = L[q * ld + r];
   team.sync();
