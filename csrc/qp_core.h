@@ -116,16 +116,17 @@ MTLSAM_QP_INNER bool qp_scale_tiles(int K, int ld, const T* gram, const double* 
     H[j * ld + i] = h;
     H[i * ld + j] = h;
   };
+  for (int j = 0; j < K; ++j) {  // the diagonal
+    const double gjj = qp_load(gram, static_cast<int64_t>(j) * K + j);
+    bad += gjj - gjj;
+    H[j * ld + j] = gjj * dr[j] * d[j] + kQpProx;
+  }
   const int K4 = K & ~3;
   __m256d vbad = _mm256_setzero_pd();
   const __m256d half = _mm256_set1_pd(0.5);
   for (int j0 = 0; j0 < K4; j0 += 4) {
-    for (int j = j0; j < j0 + 4; ++j) {  // the diagonal tile
-      const double gjj = qp_load(gram, static_cast<int64_t>(j) * K + j);
-      bad += gjj - gjj;
-      H[j * ld + j] = gjj * dr[j] * d[j] + kQpProx;
+    for (int j = j0; j < j0 + 4; ++j)  // the diagonal tile below the diagonal
       for (int i = j + 1; i < j0 + 4; ++i) pair(i, j);
-    }
     const T* gj = gram + static_cast<int64_t>(j0) * K;  // rows j0..j0+3 of Gamma
     const __m256d b0 = _mm256_set1_pd(dr[j0]), b1 = _mm256_set1_pd(dr[j0 + 1]), b2 = _mm256_set1_pd(dr[j0 + 2]),
                   b3 = _mm256_set1_pd(dr[j0 + 3]);
@@ -160,12 +161,8 @@ MTLSAM_QP_INNER bool qp_scale_tiles(int K, int ld, const T* gram, const double* 
     for (int i = K4; i < K; ++i)
       for (int j = j0; j < j0 + 4; ++j) pair(i, j);
   }
-  for (int j = K4; j < K; ++j) {  // the last K % 4 columns
-    const double gjj = qp_load(gram, static_cast<int64_t>(j) * K + j);
-    bad += gjj - gjj;
-    H[j * ld + j] = gjj * dr[j] * d[j] + kQpProx;
+  for (int j = K4; j < K; ++j)  // the last K % 4 columns
     for (int i = j + 1; i < K; ++i) pair(i, j);
-  }
   alignas(32) double lanes[4];
   _mm256_store_pd(lanes, vbad);
   bad += (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
@@ -612,9 +609,9 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
     // ---- pricing at the face optimum: g = H x + c over the free columns ----
     // Each g_i is c_i plus the free columns' terms in the order of S, accumulated in a register; one
     // thread takes 16 rows at a time (four vectors of accumulators, no store until the sum is done).
+    int i0 = 0;  // rows below i0 are done
     if (ts == 1) {
       constexpr int kRows = 16;
-      int i0 = 0;
       for (; i0 + 2 * kRows <= K; i0 += 2 * kRows) {  // two blocks: eight independent FMA chains
         double acc0[kRows], acc1[kRows];
         for (int r = 0; r < kRows; ++r) {
@@ -644,17 +641,11 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
         }
         for (int r = 0; r < kRows; ++r) g[i0 + r] = acc[r];
       }
-      for (int i = i0; i < K; ++i) {
-        double acc = c[i];
-        for (int p = 0; p < s; ++p) acc += H[qp_at(S, p) * ld + i] * x[qp_at(S, p)];
-        g[i] = acc;
-      }
-    } else {
-      for (int i = rk; i < K; i += ts) {
-        double acc = c[i];
-        for (int p = 0; p < s; ++p) acc += H[qp_at(S, p) * ld + i] * x[qp_at(S, p)];
-        g[i] = acc;
-      }
+    }
+    for (int i = i0 + rk; i < K; i += ts) {  // a team thread's rows; one thread's last K % 16
+      double acc = c[i];
+      for (int p = 0; p < s; ++p) acc += H[qp_at(S, p) * ld + i] * x[qp_at(S, p)];
+      g[i] = acc;
     }
     team.sync();
     // (x is zero off the free set: dv = sum_i d_i x_i = sum v, xg = x^T (H x + c))
