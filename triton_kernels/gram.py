@@ -7,8 +7,9 @@ Design (memory-bound for K <= ~16):
   ``BLOCK_P`` columns, loads the ``[KP, BLOCK_P]`` tile once (rows >= K masked, so padding costs no
   bandwidth; each thread issues contiguous vector loads along P), upcasts to fp32 right after the
   load and accumulates a ``KP x KP`` fp32 partial:
-    - 16-bit inputs: ``tl.dot`` on tensor cores (bf16/fp16 products are exact in fp32, fp32
-      accumulation), KP = max(16, next_pow2(K));
+    - 16-bit inputs: ``tl.dot`` on tensor cores (bf16/fp16 products are exact in fp32), a fresh
+      accumulator per tile added with Kahan compensation (see ``_accumulate``),
+      KP = max(16, next_pow2(K));
     - fp32 inputs, K <= 8: exact fp32 broadcast products ``sum_p x_i x_j`` (no padding waste);
     - fp32 inputs, K > 8: ``tl.dot(..., input_precision="ieee")`` (exact fp32 FMA, no TF32).
   With ``DIFF`` the tile is ``A - B``, stored back to A in the same pass (A <- A - B, rounded to
@@ -48,8 +49,13 @@ def _tile(G, B, row_off_g, row_off_b, p, sgp, sbp, m, DIFF: tl.constexpr):
 
 
 @triton.jit
-def _accumulate(acc, x, MODE: tl.constexpr):
-    """acc += x x^T. MODE 0: fp32 broadcast; 1: fp32 ieee dot; 2: 16-bit tensor-core dot."""
+def _accumulate(acc, comp, x, MODE: tl.constexpr):
+    """acc += x x^T. MODE 0: fp32 broadcast; 1: fp32 ieee dot; 2: 16-bit tensor-core dot.
+
+    MODE 2 gives every tile a fresh MMA accumulator and adds it to ``acc`` with Kahan compensation
+    (``comp``): Hopper's tensor cores do not round their fp32 accumulation to nearest, and one chain
+    of MMAs over a program's ~10^4 column steps drifts low (the Gram of 2**26 bf16 columns came out
+    2.7e-4 too small on an H100); a tile is BLOCK_P / 16 MMA steps (~1e-6 relative bias left)."""
     if MODE == 0:
         xf = x.to(tl.float32)
         acc += tl.sum(xf[:, None, :] * xf[None, :, :], axis=2)
@@ -57,8 +63,11 @@ def _accumulate(acc, x, MODE: tl.constexpr):
         xf = x.to(tl.float32)
         acc = tl.dot(xf, tl.trans(xf), acc, input_precision="ieee")
     else:
-        acc = tl.dot(x, tl.trans(x), acc)
-    return acc
+        y = tl.dot(x, tl.trans(x)) - comp
+        t = acc + y
+        comp = (t - acc) - y
+        acc = t
+    return acc, comp
 
 
 @triton.jit
@@ -71,11 +80,12 @@ def gram_partial_block(G, B, sgk, sgp, sbk, sbp, P, K, pid, nprog, nblocks,
     row_off_g = rk.to(tl.int64) * sgk
     row_off_b = rk.to(tl.int64) * sbk
     acc = tl.zeros((KP, KP), dtype=tl.float32)
+    comp = tl.zeros((KP, KP), dtype=tl.float32)
     for blk in range(pid, nblocks, nprog):
         p = tl.cast(blk, tl.int64) * BLOCK_P + rp
         m = kmask[:, None] & (p < P)[None, :]
         x = _tile(G, B, row_off_g, row_off_b, p, sgp, sbp, m, DIFF)
-        acc = _accumulate(acc, x, MODE)
+        acc, comp = _accumulate(acc, comp, x, MODE)
     return 0.5 * (acc + tl.trans(acc))
 
 
