@@ -15,7 +15,8 @@ Tensor = torch.Tensor
 
 TRACEABLE = True  # plain torch ops: torch.compile traces them
 
-_CHUNK = 1 << 22  # columns per chunk when a 16-bit buffer must be upcast (bounds temporary memory)
+_CHUNK = 1 << 22  # columns per chunk when a buffer must be upcast (bounds temporary memory)
+_SUM_BLOCK = 1024  # columns per first-level partial sum of _segment_sum
 
 
 def unavailable_reason(device_type: str) -> str | None:
@@ -46,10 +47,30 @@ def diff_gram(A: Tensor, B: Tensor) -> Tensor:
 
 
 def _segment_sum(x: Tensor, offsets: Tensor) -> Tensor:
-    lengths = offsets.diff()
-    if x.dim() == 1:
-        return torch.segment_reduce(x, "sum", lengths=lengths)
-    return torch.segment_reduce(x, "sum", lengths=lengths.expand(x.shape[0], -1), axis=1)
+    """Sums of ``x`` (``[P]`` or ``[R, P]``) over the column segments ``offsets``, in fp64.
+
+    Accurate for segments of any length, deterministic and free of host synchronization.
+    (``torch.segment_reduce`` sums each segment sequentially in the input dtype, 4 % off for a
+    2**25-column fp32 segment, and synchronizes on CUDA; fp64 ``index_add_`` is not deterministic
+    on CUDA.) In blocks of ``_SUM_BLOCK`` columns, from fp64 prefix sums: a segment's sum is the
+    difference of the block prefix sums at its two ends (exactly zero when both ends fall in one
+    block) plus the difference of the in-block prefix sums; so no sum runs along a whole long
+    segment, and a segment within one block is a difference of prefixes of at most that block.
+    Columns go in chunks of ``_CHUNK`` to bound the temporaries.
+    """
+    rows = x.unsqueeze(0) if x.dim() == 1 else x
+    R, P = rows.shape
+    B = _SUM_BLOCK
+    out = torch.zeros(R, offsets.numel() - 1, dtype=torch.float64, device=x.device)
+    for lo in range(0, P, _CHUNK):
+        hi = min(P, lo + _CHUNK)
+        nb = (hi - lo + B - 1) // B + 1  # one zero block past the end: a prefix at the chunk's end
+        blocks = torch.nn.functional.pad(rows[:, lo:hi].double(), (0, nb * B - (hi - lo))).view(R, nb, B)
+        in_block = (blocks.cumsum(-1) - blocks).view(R, nb * B)  # exclusive prefix sums inside blocks
+        before_block = torch.nn.functional.pad(blocks.sum(-1).cumsum(-1), (1, 0))  # [R, nb + 1]
+        ends = offsets.clamp(lo, hi) - lo
+        out += before_block[:, ends // B].diff(dim=-1) + in_block[:, ends].diff(dim=-1)
+    return out[0] if x.dim() == 1 else out
 
 
 def segment_norms(x: Tensor, offsets: Tensor, weight: Tensor | None = None) -> Tensor:
@@ -57,7 +78,7 @@ def segment_norms(x: Tensor, offsets: Tensor, weight: Tensor | None = None) -> T
     v = x.to(acc)
     if weight is not None:
         v = v * weight.to(acc)
-    return _segment_sum(v * v, offsets).sqrt()
+    return _segment_sum(v * v, offsets).sqrt().to(acc)
 
 
 def combine(w: Tensor, G: Tensor, w2: Tensor | None, H: Tensor | None, out: Tensor) -> Tensor:
@@ -108,7 +129,7 @@ def perturb(
 def noise_stats(seed: int, offset: int, ref: Tensor, offsets: Tensor) -> Tensor:
     acc = torch.float64 if ref.dtype == torch.float64 else torch.float32
     z = gaussian_noise(seed, offset, ref.numel(), ref.device).to(acc)
-    return torch.stack([_segment_sum(z * z, offsets), _segment_sum(z * ref.to(acc), offsets)])
+    return torch.stack([_segment_sum(z * z, offsets), _segment_sum(z * ref.to(acc), offsets)]).to(acc)
 
 
 def solve_qp(gram: Tensor, q, lower, constraint: str, norm_coef, max_iter: int, tol: float) -> Tensor:
