@@ -7,6 +7,8 @@ https://github.com/SamsungLabs/MTL (``ProcrustesSolver``), also in LibMTL (``Ali
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .base import Tensor, Weighting, nan_if_nonfinite, out_dtype
@@ -29,6 +31,13 @@ def _round_robin(K: int) -> list[tuple[list[int], list[int]]]:
     return rounds
 
 
+@functools.lru_cache(maxsize=None)
+def _round_indices(K: int, device: torch.device) -> tuple[tuple[Tensor, Tensor], ...]:
+    """:func:`_round_robin` as index tensors on ``device``, built once per (K, device): building
+    them is a host-to-device copy, which synchronizes."""
+    return tuple((torch.tensor(p, device=device), torch.tensor(q, device=device)) for p, q in _round_robin(K) if p)
+
+
 def _rotate_rows(X: Tensor, p: Tensor, q: Tensor, c: Tensor, s: Tensor) -> Tensor:
     Xp, Xq = X[p], X[q]
     c, s = c[:, None], s[:, None]
@@ -47,7 +56,7 @@ def jacobi_eigh(A: Tensor, sweeps: int = DEFAULT_SWEEPS) -> tuple[Tensor, Tensor
     dev, dt = A.device, A.dtype
     eye = torch.eye(K, dtype=dt, device=dev)
     V = eye
-    rounds = [(torch.tensor(p, device=dev), torch.tensor(q, device=dev)) for p, q in _round_robin(K) if p]
+    rounds = _round_indices(K, dev)
     for _ in range(sweeps):
         for p, q in rounds:
             app, aqq, apq = A[p, p], A[q, q], A[p, q]
