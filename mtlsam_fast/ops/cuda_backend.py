@@ -102,6 +102,8 @@ class FusedAggregator:
             raise ValueError(f"FusedAggregator supports 1 <= K <= {MAX_GRAM_K}, got {K}")
         self.K, self.P, self.max_iter, self.tol = int(K), int(P), int(max_iter), float(tol)
         self.device = torch.device(device)
+        if self.device.index is None:  # "cuda" means the current device; tensors report "cuda:N"
+            self.device = torch.device(self.device.type, torch.cuda.current_device())
         C = _ext.get()
         like = torch.empty(0, device=self.device)
         self._ws = torch.empty(C.fused_workspace_bytes(self.K, self.P, like), dtype=torch.uint8, device=self.device)
