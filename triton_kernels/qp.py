@@ -238,7 +238,7 @@ def solve_qp(gram, q, lower, constraint, norm_coef, max_iter, tol):
     qq = q.reshape(B, K).contiguous() if q is not None else out
     lo = lower.reshape(B, K).contiguous() if (lower is not None and not simplex) else out
     rr = norm_coef.reshape(B).contiguous() if norm_coef is not None else out
-    kp = max(2, triton.next_power_of_2(K))
+    kp = max(4, triton.next_power_of_2(K))  # 2 x 2 tiles gave NaN / diverged weights compiled for an H100
 
     def run(cfg):
         extra = {} if _config.INTERPRET else {"num_warps": cfg["num_warps"]}
