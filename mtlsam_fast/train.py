@@ -394,10 +394,15 @@ def train(cfg: TrainConfig, data: MultiTaskData | None = None, *, checkpoint: st
     model = build_model(cfg, data).to(device)
     previous_backend = mtlsam_fast.get_backend()
     mtlsam_fast.set_backend(cfg.backend)
+    # cuDNN's default convolution algorithms are not deterministic: a run, and a resumed run,
+    # would not be reproducible bitwise on a GPU
+    previous_cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
         return _train(cfg, data, model, device, checkpoint, checkpoint_every, resume, progress, desc, log)
     finally:
         mtlsam_fast.set_backend(previous_backend)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous_cudnn
 
 
 def _train(cfg: TrainConfig, data: MultiTaskData, model: MultiTaskNet, device: torch.device, checkpoint: str | None,
