@@ -59,7 +59,8 @@ def test_backend_is_available_in_interpreter_mode_only(monkeypatch):
     import mtlsam_fast
     from mtlsam_fast.ops._registry import resolve
 
-    assert triton_backend.unavailable_reason("cpu") is None  # TRITON_INTERPRET=1 (or a GPU run)
+    # CPU tensors: only interpreted (TRITON_INTERPRET=1, set without a GPU)
+    assert (triton_backend.unavailable_reason("cpu") is None) == _config.INTERPRET
     assert triton_backend.unavailable_reason("mps") is not None
     assert "triton" in mtlsam_fast.available_backends(DEV)
     # "auto" never picks triton for CPU tensors

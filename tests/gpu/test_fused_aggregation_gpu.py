@@ -34,9 +34,13 @@ def test_matches_the_oracle_at_large_p(backend, dtype, K, subtract):
     out0 = torch.randn(P, device=DEV)
     out = out0.clone()
     res = ops.min_norm_aggregate(G, out, subtract=subtract, backend=backend)
-    ref = ops.min_norm_aggregate(G, out0.clone(), backend="torch")
-    torch.testing.assert_close(res.gram, ref.gram, rtol=1e-5, atol=1e-3)
-    assert float(ops.kkt_residual(ref.gram.double(), res.weights.double())) <= 1e-5
+    exact = G.double() @ G.double().T
+    # fp32 sums of 2**22 products: error relative to the diagonal scale sqrt(G_ii G_jj), not to the
+    # (much smaller, cancelling) off-diagonal entry itself
+    scale = exact.diagonal().sqrt()
+    # (1e-5: bf16 tensor-core tiles keep ~1e-6 of truncation bias, see triton_kernels/gram.py)
+    assert float(((res.gram.double() - exact).abs() / (scale[:, None] * scale[None, :])).max()) <= 1e-5
+    assert float(ops.kkt_residual(exact, res.weights.double())) <= 1e-5
     d = res.weights.double() @ G.double()
     expected = out0.double() - d if subtract else d
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
