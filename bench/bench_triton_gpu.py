@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One-command GPU benchmark of the Triton backend (H100/H200; sane on any CUDA GPU).
+"""One-command GPU benchmark of the Triton backend and the CUDA extension (H100/H200; any CUDA GPU).
 
     python bench/bench_triton_gpu.py                 # full run, writes bench/results/triton_<gpu>.json
     python bench/bench_triton_gpu.py --smoke         # tiny sizes; also runs on the CPU under TRITON_INTERPRET=1
@@ -7,8 +7,9 @@
 For each op it prints time, achieved GB/s (bytes that must move: every input read once, every
 output written once), the percentage of the *measured* device-to-device copy bandwidth (the
 roofline: ``dst.copy_(src)`` of a large buffer, read + write), and ratios against baselines:
-``torch.mm(G, G.T)`` and the torch reference backend. The batched QP is timed for 64 problems of
-K = 64 (target < 100 us on an H100). No timing gates anything.
+``torch.mm(G, G.T)`` and the torch reference backend. Gram, difference + Gram and the batched QP
+(64 problems of K = 64, target < 100 us on an H100) are also timed on the CUDA extension's backend
+(``[cuda]`` rows) when it is built. No timing gates anything.
 
 Pin a configuration for reproducible numbers with ``MTLSAM_TRITON_PIN`` (see
 ``triton_kernels/_config.py``); otherwise the first call per shape autotunes (excluded from timing).
@@ -92,6 +93,8 @@ def main(argv=None) -> int:
     dtypes = [torch.float32] if smoke else [torch.float32, torch.bfloat16]
     device_name = torch.cuda.get_device_name() if HAS_CUDA else f"CPU (Triton interpreter), {platform.processor()}"
     print(f"device: {device_name}   P = {P}   torch {torch.__version__}", flush=True)
+    backends = ["triton"] + (["cuda"] if HAS_CUDA and "cuda" in ops.available_backends(DEV) else [])
+    tag = {"triton": "", "cuda": " [cuda]"}
     copy_bw = copy_bandwidth(1 << (16 if smoke else 31), reps)
     print(f"measured copy bandwidth: {copy_bw / 1e9:.1f} GB/s (read + write)", flush=True)
     results: list[dict] = []
@@ -103,18 +106,17 @@ def main(argv=None) -> int:
                 continue
             G = torch.randn(K, P, device=DEV, dtype=dtype)
             nbytes = K * P * esz
-            t = timeit(lambda: ops.gram(G, backend="triton"), reps)
             t_mm = timeit(lambda: torch.mm(G, G.T), reps)
             t_ref = timeit(lambda: ops.gram(G, backend="torch"), reps)
-            row(results, f"gram K={K} {str(dtype)[6:]}", t, nbytes, copy_bw, vs_torch_mm=t_mm / t, vs_torch_backend=t_ref / t)
+            for be in backends:
+                t = timeit(lambda: ops.gram(G, backend=be), reps)
+                row(results, f"gram K={K} {str(dtype)[6:]}{tag[be]}", t, nbytes, copy_bw, vs_torch_mm=t_mm / t,
+                    vs_torch_backend=t_ref / t)
             if K in (3, 8, 16):
                 B = torch.randn_like(G)
-
-                def dg():
-                    ops.diff_gram(G, B, backend="triton")
-
-                t = timeit(dg, reps)
-                row(results, f"diff_gram K={K} {str(dtype)[6:]}", t, 3 * nbytes, copy_bw)
+                for be in backends:
+                    t = timeit(lambda: ops.diff_gram(G, B, backend=be), reps)
+                    row(results, f"diff_gram K={K} {str(dtype)[6:]}{tag[be]}", t, 3 * nbytes, copy_bw)
                 w = torch.rand(K, device=DEV)
                 out = torch.empty(P, device=DEV, dtype=dtype)
                 t = timeit(lambda: ops.combine(w, G, out=out, backend="triton"), reps)
@@ -147,12 +149,14 @@ def main(argv=None) -> int:
     B, K = (2, 3) if smoke else (64, 64)
     A = torch.randn(B, K, K // 2, device=DEV)
     gram = A @ A.transpose(1, 2)
-    t = timeit(lambda: ops.solve_qp(gram, backend="triton"), reps)
     t_ref = timeit(lambda: ops.solve_qp(gram, backend="torch"), max(1, reps // 4))
-    kkt = float(ops.kkt_residual(gram, ops.solve_qp(gram, backend="triton")).max())
-    results.append({"op": f"qp B={B} K={K}", "time_us": t * 1e6, "vs_torch_backend": t_ref / t, "kkt_max": kkt})
-    print(f"{'qp B=%d K=%d (simplex, rank-deficient)' % (B, K):44s} {t * 1e6:11.1f} us   "
-          f"vs_torch_backend={t_ref / t:.2f}x  max KKT residual={kkt:.1e}", flush=True)
+    for be in backends:
+        t = timeit(lambda: ops.solve_qp(gram, backend=be), reps)
+        kkt = float(ops.kkt_residual(gram, ops.solve_qp(gram, backend=be)).max())
+        name = f"qp B={B} K={K}{tag[be]}"
+        results.append({"op": name, "time_us": t * 1e6, "vs_torch_backend": t_ref / t, "kkt_max": kkt})
+        print(f"{name + ' (simplex, rank-deficient)':44s} {t * 1e6:11.1f} us   "
+              f"vs_torch_backend={t_ref / t:.2f}x  max KKT residual={kkt:.1e}", flush=True)
 
     if not smoke or args.out is not None:
         out = args.out or ROOT / "bench" / "results" / f"triton_{device_name.replace(' ', '_').replace('/', '_')}.json"

@@ -5,6 +5,12 @@
 #   bash bench/gpu_session.sh test    # GPU tests: tests/gpu, the Triton and ops suites on CUDA
 #   bash bench/gpu_session.sh bench   # Triton benchmark (P = 2^26), op sweep on cuda, end-to-end steps
 #   bash bench/gpu_session.sh all     # the three in order
+#   bash bench/gpu_session.sh build test   # several stages in one command (the machine stays warm
+#                                          # only ~30 s between commands, and a fresh one rebuilds)
+#
+# The bench stage in parts: triton, sweep, e2e. DEADLINE=540 bash bench/gpu_session.sh ... bounds
+# the whole command (each stage gets what is left). The test stage runs the whole suite (the CUDA device
+# joins every device-parametrized test), with pytest-xdist workers when it is installed.
 #
 # Results go to bench/results/<gpu>/ (e.g. bench/results/NVIDIA_H100_80GB_HBM3/): test.log,
 # triton.json, triton.log, ops.json / summary.md / ... (python -m bench), e2e.json / e2e.txt. Commit
@@ -27,27 +33,48 @@ build() {
 }
 
 test_stage() {
-  $PY -m pytest -q -p no:cacheprovider tests/gpu tests/test_triton.py tests/test_ops.py \
-    tests/test_optim_behaviour.py 2>&1 | tee "$RESULTS/test.log" | tail -30
+  local workers=()
+  $PY -c "import xdist" 2>/dev/null && workers=(-n "${TEST_WORKERS:-8}")
+  OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} $PY -m pytest -q -p no:cacheprovider "${workers[@]}" \
+    --durations=10 tests 2>&1 | tee "$RESULTS/test.log" | tail -40
 }
 
-bench_stage() {
+bench_triton() {
   $PY bench/bench_triton_gpu.py --out "$RESULTS/triton.json" 2>&1 | tee "$RESULTS/triton.log"
+}
+
+bench_sweep() {
   $PY -m bench --device cuda --dtypes fp32,bf16 --K 4,8,16 --P 1e7,6.7e7 --budget 0.2 --no-peers \
     --out "$RESULTS" 2>&1 | tail -40
+}
+
+bench_e2e() {
   $PY -m bench e2e --device cuda --reps 3 --out "$RESULTS" 2>&1 | tail -20
 }
 
-stage=${1:-all}
+[ $# -eq 0 ] && set -- all
 rc=0
-case "$stage" in
-  build) build || rc=$? ;;
-  test) test_stage || rc=$? ;;
-  bench) bench_stage || rc=$? ;;
-  all) { build && test_stage && bench_stage; } || rc=$? ;;
-  *) echo "usage: bash bench/gpu_session.sh [build|test|bench|all]" >&2; exit 2 ;;
-esac
-if [ -n "${OUT:-}" ]; then  # bring back what was written, also after a failure
-  tar czf "$OUT/$gpu-$stage.tgz" -C bench/results "$gpu"
-fi
+for stage in "$@"; do
+  if [ -n "${DEADLINE:-}" ] && [ -z "${_GPU_STAGE_CHILD:-}" ]; then
+    # DEADLINE=<seconds>: every stage runs under `timeout` for what is left of it, so a command
+    # limit never loses the results of the stages that finished
+    left=$((DEADLINE - SECONDS))
+    if [ "$left" -le 15 ]; then echo "stage $stage skipped: deadline"; rc=124; continue; fi
+    _GPU_STAGE_CHILD=1 timeout "$left" bash "$0" "$stage" || { rc=$?; echo "stage $stage failed (rc $rc)"; }
+  else
+  case "$stage" in
+    build) build ;;
+    test) test_stage ;;
+    triton) bench_triton ;;
+    sweep) bench_sweep ;;
+    e2e) bench_e2e ;;
+    bench) bench_triton && bench_sweep && bench_e2e ;;
+    all) build && test_stage && bench_triton && bench_sweep && bench_e2e ;;
+    *) echo "usage: bash bench/gpu_session.sh [build|test|bench|triton|sweep|e2e|all]..." >&2; exit 2 ;;
+  esac || { rc=$?; echo "stage $stage failed (rc $rc)"; }
+  fi
+  if [ -n "${OUT:-}" ]; then  # bring back what was written after every stage, also after a failure
+    tar czf "$OUT/$gpu-results.tgz" -C bench/results "$gpu"
+  fi
+done
 exit $rc
