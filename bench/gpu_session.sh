@@ -62,16 +62,16 @@ for stage in "$@"; do
     if [ "$left" -le 15 ]; then echo "stage $stage skipped: deadline"; rc=124; continue; fi
     _GPU_STAGE_CHILD=1 timeout "$left" bash "$0" "$stage" || { rc=$?; echo "stage $stage failed (rc $rc)"; }
   else
-  case "$stage" in
-    build) build ;;
-    test) test_stage ;;
-    triton) bench_triton ;;
-    sweep) bench_sweep ;;
-    e2e) bench_e2e ;;
-    bench) bench_triton && bench_sweep && bench_e2e ;;
-    all) build && test_stage && bench_triton && bench_sweep && bench_e2e ;;
-    *) echo "usage: bash bench/gpu_session.sh [build|test|bench|triton|sweep|e2e|all]..." >&2; exit 2 ;;
-  esac || { rc=$?; echo "stage $stage failed (rc $rc)"; }
+    case "$stage" in
+      build) build ;;
+      test) test_stage ;;
+      triton) bench_triton ;;
+      sweep) bench_sweep ;;
+      e2e) bench_e2e ;;
+      bench) bench_triton && bench_sweep && bench_e2e ;;
+      all) build && test_stage && bench_triton && bench_sweep && bench_e2e ;;
+      *) echo "usage: bash bench/gpu_session.sh [build|test|bench|triton|sweep|e2e|all]..." >&2; exit 2 ;;
+    esac || { rc=$?; echo "stage $stage failed (rc $rc)"; }
   fi
   if [ -n "${OUT:-}" ]; then  # bring back what was written after every stage, also after a failure
     tar czf "$OUT/$gpu-results.tgz" -C bench/results "$gpu"
