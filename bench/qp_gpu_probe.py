@@ -18,21 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_triton_gpu import timeit  # noqa: E402
 from mtlsam_fast import ops  # noqa: E402
-
-
-def median_us(fn, reps: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> int:
@@ -47,7 +34,7 @@ def main() -> int:
                 A = torch.randn(B, K, rank, device="cuda")
                 g = A @ A.transpose(1, 2) + (1e-3 * torch.eye(K, device="cuda") if rank == K else 0)
                 for be in backends:
-                    us = median_us(lambda: ops.solve_qp(g, backend=be))
+                    us = timeit(lambda: ops.solve_qp(g, backend=be), 20) * 1e6
                     kkt = float(ops.kkt_residual(g.double(), ops.solve_qp(g, backend=be).double()).max())
                     print(f"K={K:2d} rank={rank:2d} B={B:2d} {be:6s} {us:9.1f} us  kkt {kkt:.1e}", flush=True)
     return 0
