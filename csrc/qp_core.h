@@ -288,6 +288,7 @@ constexpr double kQpRound = 1.1102230246251565e-16;  // fp64 unit roundoff, 2^-5
 // point converges within (about 8-15 iterations); a smaller budget asks for the truncated interior
 // point itself, which the torch reference (and torch.compile) reproduces.
 constexpr int kQpAsMinIter = 20;
+constexpr int kQpAsMaxBlock = 4;  // the most variables one pricing frees (measured: 8 adds drops)
 
 MTLSAM_QP_INNER int qp_at(const double* S, int p) { return static_cast<int>(S[p]); }
 
@@ -533,7 +534,9 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
   team.sync();
   int s = 0, steps = 0;
   bool solve = false, refined = false;
-  int fresh = -1;  // the variable freed (at zero) just before this face solve
+  int nfresh = 0;  // the variables freed at zero for this face solve: the last nfresh of S
+  int block = 0;   // how many candidates the last pricing freed at once (0: none yet)
+  bool dropped = false;  // a variable left the free set since the last pricing
   if (simplex) {  // start at the best vertex
     double best = kQpInf;
     int bi = -1;
@@ -585,10 +588,15 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
       }
       int kmin;
       const double tmin = qp_argmin(team, tb, kb, &kmin);
-      // the variable just freed at zero must grow (its multiplier was negative): dropping it at once
-      // means the face solve and the pricing disagree (cancellation of a huge linear term)
-      if (kmin >= 0 && qp_at(S, kmin) == fresh) return -1;
-      fresh = -1;
+      // A variable freed at zero leaves at once (a step of length zero) when the others freed with it
+      // take its place; the last one left must grow (its multiplier was negative): dropping it means
+      // the face solve and the pricing disagree (cancellation of a huge linear term).
+      if (kmin >= 0 && kmin >= s - nfresh) {
+        if (nfresh == 1) return -1;
+        --nfresh;
+      } else {
+        nfresh = 0;
+      }
       if (kmin < 0) {
         for (int p = rk; p < s; p += ts) x[qp_at(S, p)] = w[p];
         solve = false;
@@ -602,6 +610,7 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
         if (rk == 0) x[qp_at(S, kmin)] = 0.0;
         qp_as_remove(team, s, ld, L, inv, S, pos, fc, fa, kmin, xr, dn, l, v);
         --s;
+        dropped = true;
         if (++steps >= max_steps) return -1;
         continue;
       }
@@ -668,21 +677,22 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
       xs = team.sum(xs);
       xg = team.sum(xg);
     }
-    // pricing keys in l (z_i = g_i - y a_i of the bounds below their rounding level, branch-free)
+    // pricing keys in w (z_i = g_i - y a_i of the bounds below their rounding level, branch-free;
+    // w is free until the next face solve)
     int nonfinite = 0;
     for (int i = rk; i < K; i += ts) {
       const double zi = g[i] - y * a[i];
       nonfinite |= !(zi - zi == 0.0);
       const bool key = (pos[i] < 0.0) & (zi < -kQpAsPrice * (fabs(c[i]) + fabs(y * a[i]) + xs));
-      l[i] = key ? zi : kQpInf;
+      w[i] = key ? zi : kQpInf;
     }
     if (team.max(nonfinite ? 1.0 : 0.0) > 0) return -1;
     // the first smallest key
     double zb = kQpInf;
     int jb = -1;
     for (int i = rk; i < K; i += ts) {
-      if (l[i] < zb) {
-        zb = l[i];
+      if (w[i] < zb) {
+        zb = w[i];
         jb = i;
       }
     }
@@ -722,67 +732,95 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
       team.sync();
       continue;
     }
-    // ---- free j: append to the factor, or walk along the null direction ----
-    const double mjj = H[j * ld + j] + rho * a[j] * a[j];
-    for (;;) {
-      for (int p = rk; p < s; p += ts) {
-        const int i = qp_at(S, p);
-        l[p] = H[j * ld + i] + rho * a[i] * a[j];
-      }
-      qp_fwd(team, s, ld, L, inv, l, nullptr);
-      const double ll = team.sum(qp_dot_part(team, 0, s, l, l));
-      const double d2 = mjj - ll;
-      if (d2 > kQpAsSingular * mjj) {
-        const double lc = min_norm ? 0.0 : team.sum(qp_dot_part(team, 0, s, l, fc));
-        const double la = team.sum(qp_dot_part(team, 0, s, l, fa));
-        const double djj = sqrt(d2);
+    // ---- free j, and more: append to the factor, or walk along the null direction ----
+    // While no variable has left the free set, each pricing frees twice as many of its candidates
+    // (most negative first, up to kQpAsMaxBlock): one pricing and one face solve for several appends.
+    // A drop resets the block to one. Only the first candidate of a block may walk along a null
+    // direction; a later one whose column is numerically dependent, or any after such a walk (the
+    // keys are stale then), ends the block.
+    block = (dropped || block == 0) ? 1 : (2 * block < kQpAsMaxBlock ? 2 * block : kQpAsMaxBlock);
+    dropped = false;
+    nfresh = 0;
+    for (int added = 0; added < block;) {
+      const double mjj = H[j * ld + j] + rho * a[j] * a[j];
+      bool appended = false, walked = false;
+      for (;;) {
         for (int p = rk; p < s; p += ts) {
-          L[p * ld + s] = l[p];
-          L[s * ld + p] = l[p];  // mirror (row s of L, for qp_bwd)
+          const int i = qp_at(S, p);
+          l[p] = H[j * ld + i] + rho * a[i] * a[j];
         }
-        fresh = x[j] == 0.0 ? j : -1;
-        if (rk == 0) {
-          L[s * ld + s] = djj;
-          inv[s] = 1.0 / djj;
-          fc[s] = (-c[j] - lc) / djj;
-          fa[s] = (rho > 0 ? a[j] - la : 0.0) / djj;
-          S[s] = j;
-          pos[j] = s;
+        qp_fwd(team, s, ld, L, inv, l, nullptr);
+        const double ll = team.sum(qp_dot_part(team, 0, s, l, l));
+        const double d2 = mjj - ll;
+        if (d2 > kQpAsSingular * mjj) {
+          const double lc = min_norm ? 0.0 : team.sum(qp_dot_part(team, 0, s, l, fc));
+          const double la = team.sum(qp_dot_part(team, 0, s, l, fa));
+          const double djj = sqrt(d2);
+          for (int p = rk; p < s; p += ts) {
+            L[p * ld + s] = l[p];
+            L[s * ld + p] = l[p];  // mirror (row s of L, for qp_bwd)
+          }
+          nfresh = x[j] == 0.0 ? nfresh + 1 : 0;
+          if (rk == 0) {
+            L[s * ld + s] = djj;
+            inv[s] = 1.0 / djj;
+            fc[s] = (-c[j] - lc) / djj;
+            fa[s] = (rho > 0 ? a[j] - la : 0.0) / djj;
+            S[s] = j;
+            pos[j] = s;
+          }
+          ++s;
+          team.sync();
+          solve = true;
+          refined = false;
+          appended = true;
+          break;
         }
-        ++s;
-        team.sync();
-        solve = true;
-        refined = false;
-        break;
-      }
-      // numerically dependent: walk along the null direction [-L^-T l; 1] to the first bound
-      for (int p = rk; p < s; p += ts) v[p] = l[p];
-      qp_bwd(team, s, ld, L, inv, v, nullptr);
-      double tb = kQpInf;
-      int kb = -1;
-      for (int p = rk; p < s; p += ts) {
-        if (v[p] > 0) {
-          const double t = x[qp_at(S, p)] / v[p];
-          if (t < tb) {
-            tb = t;
-            kb = p;
+        if (added > 0) break;  // a later candidate, dependent: the block ends before it
+        // numerically dependent: walk along the null direction [-L^-T l; 1] to the first bound
+        for (int p = rk; p < s; p += ts) v[p] = l[p];
+        qp_bwd(team, s, ld, L, inv, v, nullptr);
+        double tb = kQpInf;
+        int kb = -1;
+        for (int p = rk; p < s; p += ts) {
+          if (v[p] > 0) {
+            const double t = x[qp_at(S, p)] / v[p];
+            if (t < tb) {
+              tb = t;
+              kb = p;
+            }
           }
         }
+        int kmin;
+        const double tmax = qp_argmin(team, tb, kb, &kmin);
+        if (kmin < 0) return -1;  // no bound ahead: unbounded (or lost in rounding)
+        for (int p = rk; p < s; p += ts) x[qp_at(S, p)] -= tmax * v[p];
+        team.sync();
+        if (rk == 0) {
+          x[j] += tmax;
+          x[qp_at(S, kmin)] = 0.0;
+        }
+        qp_as_remove(team, s, ld, L, inv, S, pos, fc, fa, kmin, xr, dn, l, v);
+        --s;
+        walked = dropped = true;
+        if (++steps >= max_steps) return -1;
       }
-      int kmin;
-      const double tmax = qp_argmin(team, tb, kb, &kmin);
-      if (kmin < 0) return -1;  // no bound ahead: unbounded (or lost in rounding)
-      for (int p = rk; p < s; p += ts) x[qp_at(S, p)] -= tmax * v[p];
-      team.sync();
-      if (rk == 0) {
-        x[j] += tmax;
-        x[qp_at(S, kmin)] = 0.0;
-      }
-      qp_as_remove(team, s, ld, L, inv, S, pos, fc, fa, kmin, xr, dn, l, v);
-      --s;
+      if (!appended) break;
       if (++steps >= max_steps) return -1;
+      if (++added == block || walked) break;
+      // the next candidate: the smallest key left (each thread reads only its own keys)
+      if (j % ts == rk) w[j] = kQpInf;
+      double zn = kQpInf;
+      int jn = -1;
+      for (int i = rk; i < K; i += ts) {
+        if (w[i] < zn) {
+          zn = w[i];
+          jn = i;
+        }
+      }
+      qp_argmin(team, zn, jn, &j);
+      if (j < 0) break;
     }
-    if (++steps >= max_steps) return -1;
   }
 }
 
