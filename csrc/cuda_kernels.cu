@@ -86,7 +86,28 @@ int64_t elt_size(int dt) { return dt == kF32 ? 4 : (dt == kF64 ? 8 : 2); }
 constexpr int kThreads = 256;
 constexpr int kBlocksPerSm = 4;
 
-// ---- team of one CTA for the QP core -------------------------------------------------------------
+// ---- teams for the QP core: one warp (K <= kQpWarpMaxK) or one CTA per problem ---------------------
+// Reductions are barriers too (as BlockTeam's __syncthreads), and every lane of a warp gets the same
+// bits from the xor butterfly (each stage adds the same two values, in either order: addition
+// commutes), so a branch on a reduced value is uniform.
+struct WarpTeam {
+  __device__ int rank() const { return threadIdx.x & 31; }
+  __device__ int size() const { return 32; }
+  __device__ void sync() const { __syncwarp(); }
+  __device__ double sum(double v) const {
+    __syncwarp();
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+  }
+  __device__ double max(double v) const {
+    __syncwarp();
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+  }
+};
+
 struct BlockTeam {
   double* red;  // shared scratch, >= 32 doubles
   __device__ int rank() const { return threadIdx.x; }
@@ -491,22 +512,29 @@ __global__ void philox_kernel(uint64_t seed, uint64_t offset, int64_t n, uint32_
   }
 }
 
-// ---- QP: one CTA per problem ---------------------------------------------------------------------------
+// ---- QP: one warp or one CTA per problem -----------------------------------------------------------------
+// Up to K = 64 a warp solves each problem. The solver's steps are chains of short loops (triangular
+// sweeps over s <= K entries with a barrier per entry, reductions): on an H100 a CTA of 128 threads
+// took ~12 us per active-set step at K = 64, about 150 cycles per barrier-separated entry, which a
+// warp's __syncwarp and register shuffles should cut (not measured yet). Larger K: a CTA of kQpThreads.
 constexpr int kQpThreads = 128;
+constexpr int kQpWarpMaxK = 64;
 constexpr int64_t kQpSmemLimit = 96 * 1024;
 
 int64_t qp_smem_bytes(int K) { return (qp_workspace_doubles(K) + 32) * 8; }
 
-template <class T>
+template <class T, bool WARP>
 __global__ void __launch_bounds__(kQpThreads) qp_kernel(const T* gram, const T* q, const T* lower, int K,
                                                         bool simplex, int max_iter, double tol, T* out,
                                                         double* gws) {
   extern __shared__ double smem[];
   const int64_t b = blockIdx.x, KK = static_cast<int64_t>(K) * K;
-  BlockTeam team{smem};
   double* ws = gws ? gws + b * qp_workspace_doubles(K) : smem + 32;
-  qp_solve_one(team, K, gram + b * KK, q ? q + b * K : nullptr, lower ? lower + b * K : nullptr, simplex, max_iter,
-               tol, ws, out + b * K);
+  const T *g = gram + b * KK, *qb = q ? q + b * K : nullptr, *lb = lower ? lower + b * K : nullptr;
+  if (WARP)
+    qp_solve_one(WarpTeam{}, K, g, qb, lb, simplex, max_iter, tol, ws, out + b * K);
+  else
+    qp_solve_one(BlockTeam{smem}, K, g, qb, lb, simplex, max_iter, tol, ws, out + b * K);
 }
 
 // ---- fused aggregation, launch 1: Gram partials -> last CTA: reduce + QP + ||d|| --------------------------
@@ -527,10 +555,12 @@ __global__ void __launch_bounds__(kThreads) fused_gram_qp_kernel(const typename 
   __threadfence();
   gram_reduce_block(part, gridDim.x, K, gram_out);
   __syncthreads();
-  BlockTeam team{smem};
   double* ws = qp_gws ? qp_gws : smem + 32;
-  qp_solve_one(team, K, static_cast<const float*>(gram_out), static_cast<const float*>(nullptr),
-               static_cast<const float*>(nullptr), true, max_iter, tol, ws, weights);
+  if (threadIdx.x < 32)  // the first warp solves (K <= 64 = kQpWarpMaxK here), the others wait
+    qp_solve_one(WarpTeam{}, K, static_cast<const float*>(gram_out), static_cast<const float*>(nullptr),
+                 static_cast<const float*>(nullptr), true, max_iter, tol, ws, weights);
+  __syncthreads();
+  BlockTeam team{smem};
   // ||w^T G||^2 = w^T Gamma w, kept on the device for the normalization in launch 2
   double s = 0.0;
   for (int e = threadIdx.x; e < K * K; e += blockDim.x)
@@ -668,10 +698,13 @@ template <class T>
 void launch_qp(const T* gram, const T* q, const T* lower, int64_t B, int K, bool simplex, int max_iter, double tol,
                T* out, double* gws, cudaStream_t st) {
   const int64_t smem = gws ? 32 * 8 : qp_smem_bytes(K);
+  const bool warp = K <= kQpWarpMaxK;
+  const auto kernel = warp ? qp_kernel<T, true> : qp_kernel<T, false>;
   if (smem > 48 * 1024)
-    check(cudaFuncSetAttribute(qp_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
           "qp shared memory");
-  qp_kernel<T><<<static_cast<unsigned>(B), kQpThreads, smem, st>>>(gram, q, lower, K, simplex, max_iter, tol, out, gws);
+  kernel<<<static_cast<unsigned>(B), warp ? 32 : kQpThreads, smem, st>>>(gram, q, lower, K, simplex, max_iter, tol,
+                                                                        out, gws);
   MTLSAM_CHECK_LAUNCH("solve_qp");
 }
 

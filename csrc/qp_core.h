@@ -13,10 +13,13 @@
 //
 // The code is generic over a "team" of cooperating threads that share the workspace:
 //   * SerialTeam  (CPU): one thread, sync() is a no-op, reductions are the identity;
-//   * BlockTeam   (CUDA, defined in cuda_kernels.cu): one CTA per problem, workspace in shared
-//     memory, reductions through warp shuffles; every branch on a reduced value is uniform.
+//   * WarpTeam    (CUDA, defined in cuda_kernels.cu): one warp per problem (K <= 64), workspace in
+//     shared memory, __syncwarp() and reductions through shuffles;
+//   * BlockTeam   (CUDA): one CTA per problem (larger K), reductions through warp shuffles and shared
+//     memory; with either, every branch on a reduced value is uniform;
 // so the CPU build runs exactly the logic (and the order of floating-point operations of each
-// reduction, up to the team size) that the GPU runs.
+// reduction, up to the team size) that the GPU runs. tests/qp_team.cpp runs the team code itself on
+// the CPU, with std::thread teams (32 threads: the warp) against SerialTeam.
 #pragma once
 
 #include "common.h"
@@ -288,7 +291,7 @@ constexpr double kQpRound = 1.1102230246251565e-16;  // fp64 unit roundoff, 2^-5
 // point converges within (about 8-15 iterations); a smaller budget asks for the truncated interior
 // point itself, which the torch reference (and torch.compile) reproduces.
 constexpr int kQpAsMinIter = 20;
-constexpr int kQpAsMaxBlock = 4;  // the most variables one pricing frees (measured: 8 adds drops)
+constexpr int kQpAsMaxBlock = 4;  // the most variables one pricing frees (8: more drops when rank-deficient)
 
 MTLSAM_QP_INNER int qp_at(const double* S, int p) { return static_cast<int>(S[p]); }
 
