@@ -70,7 +70,7 @@ def _check_weights(name: str, w: Tensor, K: int) -> None:
 def gram(G: Tensor, *, backend: str | None = None) -> Tensor:
     """``G @ G.T`` accumulated in fp32 (fp64 for fp64 input): a symmetric ``[K, K]`` matrix."""
     _check_buffer("G", G)
-    return resolve(backend, G.device, "gram").gram(G)
+    return resolve(backend, G.device, "gram", G.dtype, G.shape[0]).gram(G)
 
 
 def diff_gram(A: Tensor, B: Tensor, *, backend: str | None = None) -> Tensor:
@@ -307,7 +307,7 @@ def min_norm_aggregate(
     if out.shape[0] != G.shape[1]:
         raise ValueError(f"out must have shape ({G.shape[1]},), got {tuple(out.shape)}")
     dev = _check_same_device(G=G, out=out)
-    mod = resolve(backend, dev, "gram")
+    mod = resolve(backend, dev, "gram", G.dtype, G.shape[0])
     fused = getattr(mod, "min_norm_aggregate", None)
     res = fused(G, out, bool(subtract), int(max_iter), float(tol)) if fused is not None else None
     if res is not None:

@@ -30,6 +30,25 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu", "torch"),
 }
 
+#: Measured exceptions to AUTO_ORDER on CUDA: from how many rows K the Gram of a buffer of this dtype
+#: goes to Triton first. On an H100 at P = 2**26 (bench/results/NVIDIA_H100_80GB_HBM3/triton.log) the
+#: Triton tensor-core Gram reads bf16 at 86-98 % of the copy bandwidth for K = 16-64, the CUDA
+#: kernel's shared-memory tiles at 6-11 % (8-17x slower); up to K = 8 the CUDA kernel is the faster
+#: one (39-79 % against 7-55 %). In fp32 the CUDA kernel is faster up to K = 32 (1.3-3.8x) and
+#: Triton's exact-fp32 dot at K = 64 (1.28x). MGDA's fused path (``min_norm_aggregate``, resolved as
+#: "gram") follows its Gram; the other ops keep AUTO_ORDER (diff_gram: CUDA faster or level at every
+#: measured K).
+_TRITON_GRAM_FROM_K: dict[torch.dtype, int] = {torch.bfloat16: 9, torch.float16: 9, torch.float32: 33}
+
+
+def auto_order(device_type: str, op: str, dtype: torch.dtype | None = None, K: int | None = None) -> tuple[str, ...]:
+    """The backends ``"auto"`` tries for ``op`` on ``device_type``, for a buffer of ``dtype`` with ``K`` rows."""
+    order = AUTO_ORDER.get(device_type, ("torch",))
+    from_k = _TRITON_GRAM_FROM_K.get(dtype) if device_type == "cuda" and op == "gram" else None
+    if from_k is not None and K is not None and K >= from_k:
+        return ("triton", *(b for b in order if b != "triton"))
+    return order
+
 BACKEND_NAMES = ("auto", *BACKEND_MODULES)
 
 _default_backend: str | None = None  # None: read MTLSAM_BACKEND, else "auto"
@@ -91,12 +110,14 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     return [n for n in BACKEND_MODULES if any(unavailable_reason(n, t) is None for t in types)]
 
 
-def resolve(backend: str | None, device: torch.device, op: str) -> ModuleType:
-    """The backend module that runs ``op`` for tensors on ``device``."""
+def resolve(backend: str | None, device: torch.device, op: str, dtype: torch.dtype | None = None,
+            K: int | None = None) -> ModuleType:
+    """The backend module that runs ``op`` for tensors on ``device`` (``"auto"`` also weighs the
+    buffer's ``dtype`` and row count ``K`` where given: :func:`auto_order`)."""
     name = get_backend() if backend is None else _check_name(backend)
     if name == "auto":
         compiling = torch.compiler.is_compiling()
-        for candidate in AUTO_ORDER.get(device.type, ("torch",)):
+        for candidate in auto_order(device.type, op, dtype, K):
             if compiling and candidate not in _modules:
                 continue  # never import while dynamo traces
             mod = _modules[candidate] if compiling else _module(candidate)
