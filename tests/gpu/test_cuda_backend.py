@@ -118,7 +118,8 @@ def _grams(K, B=6):
 
 
 @pytest.mark.parametrize("K", KS + [100])
-def test_qp_one_cta_per_problem(K):
+def test_qp_one_team_per_problem(K):
+    """One warp per problem up to K = 64, one CTA for K = 100."""
     g = _grams(K)
     v = ops.solve_qp(g, backend="cuda")
     assert qp.kkt_residual(g, v).max() <= 1e-5
