@@ -538,8 +538,11 @@ __global__ void __launch_bounds__(kQpThreads) qp_kernel(const T* gram, const T* 
 }
 
 // ---- fused aggregation, launch 1: Gram partials -> last CTA: reduce + QP + ||d|| --------------------------
+// At least two CTAs per SM for the memory-bound Gram phase: at most 128 registers a thread. (Without
+// the bound ptxas gave this kernel 254 -- for the QP, which runs in one CTA -- so one CTA of 8 warps
+// per SM streamed G; the QP phase may spill to L1-cached local memory instead.)
 template <class T, int VARIANT>
-__global__ void __launch_bounds__(kThreads) fused_gram_qp_kernel(const typename T::S* G, int K, int64_t P,
+__global__ void __launch_bounds__(kThreads, 2) fused_gram_qp_kernel(const typename T::S* G, int K, int64_t P,
                                                                  int64_t ld, bool vec, float* part,
                                                                  unsigned int* ticket, float* gram_out,
                                                                  float* weights, double* qp_gws, int max_iter,
