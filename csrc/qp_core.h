@@ -305,6 +305,23 @@ MTLSAM_QP_INNER double qp_argmin(const Team& team, double v, int i, int* idx) {
   return vmin;
 }
 
+// The first index of the smallest of key[0..K) (-1 when every key is kQpInf); each thread reads the
+// entries i = rank (mod size) only.
+template <class Team>
+MTLSAM_QP_INNER int qp_first_min(const Team& team, int K, const double* key) {
+  double vb = kQpInf;
+  int ib = -1;
+  for (int i = team.rank(); i < K; i += team.size()) {
+    if (key[i] < vb) {
+      vb = key[i];
+      ib = i;
+    }
+  }
+  int idx;
+  qp_argmin(team, vb, ib, &idx);
+  return idx;
+}
+
 // This thread's part of sum_{lo <= i < n} u_i v_i (one thread: four partial sums, for the vector unit).
 template <class Team>
 MTLSAM_QP_INNER double qp_dot_part(const Team& team, int lo, int n, const double* u, const double* v) {
@@ -690,17 +707,7 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
       w[i] = key ? zi : kQpInf;
     }
     if (team.max(nonfinite ? 1.0 : 0.0) > 0) return -1;
-    // the first smallest key
-    double zb = kQpInf;
-    int jb = -1;
-    for (int i = rk; i < K; i += ts) {
-      if (w[i] < zb) {
-        zb = w[i];
-        jb = i;
-      }
-    }
-    int j;
-    qp_argmin(team, zb, jb, &j);
+    int j = qp_first_min(team, K, w);
     // Converged? When no bound multiplier is below its rounding level; or, with c = 0 (min-norm), when
     // the objective x^T H x is zero to fp64 rounding: H is PSD, so x is optimal to the precision of
     // the arithmetic -- the origin lies in the hull, and the steps left would move along zero
@@ -813,15 +820,7 @@ MTLSAM_HD int qp_active_set(const Team& team, int K, int ld, const double* H, co
       if (++added == block || walked) break;
       // the next candidate: the smallest key left (each thread reads only its own keys)
       if (j % ts == rk) w[j] = kQpInf;
-      double zn = kQpInf;
-      int jn = -1;
-      for (int i = rk; i < K; i += ts) {
-        if (w[i] < zn) {
-          zn = w[i];
-          jn = i;
-        }
-      }
-      qp_argmin(team, zn, jn, &j);
+      j = qp_first_min(team, K, w);
       if (j < 0) break;
     }
   }
