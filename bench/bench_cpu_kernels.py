@@ -157,7 +157,8 @@ def bench_qp(repeat: int, rows: list[dict], K: int = 64, batch: int = 64) -> Non
             fns["quadprog_one"] = lambda: qp_one(0)
             fns["quadprog_batch"] = lambda: [qp_one(i) for i in range(batch)]
         t = interleaved_times(fns, max(3, repeat))
-        v, iters = cpu_backend._solve_qp_kernel(g32, None, None, "simplex", qp_ref.DEFAULT_MAX_ITER, qp_ref.DEFAULT_TOL)
+        v, iters = cpu_backend._solve_qp_kernel(g32, None, None, "simplex", qp_ref.DEFAULT_MAX_ITER, qp_ref.DEFAULT_TOL,
+                                                with_iters=True)
         kkt = qp_ref.kkt_residual(g32, v).max().item()
         t_torch = median_time(lambda: qp_ref.solve_qp(g32[:1]), max(3, repeat // 2))
         row = {"op": "qp", "family": family, "K": K, "batch": batch, "ms_one": t["one"] * 1e3,

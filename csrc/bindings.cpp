@@ -330,29 +330,35 @@ Tensor philox_words(uint64_t seed, uint64_t offset, int64_t n, const Tensor& lik
   return out;
 }
 
-// gram [B, K, K], q / lower [B, K] (float32 or float64, contiguous, same dtype). Returns [B, K]
-// (and, on the CPU, the iteration counts when return_iters).
-std::tuple<Tensor, Tensor> solve_qp(const Tensor& gram, const c10::optional<Tensor>& q,
-                                    const c10::optional<Tensor>& lower, bool simplex, int64_t max_iter, double tol) {
-  TORCH_CHECK(gram.dim() == 3 && gram.size(1) == gram.size(2) && gram.is_contiguous(),
-              "mtlsam_fast._C: gram must be a contiguous [B, K, K] tensor");
+// gram [..., K, K], q / lower [..., K] (float32 or float64, contiguous, same dtype). Returns the
+// weights [..., K] and, with_iters, the solver's steps [...] (int32; zeros on CUDA), else None. The
+// batch shape is handled here, not by reshapes in Python (each a dispatcher call, ~1-3 us: the K = 8
+// solve itself takes ~1 us).
+std::tuple<Tensor, c10::optional<Tensor>> solve_qp(const Tensor& gram, const c10::optional<Tensor>& q,
+                                                   const c10::optional<Tensor>& lower, bool simplex,
+                                                   int64_t max_iter, double tol, bool with_iters) {
+  TORCH_CHECK(gram.dim() >= 2 && gram.size(-1) == gram.size(-2) && gram.is_contiguous(),
+              "mtlsam_fast._C: gram must be a contiguous [..., K, K] tensor");
   const int dt = dtype_code(gram);
   TORCH_CHECK(dt == mtlsam::kF32 || dt == mtlsam::kF64, "mtlsam_fast._C: gram must be float32 or float64");
-  const int64_t B = gram.size(0), K = gram.size(1);
+  const int64_t K = gram.size(-1);
   TORCH_CHECK(K >= 1, "mtlsam_fast._C: K must be >= 1");
+  const auto batch = gram.sizes().slice(0, gram.dim() - 2);
+  const int64_t B = c10::multiply_integers(batch);
+  const auto vec_sizes = gram.sizes().slice(0, gram.dim() - 1);  // [..., K]
   for (const auto* t : {&q, &lower}) {
     if (t->has_value()) {
-      TORCH_CHECK((*t)->scalar_type() == gram.scalar_type() && (*t)->is_contiguous() && (*t)->dim() == 2 &&
-                      (*t)->size(0) == B && (*t)->size(1) == K,
-                  "mtlsam_fast._C: q / lower must be contiguous [B, K] tensors of gram's dtype");
+      TORCH_CHECK((*t)->scalar_type() == gram.scalar_type() && (*t)->is_contiguous() && (*t)->sizes() == vec_sizes,
+                  "mtlsam_fast._C: q / lower must be contiguous [..., K] tensors of gram's dtype and batch shape");
       same_device(**t, gram);
     }
   }
   TORCH_CHECK(max_iter >= 0, "mtlsam_fast._C: max_iter must be >= 0");
   const void* qp = q.has_value() ? q->data_ptr() : nullptr;
   const void* lp = lower.has_value() ? lower->data_ptr() : nullptr;
-  Tensor out = at::empty({B, K}, gram.options());
-  Tensor iters = at::zeros({B}, gram.options().dtype(at::kInt));
+  Tensor out = at::empty(vec_sizes, gram.options());
+  c10::optional<Tensor> iters;
+  if (with_iters) iters = at::zeros(batch, gram.options().dtype(at::kInt));
   if (B == 0) return {out, iters};
   if (gram.is_cuda()) {
 #ifdef MTLSAM_WITH_CUDA
@@ -365,7 +371,7 @@ std::tuple<Tensor, Tensor> solve_qp(const Tensor& gram, const c10::optional<Tens
 #endif
   } else {
     mtlsam::cpu::solve_qp(gram.data_ptr(), qp, lp, dt, B, static_cast<int>(K), simplex, static_cast<int>(max_iter), tol,
-                          out.data_ptr(), iters.data_ptr<int32_t>(), nthreads());
+                          out.data_ptr(), with_iters ? iters->data_ptr<int32_t>() : nullptr, nthreads());
   }
   return {out, iters};
 }
@@ -453,7 +459,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("noise_scale"), py::arg("seed"), py::arg("offset"), py::arg("ref"));
   m.def("philox_words", &philox_words, py::arg("seed"), py::arg("offset"), py::arg("n"), py::arg("like"));
   m.def("solve_qp", &solve_qp, py::arg("gram"), py::arg("q"), py::arg("lower"), py::arg("simplex"),
-        py::arg("max_iter"), py::arg("tol"));
+        py::arg("max_iter"), py::arg("tol"), py::arg("with_iters") = false);
 #ifdef MTLSAM_WITH_CUDA
   m.def("fused_workspace_bytes", &fused_workspace_bytes, py::arg("K"), py::arg("P"), py::arg("like"));
   m.def("fused_gram_qp", &fused_gram_qp, py::arg("G"), py::arg("gram_out"), py::arg("weights"), py::arg("ws"),

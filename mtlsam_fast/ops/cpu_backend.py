@@ -169,29 +169,21 @@ def solve_qp(gram: Tensor, q, lower, constraint: str, norm_coef, max_iter: int, 
     return _solve_qp_kernel(gram, q, lower, constraint, max_iter, tol)[0]
 
 
-def _as_kernel_input(t: Tensor, dt: torch.dtype, shape: tuple[int, ...]) -> Tensor:
-    """``t.to(dt).reshape(shape).contiguous()``, skipping the no-op calls (each costs ~1 us; the
-    K = 8 solve itself takes about 1 us)."""
+def _as_kernel_input(t: Tensor, dt: torch.dtype) -> Tensor:
+    """``t.to(dt).contiguous()``, skipping the no-op calls (each costs ~1 us; the K = 8 solve itself
+    takes about 1 us). The batch shape goes to the kernel as it is."""
     if t.dtype != dt:
         t = t.to(dt)
-    if tuple(t.shape) != shape:
-        t = t.reshape(shape)
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _solve_qp_kernel(gram: Tensor, q, lower, constraint: str, max_iter: int, tol: float) -> tuple[Tensor, Tensor]:
+def _solve_qp_kernel(gram: Tensor, q, lower, constraint: str, max_iter: int, tol: float,
+                     with_iters: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The kernel's weights ``[..., K]`` and, ``with_iters``, its step counts ``[...]`` (else None)."""
     dt = torch.float64 if gram.dtype == torch.float64 else torch.float32
-    batch, K = gram.shape[:-2], gram.shape[-1]
-    B = batch.numel()
-    g = _as_kernel_input(gram, dt, (B, K, K))
-
-    def vec(t):
-        return None if t is None else _as_kernel_input(t, dt, (B, K))
-
-    v, iters = _C().solve_qp(g, vec(q), vec(lower), constraint == "simplex", int(max_iter), float(tol))
-    if len(batch) != 1:
-        v, iters = v.reshape(*batch, K), iters.reshape(batch)
-    return v, iters
+    return _C().solve_qp(_as_kernel_input(gram, dt), None if q is None else _as_kernel_input(q, dt),
+                         None if lower is None else _as_kernel_input(lower, dt), constraint == "simplex",
+                         int(max_iter), float(tol), with_iters)
 
 
 DEFAULT_MAX_ITER = _qp.DEFAULT_MAX_ITER
