@@ -26,8 +26,9 @@ def qp_team(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which(CXX) is None:
         pytest.skip("no C++ compiler")
     exe = tmp_path_factory.mktemp("qp_team") / "qp_team"
-    res = subprocess.run([CXX, "-O2", "-std=c++20", "-pthread", f"-I{ROOT / 'csrc'}", str(ROOT / "tests" / "qp_team.cpp"),
-                          "-o", str(exe)], capture_output=True, text=True, timeout=300)
+    src = ROOT / "tests" / "qp_team.cpp"
+    cmd = [CXX, "-O2", "-std=c++20", "-pthread", f"-I{ROOT / 'csrc'}", str(src), "-o", str(exe)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-4000:]
     return exe
 

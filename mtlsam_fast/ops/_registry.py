@@ -49,6 +49,7 @@ def auto_order(device_type: str, op: str, dtype: torch.dtype | None = None, K: i
         return ("triton", *(b for b in order if b != "triton"))
     return order
 
+
 BACKEND_NAMES = ("auto", *BACKEND_MODULES)
 
 _default_backend: str | None = None  # None: read MTLSAM_BACKEND, else "auto"
