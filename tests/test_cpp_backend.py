@@ -381,6 +381,23 @@ def test_qp_edge_cases():
 
 
 @needs_ext
+def test_qp_kernel_batch_shapes_and_step_counts():
+    """The binding takes [..., K, K] as it is; step counts only when asked (the benchmark reads them)."""
+    g = _grams(5, B=6).reshape(2, 3, 5, 5).contiguous()
+    lo = torch.rand(2, 3, 5) * 0.1
+    v, iters = C.solve_qp(g, None, lo, False, 60, 1e-9, with_iters=True)
+    assert v.shape == (2, 3, 5) and iters.shape == (2, 3) and iters.dtype == torch.int32
+    assert (iters >= 0).all() and iters.max() > 0  # (a zero Gram or an optimum at the bound: 0 steps)
+    flat, flat_iters = C.solve_qp(g.reshape(6, 5, 5), None, lo.reshape(6, 5), False, 60, 1e-9, with_iters=True)
+    assert torch.equal(flat.reshape(2, 3, 5), v) and torch.equal(flat_iters.reshape(2, 3), iters)
+    assert C.solve_qp(g, None, lo, False, 60, 1e-9)[1] is None
+    one, _ = C.solve_qp(g[1, 2], None, lo[1, 2], False, 60, 1e-9)
+    assert one.shape == (5,) and torch.equal(one, v[1, 2])
+    with pytest.raises(RuntimeError, match="batch shape"):
+        C.solve_qp(g, None, lo.reshape(6, 5), False, 60, 1e-9)
+
+
+@needs_ext
 def test_qp_norm_coef_falls_back_to_reference():
     g = _grams(4, B=2)
     q = torch.randn(2, 4)
