@@ -305,10 +305,43 @@ MTLSAM_QP_INNER double qp_argmin(const Team& team, double v, int i, int* idx) {
   return vmin;
 }
 
+#if defined(MTLSAM_QP_AVX2)
+// qp_first_min for one thread: the minimum in vector registers, then the first index holding it (keys
+// are finite or kQpInf, never NaN: the same answer as the scalar scan).
+MTLSAM_QP_INNER int qp_first_min_avx2(int K, const double* key) {
+  __m256d m0 = _mm256_set1_pd(kQpInf), m1 = m0;
+  int i = 0;
+  for (; i + 8 <= K; i += 8) {
+    m0 = _mm256_min_pd(m0, _mm256_loadu_pd(key + i));
+    m1 = _mm256_min_pd(m1, _mm256_loadu_pd(key + i + 4));
+  }
+  if (i + 4 <= K) {
+    m0 = _mm256_min_pd(m0, _mm256_loadu_pd(key + i));
+    i += 4;
+  }
+  m0 = _mm256_min_pd(m0, m1);
+  __m128d h = _mm_min_pd(_mm256_castpd256_pd128(m0), _mm256_extractf128_pd(m0, 1));
+  double vmin = _mm_cvtsd_f64(_mm_min_sd(h, _mm_unpackhi_pd(h, h)));
+  for (; i < K; ++i) vmin = key[i] < vmin ? key[i] : vmin;
+  if (!(vmin < kQpInf)) return -1;
+  const __m256d target = _mm256_set1_pd(vmin);
+  for (i = 0; i + 4 <= K; i += 4) {
+    const int hit = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(key + i), target, _CMP_EQ_OQ));
+    if (hit) return i + __builtin_ctz(hit);
+  }
+  for (; key[i] != vmin; ++i) {
+  }
+  return i;
+}
+#endif
+
 // The first index of the smallest of key[0..K) (-1 when every key is kQpInf); each thread reads the
 // entries i = rank (mod size) only.
 template <class Team>
 MTLSAM_QP_INNER int qp_first_min(const Team& team, int K, const double* key) {
+#if defined(MTLSAM_QP_AVX2)
+  if (team.size() == 1) return qp_first_min_avx2(K, key);
+#endif
   double vb = kQpInf;
   int ib = -1;
   for (int i = team.rank(); i < K; i += team.size()) {

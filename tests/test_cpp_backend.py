@@ -484,3 +484,43 @@ def test_generic_variant_passes_every_kernel_test():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
                           env=env, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def _qp_variant_cases():
+    """QP inputs for the variant comparison: _grams' families (ties included: identical and zero
+    gradients), a duplicated gradient, gradients in adjacent pairs; K = 1, 3, 5, 17, 64, simplex and
+    lower bound."""
+    cases = []
+    for K in (1, 3, 5, 17, 64):
+        g = _grams(K)
+        gen = torch.Generator().manual_seed(K)
+        A = torch.randn(K, 2 * K, generator=gen, dtype=torch.float64)
+        A[-1] = A[0]  # a duplicated gradient: tied pricing keys
+        pairs = A[torch.arange(K) // 2]  # every gradient twice, side by side: ties within a vector
+        g = torch.cat([g, (A @ A.T).float()[None], (pairs @ pairs.T).float()[None]])
+        lo = torch.rand(g.shape[:-1], generator=gen) * 0.1
+        cases += [(g, None), (g, lo)]
+    return cases
+
+
+def _qp_variant_results():
+    return [C.solve_qp(g, None, lo, lo is None, 60, 1e-9, with_iters=True) for g, lo in _qp_variant_cases()]
+
+
+@needs_ext
+def test_qp_variants_take_the_same_steps(tmp_path):
+    """The AVX2 variant's own QP code (the tiled scaling pass, the vector argmin of the pricing) walks
+    the generic variant's path: the same step counts, the same weights up to rounding. (Not bitwise:
+    GCC contracts a * b + c to FMAs in the AVX2 translation unit, which moves ill-conditioned faces --
+    identical gradients, say -- by ~1e-6.)"""
+    if C.cpu_isa() != "avx2":
+        pytest.skip("this machine runs the generic variant only")
+    out = tmp_path / "generic.pt"
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[2]); import test_cpp_backend as t; "
+            "assert t.C.cpu_isa() == 'generic'; torch.save(t._qp_variant_results(), sys.argv[1])")
+    env = dict(os.environ, MTLSAM_CPU_ISA="generic")
+    subprocess.run([sys.executable, "-c", code, str(out), str(Path(__file__).parent)], check=True, env=env,
+                   timeout=300)
+    for (v, steps), (vg, steps_g) in zip(_qp_variant_results(), torch.load(out), strict=True):
+        assert torch.equal(steps, steps_g)
+        torch.testing.assert_close(v, vg, rtol=0, atol=1e-5)
