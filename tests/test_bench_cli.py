@@ -104,3 +104,26 @@ def test_qp_native_tool_builds_and_solves(tmp_path):
     assert "family=rank K=17 batch=3:" in res.stdout and "us/problem" in res.stdout
     w = torch.frombuffer(bytearray(out.read_bytes()), dtype=torch.float32).reshape(3, 17)
     assert (w >= 0).all() and torch.allclose(w.sum(-1), torch.ones(3), atol=1e-6)
+
+
+def test_dispatch_overhead_times_the_kernel_the_op_ends_in(capsys):
+    """bench/dispatch_overhead.py compares an op call with a bare binding call: both must compute the
+    same thing (else the difference is not the dispatch cost), and the script must run."""
+    from mtlsam_fast import _ext
+
+    if _ext.get() is None:
+        pytest.skip("mtlsam_fast._C is not built")
+    from bench import dispatch_overhead
+
+    for name, (auto, cpu, direct) in dispatch_overhead.cases().items():
+        if name in ("diff_gram", "perturb"):  # in place: the results depend on the call count
+            continue
+        expected = direct()
+        if isinstance(expected, tuple):  # solve_qp's binding: (weights, step counts or None)
+            expected = expected[0]
+        assert torch.equal(auto(), expected), name
+        assert torch.equal(cpu(), expected), name
+    assert dispatch_overhead.main(["--rounds", "1", "--calls", "3"]) == 0
+    printed = capsys.readouterr().out
+    for name in dispatch_overhead.cases():
+        assert printed.count(f"\n{name} ") == 1, name

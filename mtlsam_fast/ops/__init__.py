@@ -46,12 +46,19 @@ def _check_buffer(name: str, t: Tensor, ndim: int | tuple[int, ...] = 2) -> None
 
 
 def _check_same_device(**tensors: Tensor | None) -> torch.device:
-    present = {k: v for k, v in tensors.items() if v is not None}
-    devices = {v.device for v in present.values()}
-    if len(devices) > 1:
-        desc = ", ".join(f"{k} on {v.device}" for k, v in present.items())
-        raise ValueError(f"tensors are on different devices: {desc}")
-    return next(iter(devices))
+    """The device the given tensors share (``None`` entries are skipped); at least one is given.
+
+    Called by every op: one ``.device`` per tensor and no containers on the common path."""
+    device = None
+    for t in tensors.values():
+        if t is None:
+            continue
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            desc = ", ".join(f"{k} on {v.device}" for k, v in tensors.items() if v is not None)
+            raise ValueError(f"tensors are on different devices: {desc}")
+    return device  # type: ignore[return-value]
 
 
 def _check_offsets(offsets: Tensor, P: int) -> None:

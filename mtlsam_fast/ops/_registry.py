@@ -114,26 +114,32 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
 def resolve(backend: str | None, device: torch.device, op: str, dtype: torch.dtype | None = None,
             K: int | None = None) -> ModuleType:
     """The backend module that runs ``op`` for tensors on ``device`` (``"auto"`` also weighs the
-    buffer's ``dtype`` and row count ``K`` where given: :func:`auto_order`)."""
-    name = get_backend() if backend is None else _check_name(backend)
+    buffer's ``dtype`` and row count ``K`` where given: :func:`auto_order`).
+
+    Every op call goes through here, so the common case -- a backend already imported -- costs a
+    dict lookup and the backend's own availability check, nothing more."""
+    name = get_backend() if backend is None else backend
+    device_type = device.type
     if name == "auto":
         compiling = torch.compiler.is_compiling()
-        for candidate in auto_order(device.type, op, dtype, K):
+        for candidate in auto_order(device_type, op, dtype, K):
             if compiling and candidate not in _modules:
                 continue  # never import while dynamo traces
             mod = _modules[candidate] if compiling else _module(candidate)
-            if (mod is not None and mod.unavailable_reason(device.type) is None and hasattr(mod, op)
+            if (mod is not None and mod.unavailable_reason(device_type) is None and hasattr(mod, op)
                     and (not compiling or getattr(mod, "TRACEABLE", False))):
                 return mod
         return _modules["torch"]  # type: ignore[return-value]
-    reason = unavailable_reason(name, device.type)
+    mod = _modules.get(name) if type(name) is str else None
+    if mod is None:
+        mod = _module(_check_name(name))
+    reason = _import_errors[name] if mod is None else mod.unavailable_reason(device_type)
     if reason is not None:
         avail = ", ".join(available_backends(device)) or "none"
         raise RuntimeError(
-            f"backend {name!r} is not available for {device.type} tensors ({reason}); "
+            f"backend {name!r} is not available for {device_type} tensors ({reason}); "
             f"available here: {avail}"
         )
-    mod = _module(name)
     if not hasattr(mod, op):
         raise NotImplementedError(f"backend {name!r} does not implement op {op!r}")
     return mod  # type: ignore[return-value]

@@ -41,19 +41,31 @@ def _C():
 
 def _rows_ok(t: Tensor) -> bool:
     """A [K, P] buffer the kernels can read in place: unit column stride, non-overlapping rows."""
+    if t.is_contiguous():  # the common case, and the cheapest test
+        return True
     K, P = t.shape
     return (P <= 1 or t.stride(1) == 1) and (K <= 1 or t.stride(0) >= P)
 
 
 def _kernel_dtype(*ts: Tensor | None) -> bool:
-    return all(t is None or t.dtype in _KERNEL_DTYPES for t in ts)
+    for t in ts:
+        if t is not None and t.dtype not in _KERNEL_DTYPES:
+            return False
+    return True
 
 
 def _f32(t: Tensor | None) -> Tensor | None:
+    """A scalar or weight vector as the kernels take it: 1-D contiguous fp32 (``t`` itself when it is
+    one already: the no-op torch calls cost a microsecond each, on every op call)."""
     if t is None:
         return None
     if not isinstance(t, torch.Tensor):
         t = torch.tensor(float(t))
+    if t.dtype == torch.float32:
+        if t.dim() == 1 and t.is_contiguous():
+            return t
+        if t.dim() == 0:
+            return t.view(1)
     return t.reshape(-1).to(torch.float32).contiguous()
 
 
@@ -108,17 +120,19 @@ def perturb(
     seed: int,
     noise_offset: int,
 ) -> Tensor:
+    scale32, noise32 = _f32(scale), _f32(noise_scale)
+    segments = offsets.numel() - 1
     if (
         not _kernel_dtype(theta, direction)
         or backup.dtype != theta.dtype
         or not theta.is_contiguous()
-        or (scale is not None and _f32(scale).numel() not in (1, offsets.numel() - 1))
-        or (noise_scale is not None and _f32(noise_scale).numel() not in (1, offsets.numel() - 1))
+        or (scale32 is not None and scale32.numel() not in (1, segments))
+        or (noise32 is not None and noise32.numel() not in (1, segments))
     ):
         return _ref.perturb(theta, backup, direction, scale, offsets, adaptive, noise_scale, seed, noise_offset)
     return _C().perturb(
-        theta, _vec(backup), None if direction is None else _vec(direction), _f32(scale), _vec(offsets),
-        bool(adaptive), _f32(noise_scale), int(seed) & _M64, int(noise_offset) & _M64,
+        theta, _vec(backup), None if direction is None else _vec(direction), scale32, _vec(offsets),
+        bool(adaptive), noise32, int(seed) & _M64, int(noise_offset) & _M64,
     )
 
 
