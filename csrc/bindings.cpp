@@ -342,7 +342,7 @@ std::tuple<Tensor, c10::optional<Tensor>> solve_qp(const Tensor& gram, const c10
   const int dt = dtype_code(gram);
   TORCH_CHECK(dt == mtlsam::kF32 || dt == mtlsam::kF64, "mtlsam_fast._C: gram must be float32 or float64");
   const int64_t K = gram.size(-1);
-  TORCH_CHECK(K >= 1, "mtlsam_fast._C: K must be >= 1");
+  TORCH_CHECK(K >= 1 && K <= mtlsam::kQpMaxK, "mtlsam_fast._C: solve_qp takes 1 <= K <= ", mtlsam::kQpMaxK, ", got ", K);
   const auto batch = gram.sizes().slice(0, gram.dim() - 2);
   const int64_t B = c10::multiply_integers(batch);
   const auto vec_sizes = gram.sizes().slice(0, gram.dim() - 1);  // [..., K]
@@ -458,6 +458,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("perturb_noise_stats", &perturb_noise_stats, py::arg("theta"), py::arg("backup"), py::arg("offsets"),
         py::arg("noise_scale"), py::arg("seed"), py::arg("offset"), py::arg("ref"));
   m.def("philox_words", &philox_words, py::arg("seed"), py::arg("offset"), py::arg("n"), py::arg("like"));
+  m.attr("QP_MAX_K") = mtlsam::kQpMaxK;
   m.def("solve_qp", &solve_qp, py::arg("gram"), py::arg("q"), py::arg("lower"), py::arg("simplex"),
         py::arg("max_iter"), py::arg("tol"), py::arg("with_iters") = false);
 #ifdef MTLSAM_WITH_CUDA

@@ -13,6 +13,11 @@
 
 namespace mtlsam {
 
+// The largest K the QP solver takes: its indices (j * ld + i into K x ld matrices, ld <= K + 8) are
+// 32-bit ints, exact while K * ld < 2^31 (K <= 46340), with room to spare here. The binding refuses
+// larger problems; the Python backends hand them to the torch reference.
+constexpr int kQpMaxK = 1 << 15;
+
 // Element type codes shared by the binding and the kernels.
 enum DType : int { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3 };
 

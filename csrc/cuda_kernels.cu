@@ -695,16 +695,17 @@ void philox_words(uint64_t seed, uint64_t offset, int64_t n, uint32_t* out, void
   MTLSAM_CHECK_LAUNCH("philox_words");
 }
 
-int qp_max_k() { return 1 << 20; }
-
 template <class T>
 void launch_qp(const T* gram, const T* q, const T* lower, int64_t B, int K, bool simplex, int max_iter, double tol,
                T* out, double* gws, cudaStream_t st) {
   const int64_t smem = gws ? 32 * 8 : qp_smem_bytes(K);
   const bool warp = K <= kQpWarpMaxK;
   const auto kernel = warp ? qp_kernel<T, true> : qp_kernel<T, false>;
+  // The opt-in limit is the most any launch of this kernel asks for, not this launch's need: set per
+  // call to the launch's own size, two host threads solving different K could lower it between the
+  // other's set and launch (an invalid-argument launch error). Setting the same value is idempotent.
   if (smem > 48 * 1024)
-    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
+    check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kQpSmemLimit)),
           "qp shared memory");
   kernel<<<static_cast<unsigned>(B), warp ? 32 : kQpThreads, smem, st>>>(gram, q, lower, K, simplex, max_iter, tol,
                                                                         out, gws);

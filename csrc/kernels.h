@@ -60,7 +60,6 @@ void gaussian_noise(uint64_t seed, uint64_t offset, int64_t n, float* out, void*
 void noise_stats(uint64_t seed, uint64_t offset, const void* ref, int dt, int64_t P, const int64_t* offsets,
                  int64_t S, float* out, void* ws, void* stream);
 void philox_words(uint64_t seed, uint64_t offset, int64_t n, uint32_t* out, void* stream);
-int qp_max_k();
 int64_t qp_workspace(int64_t B, int K);  // bytes of global workspace solve_qp needs (0: shared memory only)
 void solve_qp(const void* gram, const void* q, const void* lower, int dt, int64_t B, int K, bool simplex,
               int max_iter, double tol, void* out, void* ws, void* stream);

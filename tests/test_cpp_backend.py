@@ -406,6 +406,28 @@ def test_qp_norm_coef_falls_back_to_reference():
     torch.testing.assert_close(got, qp.solve_qp(g, q, norm_coef=r))
 
 
+@needs_ext
+def test_qp_above_the_kernel_limit_goes_to_the_reference(monkeypatch):
+    """The solver's indices are 32-bit: the binding refuses K > QP_MAX_K before reading anything
+    (the buffer below is never touched: no pages are committed), and the backend hands such
+    problems to the torch reference instead."""
+    limit = C.QP_MAX_K
+    assert limit == 1 << 15
+    big = torch.empty(limit + 1, limit + 1)
+    with pytest.raises(RuntimeError, match=f"1 <= K <= {limit}, got {limit + 1}"):
+        C.solve_qp(big, None, None, True, 60, 1e-6, False)
+    del big
+    g = _grams(5, B=2)
+    monkeypatch.setattr(C, "QP_MAX_K", 4)  # as if K = 5 were above the limit
+    calls = []
+    reference = ref.solve_qp
+    monkeypatch.setattr(ref, "solve_qp", lambda *a: calls.append(a) or reference(*a))
+    got = ops.solve_qp(g, backend="cpu")
+    assert len(calls) == 1 and torch.equal(got, qp.solve_qp(g))
+    ops.solve_qp(g[:, :4, :4].contiguous(), backend="cpu")  # within the limit: the kernel
+    assert len(calls) == 1
+
+
 # ---- fallbacks and errors ------------------------------------------------------------------------------
 @needs_ext
 def test_float64_falls_back_to_oracle():

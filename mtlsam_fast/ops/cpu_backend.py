@@ -4,8 +4,8 @@ Same functions and semantics as :mod:`.torch_backend` (the oracle). The kernels 
 and fp16 buffers (fp32 accumulation; Gram / norm partials in fp64, combined in a fixed order, so
 results do not depend on the thread count) with 64-bit offsets. Inputs the kernels do not handle
 fall back to the torch backend: float64 buffers, buffers without a unit column stride,
-``solve_qp(..., norm_coef=...)`` (CAGrad's norm objective), a ``backup`` whose dtype differs from
-``theta``.
+``solve_qp(..., norm_coef=...)`` (CAGrad's norm objective) or with more than ``_C.QP_MAX_K`` (32768)
+variables, a ``backup`` whose dtype differs from ``theta``.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def philox_words(seed: int, offset: int, n: int, device: torch.device | str = _D
 
 
 def _qp_kernel_ok(gram: Tensor, norm_coef) -> bool:
-    return norm_coef is None and gram.shape[-1] >= 1
+    return norm_coef is None and 1 <= gram.shape[-1] <= _C().QP_MAX_K
 
 
 def solve_qp(gram: Tensor, q, lower, constraint: str, norm_coef, max_iter: int, tol: float) -> Tensor:
