@@ -183,8 +183,10 @@ std::string compare(const Problem& p, const Result& serial, const Result& team) 
   // The same path: the same number of steps. (A team whose active set fails -- garbage from a race,
   // say -- would still return the interior point's optimum; this is where it shows.) On degenerate
   // faces (dependent columns, the origin in the hull) the team's summation order may break a tie
-  // the other way: a step or two more or less.
-  const int slack = (p.family == "dependent" || p.family == "rank") ? 2 : 0;
+  // the other way: a few steps more or less, more for a large K (a tie every few columns: K = 65
+  // and 100 with a team of 128 measured up to 6 steps apart in 8 problems).
+  const bool degenerate = p.family == "dependent" || p.family == "rank";
+  const int slack = degenerate ? std::max(2, p.K / 8) : 0;
   if (std::abs(team.steps - serial.steps) > slack) {
     std::ostringstream os;
     os << team.steps << " steps vs serial " << serial.steps;
@@ -211,7 +213,11 @@ std::string compare(const Problem& p, const Result& serial, const Result& team) 
   for (double x : p.q) qmax = std::max(qmax, std::fabs(x));
   const double fs = objective(p, serial.v), ft = objective(p, team.v);
   const double unit = (scale * vmax + qmax) * std::max(1.0, vmax);
-  if (!(std::fabs(fs - ft) <= 1e-9 * unit)) {
+  // On a degenerate problem whose optimum is the origin of the hull (f ~ 0), f is only defined to
+  // the fp32 rounding of the Gram entries (2^-24 relative: H is PSD to that much), so two tie
+  // breaks may end that far apart; elsewhere the two answers agree to fp64 rounding.
+  const double ftol = degenerate ? 1e-8 : 1e-9;
+  if (!(std::fabs(fs - ft) <= ftol * unit)) {
     std::ostringstream os;
     os << "objective " << ft << " vs serial " << fs;
     return os.str();
