@@ -117,9 +117,10 @@ def _grams(K, B=6):
     return g.float().to(DEV)
 
 
-@pytest.mark.parametrize("K", KS + [100])
+@pytest.mark.parametrize("K", KS + [73, 74, 100])
 def test_qp_one_team_per_problem(K):
-    """One warp per problem up to K = 64, one CTA for K = 100."""
+    """One warp per problem up to K = 64, one CTA above; the workspace in shared memory up to K = 73
+    (97 KB, opt-in above 48 KB), in global memory from K = 74."""
     g = _grams(K)
     v = ops.solve_qp(g, backend="cuda")
     assert qp.kkt_residual(g, v).max() <= 1e-5
@@ -132,6 +133,33 @@ def test_qp_one_team_per_problem(K):
     obj = lambda w: 0.5 * torch.einsum("bi,bij,bj->b", w, gd, w)  # noqa: E731
     scale = gd.diagonal(dim1=-2, dim2=-1).amax(-1).clamp_min(1e-300)
     assert ((obj(v.cpu().double()) - obj(vc)).abs() / scale).max() <= 1e-6
+
+
+def test_qp_from_two_host_threads():
+    """Host threads solving different K at once: the opt-in shared-memory limit one launch sets must
+    never fall below what another thread's launch of the same kernel needs (the warp kernel at
+    K = 55 needs 57 KB, at K = 64 76 KB: both above the 48 KB default)."""
+    import threading
+
+    grams = {K: _grams(K) for K in (55, 64)}
+    errors: list[BaseException] = []
+
+    def solve(K: int) -> None:
+        try:
+            for _ in range(200):
+                ops.solve_qp(grams[K], backend="cuda")
+            torch.cuda.synchronize()
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=solve, args=(K,)) for K in (55, 64, 55, 64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    for g in grams.values():
+        assert qp.kkt_residual(g, ops.solve_qp(g, backend="cuda")).max() <= 1e-5
 
 
 def test_no_host_sync():

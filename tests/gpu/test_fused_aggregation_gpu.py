@@ -26,7 +26,7 @@ def backend(request) -> str:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("K", [2, 8, 17, 64])
+@pytest.mark.parametrize("K", [2, 8, 17, 27, 28, 64])  # the QP's workspace: shared memory up to 27
 @pytest.mark.parametrize("subtract", [False, True])
 def test_matches_the_oracle_at_large_p(backend, dtype, K, subtract):
     P = (1 << 22) + 3
