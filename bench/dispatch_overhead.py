@@ -1,25 +1,29 @@
 """Per-call cost of the ops on tiny CPU inputs, where the Python layer is all there is to time.
 
-``python bench/dispatch_overhead.py [--rounds 7] [--calls 3000]``
+``python bench/dispatch_overhead.py [--rounds 7] [--window 0.02]``
 
-Each op is called three ways, in turns within every round (a slow phase of a shared machine hits
-all of them): through ``mtlsam_fast.ops`` with the default backend (``"auto"``: reads
-``MTLSAM_BACKEND``, picks the backend), through ``ops`` with ``backend="cpu"``, and as the bare
-binding call into ``mtlsam_fast._C`` that the ``"cpu"`` backend ends in. The difference between the
-first and the last is what every op call pays in validation and dispatch before any kernel runs
-(K = 4, P = 64: the kernels themselves take well under a microsecond). Best window of ``--rounds``.
+Each op is called three ways, in turns within every round (``bench_cpu_kernels.interleaved_times``:
+a slow phase of a shared machine hits all of them): through ``mtlsam_fast.ops`` with the default
+backend (``"auto"``: reads ``MTLSAM_BACKEND``, picks the backend), through ``ops`` with
+``backend="cpu"``, and as the bare binding call into ``mtlsam_fast._C`` that the ``"cpu"`` backend
+ends in. The difference between the first and the last is what every op call pays in validation and
+dispatch before any kernel runs (K = 4, P = 64: the kernels themselves take well under a
+microsecond). Best window of ``--rounds``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from mtlsam_fast import _ext, ops
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_cpu_kernels import interleaved_times  # noqa: E402
+from mtlsam_fast import _ext, ops  # noqa: E402
 
 
 def cases(K: int = 4, P: int = 64) -> dict[str, tuple[Callable[[], object], ...]]:
@@ -52,25 +56,10 @@ def cases(K: int = 4, P: int = 64) -> dict[str, tuple[Callable[[], object], ...]
     }
 
 
-def best_times(fns: tuple[Callable[[], object], ...], rounds: int, calls: int) -> list[float]:
-    """Microseconds per call of each function: the best of ``rounds`` windows of ``calls`` calls."""
-    for fn in fns:
-        for _ in range(100):
-            fn()
-    best = [float("inf")] * len(fns)
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            best[i] = min(best[i], (time.perf_counter() - t0) / calls * 1e6)
-    return best
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--calls", type=int, default=3000)
+    p.add_argument("--window", type=float, default=0.02, help="seconds of calls per function and round")
     args = p.parse_args(argv)
     if _ext.get() is None:
         print(f"mtlsam_fast._C is not available: {_ext.error()}", file=sys.stderr)
@@ -79,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, Python {sys.version.split()[0]}, one thread; microseconds per call")
     print(f"{'op':14s} {'auto':>7s} {'cpu':>7s} {'_C':>7s} {'auto - _C':>10s}")
     for name, fns in cases().items():
-        auto, cpu, direct = best_times(fns, args.rounds, args.calls)
+        t = interleaved_times(dict(zip(("auto", "cpu", "_C"), fns)), args.rounds, args.window)
+        auto, cpu, direct = (t[k] * 1e6 for k in ("auto", "cpu", "_C"))
         print(f"{name:14s} {auto:7.2f} {cpu:7.2f} {direct:7.2f} {auto - direct:10.2f}")
     return 0
 

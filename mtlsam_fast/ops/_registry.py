@@ -94,12 +94,10 @@ def _module(name: str) -> ModuleType | None:
 
 def unavailable_reason(name: str, device_type: str) -> str | None:
     """Why backend ``name`` cannot run on ``device_type`` (``None`` when it can)."""
-    mod = _module(_check_name(name)) if name != "auto" else None
     if name == "auto":
         return None
-    if mod is None:
-        return _import_errors[name]
-    return mod.unavailable_reason(device_type)
+    mod = _module(_check_name(name))
+    return _import_errors[name] if mod is None else mod.unavailable_reason(device_type)
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:
@@ -116,8 +114,8 @@ def resolve(backend: str | None, device: torch.device, op: str, dtype: torch.dty
     """The backend module that runs ``op`` for tensors on ``device`` (``"auto"`` also weighs the
     buffer's ``dtype`` and row count ``K`` where given: :func:`auto_order`).
 
-    Every op call goes through here, so the common case -- a backend already imported -- costs a
-    dict lookup and the backend's own availability check, nothing more."""
+    Every op call goes through here: a backend already imported costs a name check, a dict lookup
+    and the backend's own availability check."""
     name = get_backend() if backend is None else backend
     device_type = device.type
     if name == "auto":
@@ -130,16 +128,14 @@ def resolve(backend: str | None, device: torch.device, op: str, dtype: torch.dty
                     and (not compiling or getattr(mod, "TRACEABLE", False))):
                 return mod
         return _modules["torch"]  # type: ignore[return-value]
-    mod = _modules.get(name) if type(name) is str else None
-    if mod is None:
-        mod = _module(_check_name(name))
-    reason = _import_errors[name] if mod is None else mod.unavailable_reason(device_type)
+    reason = unavailable_reason(name, device_type)
     if reason is not None:
         avail = ", ".join(available_backends(device)) or "none"
         raise RuntimeError(
             f"backend {name!r} is not available for {device_type} tensors ({reason}); "
             f"available here: {avail}"
         )
+    mod = _modules[name]  # imported by unavailable_reason
     if not hasattr(mod, op):
         raise NotImplementedError(f"backend {name!r} does not implement op {op!r}")
     return mod  # type: ignore[return-value]
