@@ -1,4 +1,4 @@
-"""Build and install mtlsam_fast, with the optional compiled extension ``mtlsam_fast._C``.
+"""The optional compiled extension ``mtlsam_fast._C`` (everything else is in ``pyproject.toml``).
 
 The extension (``csrc/``) always gets its CPU kernels (C++/OpenMP) and gets the CUDA kernels
 whenever a CUDA toolkit is found and torch is a CUDA build. Build it against the installed torch:
@@ -17,7 +17,7 @@ import importlib.util
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 
 def _env_flag(name):
@@ -72,18 +72,5 @@ def _extension_kwargs():
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 
 
-setup(
-    name="mtlsam_fast",
-    version="0.1.0",
-    description="Fast sharpness-aware multi-task optimization (F-MTL, SAMO) and gradient aggregation for PyTorch",
-    packages=find_packages(include=["mtlsam_fast", "mtlsam_fast.*", "triton_kernels", "triton_kernels.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "scikit-learn", "tqdm", "matplotlib"],
-    extras_require={
-        "test": ["pytest>=8", "scipy", "quadprog", "pytest-benchmark", "scikit-learn", "matplotlib", "tqdm"],
-        # peers measured by `python -m bench` when installed (never needed by the tests)
-        "bench": ["torchjd[quadprog_projector]", "matplotlib", "quadprog", "pytest-benchmark"],
-    },
-    entry_points={"console_scripts": ["mtlsam-fast=mtlsam_fast.cli:main"]},
-    **_extension_kwargs(),
-)
+# Metadata, dependencies and packages are in pyproject.toml; this file only adds the extension.
+setup(**_extension_kwargs())

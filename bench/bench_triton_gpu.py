@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from mtlsam_fast import ops  # noqa: E402
 from mtlsam_fast.ops import triton_backend  # noqa: E402
-from triton_kernels import _config  # noqa: E402
+from mtlsam_fast.triton_kernels import _config  # noqa: E402
 
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")
 

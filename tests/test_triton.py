@@ -26,7 +26,7 @@ pytest.importorskip("triton")
 
 from mtlsam_fast import ops  # noqa: E402
 from mtlsam_fast.ops import triton_backend  # noqa: E402
-from triton_kernels import _config, _workspace  # noqa: E402
+from mtlsam_fast.triton_kernels import _config, _workspace  # noqa: E402
 
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")
 KS = [1, 2, 3, 8, 17, 64]
@@ -93,7 +93,7 @@ def test_gram_column_strided_view_and_determinism():
 
 
 def test_gram_uses_several_programs_and_reuses_its_workspace():
-    from triton_kernels import gram as gk
+    from mtlsam_fast.triton_kernels import gram as gk
 
     G = torch.randn(3, 1000, device=DEV)
     cfg = gk.gram_config(G)
@@ -368,7 +368,7 @@ def test_fused_aggregate_validates_before_work():
 @pytest.mark.parametrize("K,dtype", [(2, torch.float32), (8, torch.bfloat16)])
 @pytest.mark.parametrize("subtract", [False, True])
 def test_min_norm_aggregate_takes_the_fused_path(K, dtype, subtract, monkeypatch):
-    import triton_kernels.fused as fused
+    import mtlsam_fast.triton_kernels.fused as fused
 
     calls = []
     real = fused.fused_aggregate
@@ -421,7 +421,7 @@ def test_kernels_compile_for_sm90():
     if not ptxas.exists():
         pytest.skip("Triton's NVIDIA backend (ptxas) is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "triton_kernels.aot_check", "--quick"],
+    proc = subprocess.run([sys.executable, "-m", "mtlsam_fast.triton_kernels.aot_check", "--quick"],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.stdout.count("ok ") >= 10

@@ -8,7 +8,7 @@ Modules (importing this package imports nothing else; each module imports Triton
 * ``fused``       -- the two-launch aggregation path (Gram -> last-program reduction + QP; combine -> write/update)
 * ``_config``     -- launch candidates, the cached autotuner, ``pin_config`` / ``MTLSAM_TRITON_PIN``
 * ``_workspace``  -- workspaces cached per (device, shape) so steps allocate nothing after warm-up
-* ``aot_check``   -- ``python -m triton_kernels.aot_check``: compile every kernel for sm_90 without a GPU
+* ``aot_check``   -- ``python -m mtlsam_fast.triton_kernels.aot_check``: compile every kernel for sm_90 without a GPU
 
 On a CPU-only machine the kernels run under ``TRITON_INTERPRET=1`` (set before Triton is imported).
 """

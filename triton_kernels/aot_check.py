@@ -1,8 +1,8 @@
 """Compile the Triton kernels ahead of time for a GPU target, without a GPU.
 
-    python -m triton_kernels.aot_check            # sm_90 (H100/H200), every kernel variant
-    python -m triton_kernels.aot_check --quick    # a representative subset (CI)
-    python -m triton_kernels.aot_check --arch 80  # A100
+    python -m mtlsam_fast.triton_kernels.aot_check            # sm_90 (H100/H200), every kernel variant
+    python -m mtlsam_fast.triton_kernels.aot_check --quick    # a representative subset (CI)
+    python -m mtlsam_fast.triton_kernels.aot_check --arch 80  # A100
 
 Catches what the CPU interpreter cannot: type errors of the compiled dialect (loop-carried values,
 ``if`` yields), unsupported ops, shared-memory overflows, and it prints registers / spills per

@@ -1,4 +1,5 @@
-"""The Triton backend: fused kernels from :mod:`triton_kernels` behind the ops interface.
+"""The Triton backend: fused kernels from :mod:`mtlsam_fast.triton_kernels` (source folder
+``triton_kernels/``) behind the ops interface.
 
 Runs on CUDA tensors, and on CPU tensors only under ``TRITON_INTERPRET=1`` (the CPU test mode;
 never chosen by ``"auto"`` on the CPU). Inputs arrive validated by :mod:`mtlsam_fast.ops`.
@@ -35,14 +36,14 @@ def _interpreting() -> bool:
 
 
 def _kernels():
-    """``triton_kernels`` (imported on first use, so importing this module never imports Triton:
+    """``mtlsam_fast.triton_kernels`` (imported on first use, so importing this module never imports Triton:
     the registry can ask :func:`unavailable_reason` before ``TRITON_INTERPRET`` is settled)."""
-    import triton_kernels.elementwise
-    import triton_kernels.fused
-    import triton_kernels.gram
-    import triton_kernels.qp
+    import mtlsam_fast.triton_kernels.elementwise
+    import mtlsam_fast.triton_kernels.fused
+    import mtlsam_fast.triton_kernels.gram
+    import mtlsam_fast.triton_kernels.qp
 
-    return triton_kernels
+    return mtlsam_fast.triton_kernels
 
 
 _HAS_TRITON: list[bool] = []
@@ -53,7 +54,7 @@ def unavailable_reason(device_type: str) -> str | None:
         _HAS_TRITON.append(importlib.util.find_spec("triton") is not None)
     if not _HAS_TRITON[0]:
         return "triton is not installed"
-    cfg = sys.modules.get("triton_kernels._config")
+    cfg = sys.modules.get("mtlsam_fast.triton_kernels._config")
     compiled_already = cfg is not None and not cfg.INTERPRET
     if device_type == "cuda":
         return None if torch.cuda.is_available() else "no CUDA device"
@@ -67,7 +68,7 @@ def unavailable_reason(device_type: str) -> str | None:
 
 
 def pin_config(family: str, **cfg: int) -> None:
-    """Pin the launch configuration of a kernel family (see ``triton_kernels._config``)."""
+    """Pin the launch configuration of a kernel family (see ``mtlsam_fast.triton_kernels._config``)."""
     _kernels()._config.pin_config(family, **cfg)
 
 
@@ -122,7 +123,7 @@ def solve_qp(gram: Tensor, q, lower, constraint: str, norm_coef, max_iter: int, 
 def fused_aggregate(G: Tensor, H: Tensor | None = None, *, out: Tensor | None = None, theta: Tensor | None = None,
                     lr: Tensor | None = None, max_iter: int = 60, tol: float = 1e-9):
     """The two-launch MGDA aggregation of DESIGN.md section 6; the full contract is in
-    :func:`triton_kernels.fused.fused_aggregate`. Returns ``Aggregate(weights, gram, weights2,
+    :func:`mtlsam_fast.triton_kernels.fused.fused_aggregate`. Returns ``Aggregate(weights, gram, weights2,
     gram2, direction)``: launch 1 = Gram partials -> last-program reduction -> QP, launch 2 =
     ``d = w^T G (+ w2^T H)`` -> ``out <- d`` and/or ``theta <- theta - lr * d``."""
     return _kernels().fused.fused_aggregate(G, H, out=out, theta=theta, lr=lr, max_iter=max_iter, tol=tol)
