@@ -35,7 +35,9 @@ def _load_ext_helpers():
 
 def _extension_kwargs():
     if _env_flag("MTLSAM_NO_EXTENSION"):
-        print("mtlsam_fast: MTLSAM_NO_EXTENSION set, skipping the compiled extension", file=sys.stderr)
+        print(
+            "mtlsam_fast: MTLSAM_NO_EXTENSION set, skipping the compiled extension", file=sys.stderr
+        )
         return {}
     helpers = _load_ext_helpers()
     cuda_home = None if _env_flag("MTLSAM_NO_CUDA") else helpers.find_cuda_home()
@@ -48,20 +50,29 @@ def _extension_kwargs():
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError as e:
-        print(f"mtlsam_fast: torch is not importable ({e}); building without the extension "
-              "(use pip install --no-build-isolation)", file=sys.stderr)
+        print(
+            f"mtlsam_fast: torch is not importable ({e}); building without the extension "
+            "(use pip install --no-build-isolation)",
+            file=sys.stderr,
+        )
         return {}
     with_cuda = bool(cuda_home) and torch.version.cuda is not None
     if cuda_home and not with_cuda:
-        print("mtlsam_fast: CUDA toolkit found but torch is a CPU build; CPU kernels only", file=sys.stderr)
+        print(
+            "mtlsam_fast: CUDA toolkit found but torch is a CPU build; CPU kernels only",
+            file=sys.stderr,
+        )
     sources = helpers.CPU_SOURCES + (helpers.CUDA_SOURCES if with_cuda else [])
     defines = [("MTLSAM_WITH_CUDA", None)] if with_cuda else []
     ext_cls = CUDAExtension if with_cuda else CppExtension
     compile_args = {"cxx": helpers.CXX_FLAGS}
     if with_cuda:
         compile_args["nvcc"] = helpers.NVCC_FLAGS
-    print(f"mtlsam_fast: building mtlsam_fast._C (CPU{' + CUDA from ' + cuda_home if with_cuda else ' only'}"
-          f"{', arch ' + os.environ['TORCH_CUDA_ARCH_LIST'] if with_cuda else ''})", file=sys.stderr)
+    print(
+        f"mtlsam_fast: building mtlsam_fast._C (CPU{' + CUDA from ' + cuda_home if with_cuda else ' only'}"
+        f"{', arch ' + os.environ['TORCH_CUDA_ARCH_LIST'] if with_cuda else ''})",
+        file=sys.stderr,
+    )
     ext = ext_cls(
         name="mtlsam_fast._C",
         sources=sources,
@@ -69,7 +80,10 @@ def _extension_kwargs():
         extra_compile_args=compile_args,
         extra_link_args=helpers.LINK_FLAGS,
     )
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+    return {
+        "ext_modules": [ext],
+        "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)},
+    }
 
 
 # Metadata, dependencies and packages are in pyproject.toml; this file only adds the extension.

@@ -11,7 +11,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "e2e":
         from . import e2e
 
-        ap = argparse.ArgumentParser(prog="python -m bench e2e", description=e2e.__doc__.splitlines()[0])
+        ap = argparse.ArgumentParser(
+            prog="python -m bench e2e", description=e2e.__doc__.splitlines()[0]
+        )
         e2e.add_arguments(ap)
         return e2e.main(ap.parse_args(argv[1:]))
     if argv and argv[0] == "ops":

@@ -59,38 +59,66 @@ def bench_bandwidth(mib: int, repeat: int, rows: list[dict]) -> None:
             t_gram = median_time(lambda: ops.gram(G, backend="cpu"), repeat)
             t_mm = median_time(lambda: ref.gram(G), max(3, repeat // 2))
             row = {
-                "op": "gram", "dtype": str(dtype).split(".")[-1], "K": K, "P": P, "MiB": nbytes / 2**20,
-                "sum_GBps": bw, "GBps": nbytes / t_gram / 1e9, "ms": t_gram * 1e3,
+                "op": "gram",
+                "dtype": str(dtype).split(".")[-1],
+                "K": K,
+                "P": P,
+                "MiB": nbytes / 2**20,
+                "sum_GBps": bw,
+                "GBps": nbytes / t_gram / 1e9,
+                "ms": t_gram * 1e3,
                 "torch_mm_GBps": nbytes / t_mm / 1e9,
             }
             row["pct_of_sum"] = 100 * row["GBps"] / bw
             row["x_torch_mm"] = t_mm / t_gram
             rows.append(row)
-            print(f"gram      {row['dtype']:8s} K={K:2d} P={P:>10d}: {row['GBps']:6.2f} GB/s = {row['pct_of_sum']:5.1f}% of "
-                  f"G.sum() {bw:6.2f} GB/s | torch.mm {row['torch_mm_GBps']:6.2f} GB/s ({row['x_torch_mm']:5.1f}x)")
+            print(
+                f"gram      {row['dtype']:8s} K={K:2d} P={P:>10d}: {row['GBps']:6.2f} GB/s = {row['pct_of_sum']:5.1f}% of "
+                f"G.sum() {bw:6.2f} GB/s | torch.mm {row['torch_mm_GBps']:6.2f} GB/s ({row['x_torch_mm']:5.1f}x)"
+            )
             if K == 8:
                 A = G.clone()
                 B = torch.randn(K, P).to(dtype) * 1e-3
                 moved = 3 * nbytes  # read A, read B, write A
                 t_diff = median_time(lambda: ops.diff_gram(A, B, backend="cpu"), repeat)
                 t_ref = median_time(lambda: ref.diff_gram(A, B), max(3, repeat // 2))
-                r = {"op": "diff_gram", "dtype": row["dtype"], "K": K, "P": P, "sum_GBps": bw,
-                     "GBps": moved / t_diff / 1e9, "ms": t_diff * 1e3, "x_torch": t_ref / t_diff}
+                r = {
+                    "op": "diff_gram",
+                    "dtype": row["dtype"],
+                    "K": K,
+                    "P": P,
+                    "sum_GBps": bw,
+                    "GBps": moved / t_diff / 1e9,
+                    "ms": t_diff * 1e3,
+                    "x_torch": t_ref / t_diff,
+                }
                 r["pct_of_sum"] = 100 * r["GBps"] / bw
                 rows.append(r)
-                print(f"diff_gram {r['dtype']:8s} K={K:2d}: {r['GBps']:6.2f} GB/s (read A, B + write A) = "
-                      f"{r['pct_of_sum']:5.1f}% of G.sum() | {r['x_torch']:5.1f}x torch sub_ + mm")
+                print(
+                    f"diff_gram {r['dtype']:8s} K={K:2d}: {r['GBps']:6.2f} GB/s (read A, B + write A) = "
+                    f"{r['pct_of_sum']:5.1f}% of G.sum() | {r['x_torch']:5.1f}x torch sub_ + mm"
+                )
                 w = torch.rand(K)
                 out = torch.empty(P, dtype=dtype)
                 moved = nbytes + P * esz
                 t_comb = median_time(lambda: ops.combine(w, G, out=out, backend="cpu"), repeat)
                 t_ref = median_time(lambda: ref.combine(w, G, None, None, out), max(3, repeat // 2))
-                r = {"op": "combine", "dtype": row["dtype"], "K": K, "P": P, "sum_GBps": bw,
-                     "GBps": moved / t_comb / 1e9, "ms": t_comb * 1e3, "x_torch": t_ref / t_comb}
+                r = {
+                    "op": "combine",
+                    "dtype": row["dtype"],
+                    "K": K,
+                    "P": P,
+                    "sum_GBps": bw,
+                    "GBps": moved / t_comb / 1e9,
+                    "ms": t_comb * 1e3,
+                    "x_torch": t_ref / t_comb,
+                }
                 r["pct_of_sum"] = 100 * r["GBps"] / bw
                 rows.append(r)
-                print(f"combine   {r['dtype']:8s} K={K:2d}: {r['GBps']:6.2f} GB/s (read G + write d)   = "
-                      f"{r['pct_of_sum']:5.1f}% of G.sum() | {r['x_torch']:5.1f}x torch mv")
+                print(
+                    f"combine   {r['dtype']:8s} K={K:2d}: {r['GBps']:6.2f} GB/s (read G + write d)   = "
+                    f"{r['pct_of_sum']:5.1f}% of G.sum() | {r['x_torch']:5.1f}x torch mv"
+                )
                 del A, B, out
             del G
 
@@ -137,7 +165,10 @@ def bench_qp(repeat: int, rows: list[dict], K: int = 64, batch: int = 64) -> Non
         quadprog = None
     for family in ("rank", "full"):
         g32 = qp_family(family, K, batch)
-        fns = {"one": lambda: ops.solve_qp(g32[:1], backend="cpu"), "batch": lambda: ops.solve_qp(g32, backend="cpu")}
+        fns = {
+            "one": lambda: ops.solve_qp(g32[:1], backend="cpu"),
+            "batch": lambda: ops.solve_qp(g32, backend="cpu"),
+        }
         if quadprog is not None:
             # quadprog needs a strictly positive definite matrix: the smallest ridge that makes the
             # factorization succeed on singular Gram matrices, i.e. what an exact reference must do.
@@ -157,27 +188,46 @@ def bench_qp(repeat: int, rows: list[dict], K: int = 64, batch: int = 64) -> Non
             fns["quadprog_one"] = lambda: qp_one(0)
             fns["quadprog_batch"] = lambda: [qp_one(i) for i in range(batch)]
         t = interleaved_times(fns, max(3, repeat))
-        v, iters = cpu_backend._solve_qp_kernel(g32, None, None, "simplex", qp_ref.DEFAULT_MAX_ITER, qp_ref.DEFAULT_TOL,
-                                                with_iters=True)
+        v, iters = cpu_backend._solve_qp_kernel(
+            g32, None, None, "simplex", qp_ref.DEFAULT_MAX_ITER, qp_ref.DEFAULT_TOL, with_iters=True
+        )
         kkt = qp_ref.kkt_residual(g32, v).max().item()
         t_torch = median_time(lambda: qp_ref.solve_qp(g32[:1]), max(3, repeat // 2))
-        row = {"op": "qp", "family": family, "K": K, "batch": batch, "ms_one": t["one"] * 1e3,
-               "ms_batch": t["batch"] * 1e3, "ms_per_problem_batched": t["batch"] * 1e3 / batch, "kkt_max": kkt,
-               "iters_max": int(iters.max()), "ms_torch_reference_one": t_torch * 1e3}
+        row = {
+            "op": "qp",
+            "family": family,
+            "K": K,
+            "batch": batch,
+            "ms_one": t["one"] * 1e3,
+            "ms_batch": t["batch"] * 1e3,
+            "ms_per_problem_batched": t["batch"] * 1e3 / batch,
+            "kkt_max": kkt,
+            "iters_max": int(iters.max()),
+            "ms_torch_reference_one": t_torch * 1e3,
+        }
         if quadprog is not None:
             vq = torch.from_numpy(np.stack([qp_one(i) for i in range(batch)]))
-            row.update({"ms_quadprog_one": t["quadprog_one"] * 1e3, "ms_quadprog_batch": t["quadprog_batch"] * 1e3,
-                        "kkt_quadprog_max": qp_ref.kkt_residual(g32, vq).max().item(),
-                        "x_quadprog_one": t["quadprog_one"] / t["one"],
-                        "x_quadprog_batch": t["quadprog_batch"] / t["batch"]})
+            row.update(
+                {
+                    "ms_quadprog_one": t["quadprog_one"] * 1e3,
+                    "ms_quadprog_batch": t["quadprog_batch"] * 1e3,
+                    "kkt_quadprog_max": qp_ref.kkt_residual(g32, vq).max().item(),
+                    "x_quadprog_one": t["quadprog_one"] / t["one"],
+                    "x_quadprog_batch": t["quadprog_batch"] / t["batch"],
+                }
+            )
         rows.append(row)
-        print(f"qp K={K} {family:4s}: one problem {row['ms_one']:.3f} ms, batch of {batch} {row['ms_batch']:.2f} ms "
-              f"({row['ms_per_problem_batched']:.3f} ms/problem), KKT max {kkt:.1e}, <= {row['iters_max']} "
-              f"iterations; torch reference {row['ms_torch_reference_one']:.2f} ms")
+        print(
+            f"qp K={K} {family:4s}: one problem {row['ms_one']:.3f} ms, batch of {batch} {row['ms_batch']:.2f} ms "
+            f"({row['ms_per_problem_batched']:.3f} ms/problem), KKT max {kkt:.1e}, <= {row['iters_max']} "
+            f"iterations; torch reference {row['ms_torch_reference_one']:.2f} ms"
+        )
         if quadprog is not None:
-            print(f"   quadprog: one {row['ms_quadprog_one']:.3f} ms ({row['x_quadprog_one']:.2f}x ours), batch "
-                  f"{row['ms_quadprog_batch']:.2f} ms ({row['x_quadprog_batch']:.2f}x ours), "
-                  f"KKT max {row['kkt_quadprog_max']:.1e}")
+            print(
+                f"   quadprog: one {row['ms_quadprog_one']:.3f} ms ({row['x_quadprog_one']:.2f}x ours), batch "
+                f"{row['ms_quadprog_batch']:.2f} ms ({row['x_quadprog_batch']:.2f}x ours), "
+                f"KKT max {row['kkt_quadprog_max']:.1e}"
+            )
         else:
             print("   quadprog not installed: no exact-reference comparison")
 

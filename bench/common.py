@@ -128,7 +128,9 @@ def cpu_model() -> str:
 def git_commit() -> str:
     """The mtlsam_fast checkout's HEAD commit (read-only ``git rev-parse``), or ``"unknown"``."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -41,31 +41,50 @@ def cases(K: int = 4, P: int = 64) -> dict[str, tuple[Callable[[], object], ...]
     scale1 = scale.reshape(1)
     return {
         "gram": (lambda: ops.gram(G), lambda: ops.gram(G, backend="cpu"), lambda: C.gram(G)),
-        "diff_gram": (lambda: ops.diff_gram(A, B), lambda: ops.diff_gram(A, B, backend="cpu"),
-                      lambda: C.diff_gram(A, B)),
-        "combine": (lambda: ops.combine(w, G, out=out), lambda: ops.combine(w, G, out=out, backend="cpu"),
-                    lambda: C.combine(w, G, None, None, out)),
-        "segment_norms": (lambda: ops.segment_norms(theta, offsets),
-                          lambda: ops.segment_norms(theta, offsets, backend="cpu"),
-                          lambda: C.segment_norms(theta, offsets, None)),
-        "solve_qp": (lambda: ops.solve_qp(gram), lambda: ops.solve_qp(gram, backend="cpu"),
-                     lambda: C.solve_qp(gram, None, None, True, ops.qp.DEFAULT_MAX_ITER, ops.qp.DEFAULT_TOL, False)),
-        "perturb": (lambda: ops.perturb(theta, backup, offsets, G[0], scale),
-                    lambda: ops.perturb(theta, backup, offsets, G[0], scale, backend="cpu"),
-                    lambda: C.perturb(theta, backup, G[0], scale1, offsets, False, None, 0, 0)),
+        "diff_gram": (
+            lambda: ops.diff_gram(A, B),
+            lambda: ops.diff_gram(A, B, backend="cpu"),
+            lambda: C.diff_gram(A, B),
+        ),
+        "combine": (
+            lambda: ops.combine(w, G, out=out),
+            lambda: ops.combine(w, G, out=out, backend="cpu"),
+            lambda: C.combine(w, G, None, None, out),
+        ),
+        "segment_norms": (
+            lambda: ops.segment_norms(theta, offsets),
+            lambda: ops.segment_norms(theta, offsets, backend="cpu"),
+            lambda: C.segment_norms(theta, offsets, None),
+        ),
+        "solve_qp": (
+            lambda: ops.solve_qp(gram),
+            lambda: ops.solve_qp(gram, backend="cpu"),
+            lambda: C.solve_qp(
+                gram, None, None, True, ops.qp.DEFAULT_MAX_ITER, ops.qp.DEFAULT_TOL, False
+            ),
+        ),
+        "perturb": (
+            lambda: ops.perturb(theta, backup, offsets, G[0], scale),
+            lambda: ops.perturb(theta, backup, offsets, G[0], scale, backend="cpu"),
+            lambda: C.perturb(theta, backup, G[0], scale1, offsets, False, None, 0, 0),
+        ),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--window", type=float, default=0.02, help="seconds of calls per function and round")
+    p.add_argument(
+        "--window", type=float, default=0.02, help="seconds of calls per function and round"
+    )
     args = p.parse_args(argv)
     if _ext.get() is None:
         print(f"mtlsam_fast._C is not available: {_ext.error()}", file=sys.stderr)
         return 1
     torch.set_num_threads(1)
-    print(f"torch {torch.__version__}, Python {sys.version.split()[0]}, one thread; microseconds per call")
+    print(
+        f"torch {torch.__version__}, Python {sys.version.split()[0]}, one thread; microseconds per call"
+    )
     print(f"{'op':14s} {'auto':>7s} {'cpu':>7s} {'_C':>7s} {'auto - _C':>10s}")
     for name, fns in cases().items():
         t = interleaved_times(dict(zip(("auto", "cpu", "_C"), fns)), args.rounds, args.window)

@@ -65,7 +65,9 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.short = None
         if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.short = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -78,7 +80,9 @@ class ResNet18Trunk(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU()
+        )
         layers, cin = [], 64
         for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
             layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
@@ -93,11 +97,21 @@ class ResNet18Trunk(nn.Module):
 class TransformerTrunk(nn.Module):
     """A small pre-LN transformer encoder over token ids, mean-pooled."""
 
-    def __init__(self, vocab: int = 1000, d: int = 256, layers: int = 4, heads: int = 4, ff: int = 1024, seq: int = 64):
+    def __init__(
+        self,
+        vocab: int = 1000,
+        d: int = 256,
+        layers: int = 4,
+        heads: int = 4,
+        ff: int = 1024,
+        seq: int = 64,
+    ):
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
         self.pos = nn.Parameter(torch.zeros(seq, d))
-        layer = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            d, heads, ff, dropout=0.0, batch_first=True, norm_first=True
+        )
         self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d)
         self.out_dim = d
@@ -130,7 +144,14 @@ def build(model: str, K: int, batch: int, device: torch.device, seed: int = 0):
 class Probe:
     """A closure over the model that times its forwards and counts backward passes through the trunk."""
 
-    def __init__(self, trunk: nn.Module, heads: nn.ModuleList, x: Tensor, ys: list[Tensor], device: torch.device):
+    def __init__(
+        self,
+        trunk: nn.Module,
+        heads: nn.ModuleList,
+        x: Tensor,
+        ys: list[Tensor],
+        device: torch.device,
+    ):
         self.trunk, self.heads, self.x, self.ys, self.device = trunk, heads, x, ys, device
         self.reset()
 
@@ -154,7 +175,11 @@ class Probe:
 
     def close(self) -> None:
         """Account the backward pass in flight (called before each forward and at the end of a step)."""
-        if self._open is not None and self._last_param is not None and self._last_param > self._open:
+        if (
+            self._open is not None
+            and self._last_param is not None
+            and self._last_param > self._open
+        ):
             self.bwd_s += self._last_param - self._open
         self._open = None
 
@@ -204,13 +229,18 @@ def calibrate(probe: Probe, reps: int) -> dict:
     for p in params:
         p.grad = None
     probe.reset()
-    return {"fwd_grad_s": statistics.median(fg[1:]), "fwd_nograd_s": statistics.median(fn[1:]),
-            "bwd_s": statistics.median(bw[1:])}
+    return {
+        "fwd_grad_s": statistics.median(fg[1:]),
+        "fwd_nograd_s": statistics.median(fn[1:]),
+        "bwd_s": statistics.median(bw[1:]),
+    }
 
 
 def _rss_kib() -> tuple[int, int]:
     s = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+)", s).group(1)), int(re.search(r"VmRSS:\s+(\d+)", s).group(1))
+    return int(re.search(r"VmHWM:\s+(\d+)", s).group(1)), int(
+        re.search(r"VmRSS:\s+(\d+)", s).group(1)
+    )
 
 
 class PeakMemory:
@@ -218,7 +248,9 @@ class PeakMemory:
 
     def __init__(self, device: torch.device, base: int | None = None):
         self.device = device
-        self.fixed_base = base  # measure the peak above this level (bytes) instead of the level at entry
+        self.fixed_base = (
+            base  # measure the peak above this level (bytes) instead of the level at entry
+        )
         self.bytes: int | None = None
         self.method = ""
 
@@ -276,8 +308,16 @@ def _zero(params) -> None:
         p.grad = None
 
 
-def naive_step(method: str, probe: Probe, shared: list[Tensor], heads: list[list[Tensor]], base: torch.optim.Optimizer,
-               rho: float = 0.05, alpha: float = 0.5, mu: float = 1e-3) -> list[float]:
+def naive_step(
+    method: str,
+    probe: Probe,
+    shared: list[Tensor],
+    heads: list[list[Tensor]],
+    base: torch.optim.Optimizer,
+    rho: float = 0.05,
+    alpha: float = 0.5,
+    mu: float = 1e-3,
+) -> list[float]:
     """One step of ``method`` in the style of the papers' official code (see the module docstring)."""
     K = len(heads)
     every = shared + [p for h in heads for p in h]
@@ -331,7 +371,9 @@ def naive_step(method: str, probe: Probe, shared: list[Tensor], heads: list[list
         g0_norms = [x.norm().item() for x in g0]
         G, head_grads = [], []
         for t in range(K):
-            z = [torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype) for p in shared]
+            z = [
+                torch.randn(p.shape, generator=gen, device=p.device, dtype=p.dtype) for p in shared
+            ]
             olds = [p.data.clone() for p in shared]
             with torch.no_grad():
                 for p, zi in zip(shared, z):
@@ -344,7 +386,9 @@ def naive_step(method: str, probe: Probe, shared: list[Tensor], heads: list[list
                     p.copy_(o)
             coef = (lp - lm) / (2 * mu)
             ghat = [coef * zi for zi in z]
-            ghat = [gh_ * (n0 / max(gh_.norm().item(), 1e-12)) for gh_, n0 in zip(ghat, g0_norms)]  # layerwise
+            ghat = [
+                gh_ * (n0 / max(gh_.norm().item(), 1e-12)) for gh_, n0 in zip(ghat, g0_norms)
+            ]  # layerwise
             v = [alpha * a + (1 - alpha) * b for a, b in zip(g0, ghat)]
             s, sh = perturbed_grad(t, v, g0h[t])
             G.append(s)
@@ -376,13 +420,18 @@ def analytical_bytes(method: str, impl: str, P: int, PH: int, K: int, itemsize: 
     b = itemsize
     if impl == "mtlsam_fast":
         model = {"mgda": K * P + P, "fmtl": K * P + 3 * P, "samo": K * P + 3 * P}[method]
-        desc = {"mgda": "G[K,P] + d[P]", "fmtl": "G[K,P] (flat overwrites it) + backup + d + scratch",
-                "samo": "G[K,P] + g0 + backup (z regenerated)"}[method]
+        desc = {
+            "mgda": "G[K,P] + d[P]",
+            "fmtl": "G[K,P] (flat overwrites it) + backup + d + scratch",
+            "samo": "G[K,P] + g0 + backup (z regenerated)",
+        }[method]
     else:
         model = {"mgda": K * P + 2 * P, "fmtl": 3 * K * P + 3 * P, "samo": K * P + 6 * P}[method]
-        desc = {"mgda": "K grad clones + combine temporaries",
-                "fmtl": "K clean + K perturbed clones + K flat diffs + old_p + temporaries",
-                "samo": "K grad clones + g0 + z + old_p + ghat + v + temporaries"}[method]
+        desc = {
+            "mgda": "K grad clones + combine temporaries",
+            "fmtl": "K clean + K perturbed clones + K flat diffs + old_p + temporaries",
+            "samo": "K grad clones + g0 + z + old_p + ghat + v + temporaries",
+        }[method]
     return {"bytes": model * b + 2 * PH * K * b, "model": desc}
 
 
@@ -397,9 +446,15 @@ def mtlsam_optimizers() -> tuple[dict | None, str | None]:
     return {"fmtl": FMTL, "samo": SAMO, "mgda": MTLOptimizer}, None
 
 
-def make_mtlsam(method: str, classes: dict, shared, heads, lr: float, rho: float, alpha: float, mu: float):
-    kw = dict(task_params=[list(h.parameters()) for h in heads], base_optimizer=torch.optim.SGD,
-              weighting="mgda", lr=lr)
+def make_mtlsam(
+    method: str, classes: dict, shared, heads, lr: float, rho: float, alpha: float, mu: float
+):
+    kw = dict(
+        task_params=[list(h.parameters()) for h in heads],
+        base_optimizer=torch.optim.SGD,
+        weighting="mgda",
+        lr=lr,
+    )
     if method == "mgda":
         return classes["mgda"](shared, **kw)
     if method == "fmtl":
@@ -407,7 +462,9 @@ def make_mtlsam(method: str, classes: dict, shared, heads, lr: float, rho: float
     return classes["samo"](shared, rho=rho, alpha=alpha, zo_eps=mu, layerwise=True, seed=0, **kw)
 
 
-def run_case(model: str, method: str, impl: str, args, device: torch.device, classes: dict | None) -> dict:
+def run_case(
+    model: str, method: str, impl: str, args, device: torch.device, classes: dict | None
+) -> dict:
     trunk, heads, x, ys = build(model, args.tasks, args.batch, device)
     trunk.train()
     shared = list(trunk.parameters())
@@ -429,13 +486,23 @@ def run_case(model: str, method: str, impl: str, args, device: torch.device, cla
     for p in list(trunk.parameters()) + list(heads.parameters()):
         p.grad = None
     probe.reset()
-    row = {"model": model, "method": method, "impl": impl, "K": args.tasks, "batch": args.batch, "P_shared": P,
-           "device": str(device), **{f"calib_{k}": v for k, v in cal.items()}}
+    row = {
+        "model": model,
+        "method": method,
+        "impl": impl,
+        "K": args.tasks,
+        "batch": args.batch,
+        "P_shared": P,
+        "device": str(device),
+        **{f"calib_{k}": v for k, v in cal.items()},
+    }
     if impl == "naive":
         every = shared + list(heads.parameters())
         base = torch.optim.SGD(every, lr=args.lr)
         head_lists = [list(h.parameters()) for h in heads]
-        step = lambda: naive_step(method, probe, shared, head_lists, base, args.rho, args.alpha, args.mu)  # noqa: E731
+        step = lambda: naive_step(
+            method, probe, shared, head_lists, base, args.rho, args.alpha, args.mu
+        )  # noqa: E731
     else:
         opt = make_mtlsam(method, classes, shared, heads, args.lr, args.rho, args.alpha, args.mu)
         step = lambda: opt.step(probe)  # noqa: E731
@@ -462,16 +529,31 @@ def run_case(model: str, method: str, impl: str, args, device: torch.device, cla
         peaks.append(pm.bytes)
     ana = analytical_bytes(method, impl, P, PH, args.tasks)
     med = statistics.median(times)
-    row.update({
-        "step_s": med, "step_min_s": min(times), "step_max_s": max(times), "reps": len(times),
-        "fwd_s": statistics.median(fwd_s), "bwd_s": statistics.median(bwd_s),
-        "bwd_timing": "measured (trunk-output hook to last parameter hook)" if measured_bwd else "calibrated",
-        "overhead_s": statistics.median(overheads), "overhead_pct": 100 * statistics.median(overheads) / med,
-        "n_fwd_grad": counts[0], "n_fwd_nograd": counts[1], "n_bwd": counts[2],
-        "peak_step_bytes": max(b for b in peaks if b is not None) if any(b is not None for b in peaks) else None,
-        "peak_fwd_bwd_bytes": pm_fb.bytes, "memory_method": pm_fb.method,
-        "analytical_optimizer_bytes": ana["bytes"], "analytical_model": ana["model"],
-    })
+    row.update(
+        {
+            "step_s": med,
+            "step_min_s": min(times),
+            "step_max_s": max(times),
+            "reps": len(times),
+            "fwd_s": statistics.median(fwd_s),
+            "bwd_s": statistics.median(bwd_s),
+            "bwd_timing": "measured (trunk-output hook to last parameter hook)"
+            if measured_bwd
+            else "calibrated",
+            "overhead_s": statistics.median(overheads),
+            "overhead_pct": 100 * statistics.median(overheads) / med,
+            "n_fwd_grad": counts[0],
+            "n_fwd_nograd": counts[1],
+            "n_bwd": counts[2],
+            "peak_step_bytes": max(b for b in peaks if b is not None)
+            if any(b is not None for b in peaks)
+            else None,
+            "peak_fwd_bwd_bytes": pm_fb.bytes,
+            "memory_method": pm_fb.method,
+            "analytical_optimizer_bytes": ana["bytes"],
+            "analytical_model": ana["model"],
+        }
+    )
     return row
 
 
@@ -480,33 +562,49 @@ def _mb(b) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    hdr = (f"{'model':11s} {'method':6s} {'impl':11s} {'step':>9s} {'fwd':>8s} {'bwd':>8s} {'overhead':>9s} {'ovh%':>5s} {'fwd/nograd/bwd':>15s} "
-           f"{'peak MiB':>9s} {'fb MiB':>7s} {'model MiB':>9s}  vs naive")
+    hdr = (
+        f"{'model':11s} {'method':6s} {'impl':11s} {'step':>9s} {'fwd':>8s} {'bwd':>8s} {'overhead':>9s} {'ovh%':>5s} {'fwd/nograd/bwd':>15s} "
+        f"{'peak MiB':>9s} {'fb MiB':>7s} {'model MiB':>9s}  vs naive"
+    )
     lines = [hdr, "-" * len(hdr)]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['model']:11s} {r['method']:6s} {r['impl']:11s} {r['error']}")
             continue
-        vs = f"step {r['speedup_step']:.2f}x, overhead {r['speedup_overhead']:.2f}x" if "speedup_step" in r else ""
+        vs = (
+            f"step {r['speedup_step']:.2f}x, overhead {r['speedup_overhead']:.2f}x"
+            if "speedup_step" in r
+            else ""
+        )
         lines.append(
             f"{r['model']:11s} {r['method']:6s} {r['impl']:11s} {r['step_s'] * 1e3:7.0f}ms {r['fwd_s'] * 1e3:6.0f}ms "
             f"{r['bwd_s'] * 1e3:6.0f}ms {r['overhead_s'] * 1e3:7.0f}ms "
             f"{r['overhead_pct']:5.1f} {str(r['n_fwd_grad']) + '/' + str(r['n_fwd_nograd']) + '/' + str(r['n_bwd']):>15s} "
-            f"{_mb(r['peak_step_bytes']):>9s} {_mb(r['peak_fwd_bwd_bytes']):>7s} {_mb(r['analytical_optimizer_bytes']):>9s}  {vs}")
+            f"{_mb(r['peak_step_bytes']):>9s} {_mb(r['peak_fwd_bwd_bytes']):>7s} {_mb(r['analytical_optimizer_bytes']):>9s}  {vs}"
+        )
     return "\n".join(lines)
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quick", action="store_true", help="K=2, batch 4, 1 repetition")
-    ap.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/<device>)")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="output folder (default bench/results/<device>)"
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--models", default="resnet18,transformer")
     ap.add_argument("--methods", default="mgda,fmtl,samo")
     ap.add_argument("--impls", default="mtlsam_fast,naive")
     ap.add_argument("--tasks", type=int, default=None, help="K (default 4, quick 2)")
     ap.add_argument("--batch", type=int, default=None, help="batch size (default 8, quick 4)")
-    ap.add_argument("--reps", type=int, default=None, help="measured steps per case (default 3, quick 1)")
-    ap.add_argument("--calib", type=int, default=None, help="calibration passes (fallback backward timing; default 2)")
+    ap.add_argument(
+        "--reps", type=int, default=None, help="measured steps per case (default 3, quick 1)"
+    )
+    ap.add_argument(
+        "--calib",
+        type=int,
+        default=None,
+        help="calibration passes (fallback backward timing; default 2)",
+    )
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--rho", type=float, default=0.05)
     ap.add_argument("--alpha", type=float, default=0.5)
@@ -528,8 +626,10 @@ def main(args: argparse.Namespace) -> int:
     classes, why = mtlsam_optimizers()
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
     if classes is None and "mtlsam_fast" in impls:
-        print(f"NOTE: mtlsam_fast.optim is not importable yet ({why}); the mtlsam_fast rows are reported as "
-              "unavailable and only the naive baseline runs. Re-run `python -m bench e2e` once the optimizers land.")
+        print(
+            f"NOTE: mtlsam_fast.optim is not importable yet ({why}); the mtlsam_fast rows are reported as "
+            "unavailable and only the naive baseline runs. Re-run `python -m bench e2e` once the optimizers land."
+        )
     meta = machine_info(device)
     rows = []
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
@@ -537,7 +637,9 @@ def main(args: argparse.Namespace) -> int:
             for impl in impls:
                 base = {"model": model, "method": method, "impl": impl}
                 if impl == "mtlsam_fast" and classes is None:
-                    rows.append({**base, "error": f"unavailable: mtlsam_fast.optim not importable ({why})"})
+                    rows.append(
+                        {**base, "error": f"unavailable: mtlsam_fast.optim not importable ({why})"}
+                    )
                     continue
                 print(f"  e2e {model} {method} {impl} ...", flush=True)
                 try:
@@ -548,19 +650,36 @@ def main(args: argparse.Namespace) -> int:
     for r in rows:
         if "error" in r or r["impl"] == "naive":
             continue
-        nv = next((n for n in rows if n["impl"] == "naive" and n["model"] == r["model"] and n["method"] == r["method"]
-                   and "error" not in n), None)
+        nv = next(
+            (
+                n
+                for n in rows
+                if n["impl"] == "naive"
+                and n["model"] == r["model"]
+                and n["method"] == r["method"]
+                and "error" not in n
+            ),
+            None,
+        )
         if nv:
             r["speedup_step"] = nv["step_s"] / r["step_s"]
-            r["speedup_overhead"] = nv["overhead_s"] / r["overhead_s"] if r["overhead_s"] > 0 else math.inf
+            r["speedup_overhead"] = (
+                nv["overhead_s"] / r["overhead_s"] if r["overhead_s"] > 0 else math.inf
+            )
     meta["loadavg_end"] = list(__import__("os").getloadavg())
-    out = args.out or (REPO_ROOT / "bench" / "results" / ("cpu" if device.type == "cpu" else "cuda"))
+    out = args.out or (
+        REPO_ROOT / "bench" / "results" / ("cpu" if device.type == "cpu" else "cuda")
+    )
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(rows)
     print()
     print(table)
-    doc = {"meta": meta, "config": {k: v for k, v in vars(args).items() if k != "out"},
-           "command": " ".join(["python -m bench e2e", *sys.argv[2:]]), "results": rows}
+    doc = {
+        "meta": meta,
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "command": " ".join(["python -m bench e2e", *sys.argv[2:]]),
+        "results": rows,
+    }
     (out / "e2e.json").write_text(json.dumps(doc, indent=1, default=str))
     (out / "e2e.txt").write_text(table + "\n")
     print(f"\nwrote {out}/e2e.json, e2e.txt")

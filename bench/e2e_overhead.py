@@ -37,7 +37,9 @@ class BasicBlock(nn.Module):
         self.b2 = nn.BatchNorm2d(cout)
         self.short = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.short = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x):
         out = torch.relu(self.b1(self.c1(x)))
@@ -76,8 +78,13 @@ def measure(method: str, args) -> dict:
     x = torch.randn(args.batch, 3, 32, 32)
     ys = [torch.randint(0, 10, (args.batch,)) for _ in range(args.tasks)]
     P = sum(p.numel() for p in trunk.parameters())
-    common = dict(task_params=[h.parameters() for h in heads], base_optimizer=torch.optim.SGD,
-                  weighting=args.weighting, lr=0.01, momentum=0.9)
+    common = dict(
+        task_params=[h.parameters() for h in heads],
+        base_optimizer=torch.optim.SGD,
+        weighting=args.weighting,
+        lr=0.01,
+        momentum=0.9,
+    )
     if method == "fmtl":
         opt = mtlsam_fast.FMTL(trunk.parameters(), rho=0.05, **common)
     elif method == "samo":
@@ -109,8 +116,17 @@ def measure(method: str, args) -> dict:
     med = [statistics.median(r[j] for r in rows) for j in range(4)]
     total, f, b, bs = med
     machinery = total - f - b - bs
-    return {"method": method, "P": P, "step_s": total, "fwd_s": f, "bwd_s": b, "base_s": bs,
-            "machinery_s": machinery, "overhead_frac": (machinery + bs) / total, "machinery_frac": machinery / total}
+    return {
+        "method": method,
+        "P": P,
+        "step_s": total,
+        "fwd_s": f,
+        "bwd_s": b,
+        "base_s": bs,
+        "machinery_s": machinery,
+        "overhead_frac": (machinery + bs) / total,
+        "machinery_frac": machinery / total,
+    }
 
 
 def main() -> None:
@@ -124,21 +140,31 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, K={args.tasks}, "
-          f"weighting={args.weighting}, backend={mtlsam_fast.get_backend()}, median of {args.steps} steps")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, K={args.tasks}, "
+        f"weighting={args.weighting}, backend={mtlsam_fast.get_backend()}, median of {args.steps} steps"
+    )
     res = {m: measure(m, args) for m in args.methods.split(",")}
     P = next(iter(res.values()))["P"]
     print(f"shared parameters P = {P:,}")
-    print(f"{'method':8} {'step s':>8} {'fwd s':>8} {'bwd s':>8} {'base s':>8} {'mach. s':>8} {'overhead':>9} {'machinery':>9}")
+    print(
+        f"{'method':8} {'step s':>8} {'fwd s':>8} {'bwd s':>8} {'base s':>8} {'mach. s':>8} {'overhead':>9} {'machinery':>9}"
+    )
     for r in res.values():
-        print(f"{r['method']:8} {r['step_s']:8.3f} {r['fwd_s']:8.3f} {r['bwd_s']:8.3f} {r['base_s']:8.3f} "
-              f"{r['machinery_s']:8.3f} {100 * r['overhead_frac']:8.1f}% {100 * r['machinery_frac']:8.1f}%")
+        print(
+            f"{r['method']:8} {r['step_s']:8.3f} {r['fwd_s']:8.3f} {r['bwd_s']:8.3f} {r['base_s']:8.3f} "
+            f"{r['machinery_s']:8.3f} {100 * r['overhead_frac']:8.1f}% {100 * r['machinery_frac']:8.1f}%"
+        )
     if "samo" in res and "fmtl" in res:
-        print(f"SAMO / F-MTL wall time per step: {res['samo']['step_s'] / res['fmtl']['step_s']:.2f}")
+        print(
+            f"SAMO / F-MTL wall time per step: {res['samo']['step_s'] / res['fmtl']['step_s']:.2f}"
+        )
     if "mtl" in res:
         for m in ("fmtl", "samo"):
             if m in res:
-                print(f"{m} / aggregation (mtl) wall time per step: {res[m]['step_s'] / res['mtl']['step_s']:.2f}")
+                print(
+                    f"{m} / aggregation (mtl) wall time per step: {res[m]['step_s'] / res['mtl']['step_s']:.2f}"
+                )
 
 
 if __name__ == "__main__":

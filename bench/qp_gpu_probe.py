@@ -35,8 +35,13 @@ def main() -> int:
                 g = A @ A.transpose(1, 2) + (1e-3 * torch.eye(K, device="cuda") if rank == K else 0)
                 for be in backends:
                     us = timeit(lambda: ops.solve_qp(g, backend=be), 20) * 1e6
-                    kkt = float(ops.kkt_residual(g.double(), ops.solve_qp(g, backend=be).double()).max())
-                    print(f"K={K:2d} rank={rank:2d} B={B:2d} {be:6s} {us:9.1f} us  kkt {kkt:.1e}", flush=True)
+                    kkt = float(
+                        ops.kkt_residual(g.double(), ops.solve_qp(g, backend=be).double()).max()
+                    )
+                    print(
+                        f"K={K:2d} rank={rank:2d} B={B:2d} {be:6s} {us:9.1f} us  kkt {kkt:.1e}",
+                        flush=True,
+                    )
     return 0
 
 

@@ -40,17 +40,40 @@ from mtlsam_fast.ops import kkt_residual
 from . import naive, peers
 from .common import DTYPES, REPO_ROOT, machine_info, make_offsets, measure, measure_roofline
 
-P_OPS = ("gram", "diff_gram", "segment_norms", "combine", "perturb", "restore", "gaussian_noise", "noise_stats")
+P_OPS = (
+    "gram",
+    "diff_gram",
+    "segment_norms",
+    "combine",
+    "perturb",
+    "restore",
+    "gaussian_noise",
+    "noise_stats",
+)
 K_OPS = ("solve_qp", "weighting")
 ALL_OPS = P_OPS + K_OPS
 #: ops whose result does not depend on K (measured once per P, reported with K = 1)
 NO_K = ("perturb", "restore", "gaussian_noise", "noise_stats")
 
 PRESETS = {
-    "quick": dict(Ks=[4, 16], Ps=[1 << 18, 1 << 21], dtypes=["fp32", "bf16"], qp_Ks=[4, 16, 64],
-                  budget_s=0.03, roof_mib=128, max_call_s=2.0),
-    "default": dict(Ks=[4, 16], Ps=[1 << 20, 1 << 22, 1 << 24], dtypes=["fp32", "bf16"],
-                    qp_Ks=[2, 4, 8, 16, 32, 64], budget_s=0.2, roof_mib=512, max_call_s=10.0),
+    "quick": dict(
+        Ks=[4, 16],
+        Ps=[1 << 18, 1 << 21],
+        dtypes=["fp32", "bf16"],
+        qp_Ks=[4, 16, 64],
+        budget_s=0.03,
+        roof_mib=128,
+        max_call_s=2.0,
+    ),
+    "default": dict(
+        Ks=[4, 16],
+        Ps=[1 << 20, 1 << 22, 1 << 24],
+        dtypes=["fp32", "bf16"],
+        qp_Ks=[2, 4, 8, 16, 32, 64],
+        budget_s=0.2,
+        roof_mib=512,
+        max_call_s=10.0,
+    ),
 }
 
 
@@ -109,8 +132,16 @@ def _op_bytes(op: str, K: int, P: int, s: int) -> tuple[int, int]:
     }[op]
 
 
-def p_op_cases(op: str, K: int, P: int, dtype: torch.dtype, device: torch.device, backends: list[str],
-               bounds: list[int], with_naive: bool) -> list[Case]:
+def p_op_cases(
+    op: str,
+    K: int,
+    P: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    backends: list[str],
+    bounds: list[int],
+    with_naive: bool,
+) -> list[Case]:
     """Inputs for one (op, K, P, dtype) and every implementation that runs on them."""
     g = torch.Generator(device=device).manual_seed(0)
     offsets = torch.tensor(bounds, dtype=torch.int64, device=device)
@@ -129,8 +160,14 @@ def p_op_cases(op: str, K: int, P: int, dtype: torch.dtype, device: torch.device
     if op == "gram":
         G = rand(K, P)
         backend_cases(lambda b: ops.gram(G, backend=b), ops.gram)
-        cases.append(Case("torch.mm", "baseline", lambda: torch.mm(G, G.T),
-                          note="output in the input dtype (no fp32 accumulation guarantee for 16-bit)"))
+        cases.append(
+            Case(
+                "torch.mm",
+                "baseline",
+                lambda: torch.mm(G, G.T),
+                note="output in the input dtype (no fp32 accumulation guarantee for 16-bit)",
+            )
+        )
         if with_naive:
             vecs = naive.split(G, bounds)
             cases.append(Case("naive", "baseline", lambda: naive.gram(vecs)))
@@ -145,9 +182,14 @@ def p_op_cases(op: str, K: int, P: int, dtype: torch.dtype, device: torch.device
         G = rand(K, P)
         backend_cases(lambda b: ops.segment_norms(G, offsets, backend=b), ops.segment_norms)
         pairs = list(zip(bounds[:-1], bounds[1:]))
-        cases.append(Case("torch.norm-loop", "baseline",
-                          lambda: torch.stack([G[:, a:c].norm(dim=1) for a, c in pairs], 1),
-                          note="per-parameter torch.norm, stacked on the device (SAM's _grad_norm style)"))
+        cases.append(
+            Case(
+                "torch.norm-loop",
+                "baseline",
+                lambda: torch.stack([G[:, a:c].norm(dim=1) for a, c in pairs], 1),
+                note="per-parameter torch.norm, stacked on the device (SAM's _grad_norm style)",
+            )
+        )
         if with_naive:
             vecs = naive.split(G, bounds)
             cases.append(Case("naive", "baseline", lambda: naive.segment_norms(vecs)))
@@ -166,30 +208,54 @@ def p_op_cases(op: str, K: int, P: int, dtype: torch.dtype, device: torch.device
         backup, direction = rand(P), rand(P)
         theta = backup.clone()
         scale = torch.rand(len(bounds) - 1, generator=g, device=device) * 0.05
-        backend_cases(lambda b: ops.perturb(theta, backup, offsets, direction, scale, backend=b), ops.perturb)
+        backend_cases(
+            lambda b: ops.perturb(theta, backup, offsets, direction, scale, backend=b), ops.perturb
+        )
         if with_naive:
             pv, dv = naive.split_flat(theta, bounds), naive.split_flat(direction, bounds)
-            cases.append(Case("naive", "baseline", lambda: naive.perturb(pv, dv),
-                              note="SAM: host grad norm, per-parameter clone + add_"))
+            cases.append(
+                Case(
+                    "naive",
+                    "baseline",
+                    lambda: naive.perturb(pv, dv),
+                    note="SAM: host grad norm, per-parameter clone + add_",
+                )
+            )
     elif op == "restore":
         backup = rand(P)
         theta = backup.clone()
         backend_cases(lambda b: ops.restore(theta, backup), ops.restore)
         if with_naive:
             pv, ov = naive.split_flat(theta, bounds), naive.split_flat(backup, bounds)
-            cases.append(Case("naive", "baseline", lambda: naive.restore(pv, ov), note="per-parameter copy_"))
+            cases.append(
+                Case("naive", "baseline", lambda: naive.restore(pv, ov), note="per-parameter copy_")
+            )
     elif op == "gaussian_noise":
-        backend_cases(lambda b: ops.gaussian_noise(1234, 0, P, device=device, backend=b), ops.gaussian_noise)
-        cases.append(Case("torch.randn", "baseline", lambda: torch.randn(P, generator=g, device=device),
-                          note="stateful generator, not counter-based"))
+        backend_cases(
+            lambda b: ops.gaussian_noise(1234, 0, P, device=device, backend=b), ops.gaussian_noise
+        )
+        cases.append(
+            Case(
+                "torch.randn",
+                "baseline",
+                lambda: torch.randn(P, generator=g, device=device),
+                note="stateful generator, not counter-based",
+            )
+        )
     elif op == "noise_stats":
         ref = rand(P)
         backend_cases(lambda b: ops.noise_stats(1234, 0, ref, offsets, backend=b), ops.noise_stats)
         if with_naive:
             rv = naive.split_flat(ref, bounds)
             gen = torch.Generator(device=device).manual_seed(1)
-            cases.append(Case("naive", "baseline", lambda: naive.noise_stats(rv, gen),
-                              note="torch.randn per parameter, host scalars"))
+            cases.append(
+                Case(
+                    "naive",
+                    "baseline",
+                    lambda: naive.noise_stats(rv, gen),
+                    note="torch.randn per parameter, host scalars",
+                )
+            )
     else:
         raise ValueError(op)
     return cases
@@ -205,25 +271,51 @@ def make_gram(K: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -
     return (G @ G.T).to(dtype).to(device)
 
 
-def qp_cases(K: int, gram: torch.Tensor, backends: list[str], with_naive: bool, with_peers: bool) -> list[Case]:
-    cases = [Case(b, "backend", (lambda b=b: ops.solve_qp(gram, backend=b)), result=lambda v: v) for b in backends]
+def qp_cases(
+    K: int, gram: torch.Tensor, backends: list[str], with_naive: bool, with_peers: bool
+) -> list[Case]:
+    cases = [
+        Case(b, "backend", (lambda b=b: ops.solve_qp(gram, backend=b)), result=lambda v: v)
+        for b in backends
+    ]
     if with_naive:
-        cases.append(Case("naive-fw", "baseline", lambda: naive.min_norm_from_gram(gram),
-                          note="Sener & Koltun MinNormSolver loop on host floats (dot products given)",
-                          result=lambda v: torch.as_tensor(v)))
+        cases.append(
+            Case(
+                "naive-fw",
+                "baseline",
+                lambda: naive.min_norm_from_gram(gram),
+                note="Sener & Koltun MinNormSolver loop on host floats (dot products given)",
+                result=lambda v: torch.as_tensor(v),
+            )
+        )
     if with_peers:
         if peers.quadprog_available():
-            cases.append(Case("quadprog", "peer", lambda: peers.quadprog_simplex(gram),
-                              note="Goldfarb-Idnani active set, host fp64", result=lambda v: torch.as_tensor(v)))
+            cases.append(
+                Case(
+                    "quadprog",
+                    "peer",
+                    lambda: peers.quadprog_simplex(gram),
+                    note="Goldfarb-Idnani active set, host fp64",
+                    result=lambda v: torch.as_tensor(v),
+                )
+            )
         w = peers.torchjd_weighting("mgda")
         if w is not None:
-            cases.append(Case("torchjd-mgda", "peer", lambda: w(gram), note="torchjd MGDAWeighting defaults",
-                              result=lambda v: v))
+            cases.append(
+                Case(
+                    "torchjd-mgda",
+                    "peer",
+                    lambda: w(gram),
+                    note="torchjd MGDAWeighting defaults",
+                    result=lambda v: v,
+                )
+            )
     return cases
 
 
-def weighting_cases(name: str, K: int, gram: torch.Tensor, backends: list[str], with_naive: bool,
-                    with_peers: bool) -> list[Case]:
+def weighting_cases(
+    name: str, K: int, gram: torch.Tensor, backends: list[str], with_naive: bool, with_peers: bool
+) -> list[Case]:
     from mtlsam_fast import weighting
 
     cases: list[Case] = []
@@ -297,14 +389,22 @@ def _run_case(case: Case, row: Row, st: Settings) -> object:
         return r
 
     t = measure(fn, st.device, budget_s=st.budget_s, max_call_s=st.max_call_s)
-    row.median_s, row.p25_s, row.p75_s, row.min_s, row.reps = t.median, t.p25, t.p75, t.min, len(t.times)
+    row.median_s, row.p25_s, row.p75_s, row.min_s, row.reps = (
+        t.median,
+        t.p25,
+        t.p75,
+        t.min,
+        len(t.times),
+    )
     return out_holder[0] if out_holder else None
 
 
 def sweep(st: Settings, log=print) -> tuple[list[Row], dict]:
     roof = measure_roofline(st.device, st.roof_mib << 20, budget_s=max(st.budget_s * 4, 0.1))
-    log(f"roofline on {st.device}: read {roof['read_gbps']:.1f} GB/s, copy {roof['copy_gbps']:.1f} GB/s "
-        f"(buffer {roof['buffer_bytes'] >> 20} MiB)")
+    log(
+        f"roofline on {st.device}: read {roof['read_gbps']:.1f} GB/s, copy {roof['copy_gbps']:.1f} GB/s "
+        f"(buffer {roof['buffer_bytes'] >> 20} MiB)"
+    )
     rows: list[Row] = []
     too_slow: set[tuple] = set()
 
@@ -312,27 +412,53 @@ def sweep(st: Settings, log=print) -> tuple[list[Row], dict]:
     for op in [o for o in st.ops if o in P_OPS]:
         if len(samples) > 1 or op != st.ops[0]:
             # the machine may be shared: re-measure the roofline next to each op's measurements
-            roof = measure_roofline(st.device, st.roof_mib << 20, budget_s=max(st.budget_s * 2, 0.05))
+            roof = measure_roofline(
+                st.device, st.roof_mib << 20, budget_s=max(st.budget_s * 2, 0.05)
+            )
             samples.append(dict(roof, op=op))
-            log(f"roofline before {op}: read {roof['read_gbps']:.1f} GB/s, copy {roof['copy_gbps']:.1f} GB/s")
+            log(
+                f"roofline before {op}: read {roof['read_gbps']:.1f} GB/s, copy {roof['copy_gbps']:.1f} GB/s"
+            )
         for dname in st.dtypes:
             dtype = DTYPES[dname]
             if op == "gaussian_noise" and dtype != torch.float32:
                 continue  # output is always fp32
-            for K in ([1] if op in NO_K else st.Ks):
+            for K in [1] if op in NO_K else st.Ks:
                 for P in st.Ps:
                     bounds = make_offsets(P, st.n_layers)
                     try:
-                        cases = p_op_cases(op, K, P, dtype, st.device, st.backends, bounds, st.naive)
+                        cases = p_op_cases(
+                            op, K, P, dtype, st.device, st.backends, bounds, st.naive
+                        )
                     except Exception as e:  # noqa: BLE001
-                        rows.append(Row(op, "inputs", "error", dname, K, P, len(bounds) - 1, error=_fmt_err(e)))
+                        rows.append(
+                            Row(
+                                op,
+                                "inputs",
+                                "error",
+                                dname,
+                                K,
+                                P,
+                                len(bounds) - 1,
+                                error=_fmt_err(e),
+                            )
+                        )
                         continue
                     rd, wr = _op_bytes(op, K, P, dtype.itemsize)
                     bw_kind = "read" if wr == 0 else "copy"
                     bw = roof[f"{bw_kind}_gbps"]
                     for case in cases:
-                        row = Row(op, case.impl, case.kind, dname, K, P, len(bounds) - 1, bytes=rd + wr,
-                                  note=case.note)
+                        row = Row(
+                            op,
+                            case.impl,
+                            case.kind,
+                            dname,
+                            K,
+                            P,
+                            len(bounds) - 1,
+                            bytes=rd + wr,
+                            note=case.note,
+                        )
                         key = (op, case.impl, dname, K)
                         if key in too_slow:
                             row.error = f"skipped: slower than {st.max_call_s}s at a smaller P"
@@ -365,8 +491,13 @@ def sweep(st: Settings, log=print) -> tuple[list[Row], dict]:
                     from mtlsam_fast import weighting
 
                     names = st.weightings or weighting.names()
-                    groups = [(f"weighting:{n}", weighting_cases(n, K, gram, st.backends, st.naive, st.peers))
-                              for n in names]
+                    groups = [
+                        (
+                            f"weighting:{n}",
+                            weighting_cases(n, K, gram, st.backends, st.naive, st.peers),
+                        )
+                        for n in names
+                    ]
                 for opname, cases in groups:
                     for case in cases:
                         row = Row(opname, case.impl, case.kind, dname, K, 0, 0, note=case.note)
@@ -433,7 +564,9 @@ def format_table(rows: list[Row]) -> str:
         pr = f"{r.pct_roof:6.1f}" if r.pct_roof is not None else f"{'-':>6s}"
         kk = f"{r.kkt:8.1e}" if r.kkt is not None else f"{'-':>8s}"
         rat = "  ".join(f"{k}={v:.3g}" for k, v in r.ratios.items())
-        lines.append(f"{r.op:22s} {r.dtype:5s} {r.K:>3d} {r.P:>9d} {r.impl:16s} {_fmt_time(r.median_s):>9s} {iqr:6.1f} {gb} {pr} {kk}  {rat}")
+        lines.append(
+            f"{r.op:22s} {r.dtype:5s} {r.K:>3d} {r.P:>9d} {r.impl:16s} {_fmt_time(r.median_s):>9s} {iqr:6.1f} {gb} {pr} {kk}  {rat}"
+        )
     return "\n".join(lines)
 
 
@@ -458,8 +591,19 @@ def headline(rows: list[Row]) -> list[dict]:
         if not cand:
             continue
         (_, _, K, P), r = max(cand, key=lambda kr: (kr[0][3], kr[0][2]))
-        out.append({"op": op, "K": K, "P": P, "backend": r.impl, "median_s": r.median_s, "gbps": r.gbps,
-                    "pct_roof": r.pct_roof, "kkt": r.kkt, "speedup_vs": dict(r.ratios)})
+        out.append(
+            {
+                "op": op,
+                "K": K,
+                "P": P,
+                "backend": r.impl,
+                "median_s": r.median_s,
+                "gbps": r.gbps,
+                "pct_roof": r.pct_roof,
+                "kkt": r.kkt,
+                "speedup_vs": dict(r.ratios),
+            }
+        )
     return out
 
 
@@ -493,24 +637,34 @@ def headline_markdown(head: list[dict], meta: dict, roof: dict) -> str:
         plain = ", ".join(f"{sv[b]:.3g}x ({b})" for b in PLAIN_TORCH if b in sv)
         nv = ", ".join(f"{sv[b]:.3g}x" for b in NAIVE if b in sv)
         tb = f"{sv['torch']:.3g}x" if "torch" in sv else ""
-        peer = ", ".join(f"{sv[b]:.3g}x ({b})" for b in sv if b not in PLAIN_TORCH + NAIVE + ("torch",))
+        peer = ", ".join(
+            f"{sv[b]:.3g}x ({b})" for b in sv if b not in PLAIN_TORCH + NAIVE + ("torch",)
+        )
         P = f"{h['P']:,}" if h["P"] else "-"
-        lines.append(f"| {h['op']} | {h['K']} | {P} | {h['backend']} | {_fmt_time(h['median_s'])} | {gb} | {pr} | "
-                     f"{plain} | {nv} | {tb} | {peer} |")
+        lines.append(
+            f"| {h['op']} | {h['K']} | {P} | {h['backend']} | {_fmt_time(h['median_s'])} | {gb} | {pr} | "
+            f"{plain} | {nv} | {tb} | {peer} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def _load(meta: dict) -> str:
     a = meta.get("loadavg_start") or ["?"]
     b = meta.get("loadavg_end") or a
-    return f"{a[0]:.1f}-{b[0]:.1f}" if isinstance(a[0], float) and isinstance(b[0], float) else str(a[0])
+    return (
+        f"{a[0]:.1f}-{b[0]:.1f}"
+        if isinstance(a[0], float) and isinstance(b[0], float)
+        else str(a[0])
+    )
 
 
 def render(out: Path) -> int:
     """Re-render summary.md, ops.csv and the PNGs from a stored ops.json (no new measurement)."""
     doc = json.loads((out / "ops.json").read_text())
     rows = [Row(**{k: v for k, v in r.items()}) for r in doc["results"]]
-    (out / "summary.md").write_text(headline_markdown(doc["headline"], doc["meta"], doc["roofline"]))
+    (out / "summary.md").write_text(
+        headline_markdown(doc["headline"], doc["meta"], doc["roofline"])
+    )
     write_csv(rows, out / "ops.csv")
     plot(rows, doc["roofline"], doc["meta"], out)
     print((out / "summary.md").read_text())
@@ -519,8 +673,28 @@ def render(out: Path) -> int:
 
 def write_csv(rows: list[Row], path: Path) -> None:
     base_names = sorted({k for r in rows for k in r.ratios})
-    fields = ["op", "impl", "kind", "dtype", "K", "P", "S", "median_s", "p25_s", "p75_s", "min_s", "reps", "bytes",
-              "gbps", "roof", "roof_gbps", "pct_roof", "kkt", "error", "note"]
+    fields = [
+        "op",
+        "impl",
+        "kind",
+        "dtype",
+        "K",
+        "P",
+        "S",
+        "median_s",
+        "p25_s",
+        "p75_s",
+        "min_s",
+        "reps",
+        "bytes",
+        "gbps",
+        "roof",
+        "roof_gbps",
+        "pct_roof",
+        "kkt",
+        "error",
+        "note",
+    ]
     with open(path, "w", newline="") as f:
         wr = csv.writer(f)
         wr.writerow(fields + [f"speedup_vs_{b}" for b in base_names])
@@ -551,16 +725,31 @@ def plot(rows: list[Row], roof: dict, meta: dict, out_dir: Path) -> list[Path]:
                 style = "-o" if any(r.kind == "backend" for r in ok if r.impl == impl) else "--x"
                 axes[i][0].plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl)
                 axes[i][1].plot([p[0] for p in pts], [p[2] for p in pts], style, label=impl)
-            axes[i][0].axhline(statistics.median(r.roof_gbps for r in ok), color="k", lw=0.8, ls=":",
-                               label=f"{roof_kind} roofline")
-            axes[i][0].set(xscale="log", yscale="log", ylabel="GB/s", title=f"{op} ({ok[0].dtype}, K={Kmax})")
+            axes[i][0].axhline(
+                statistics.median(r.roof_gbps for r in ok),
+                color="k",
+                lw=0.8,
+                ls=":",
+                label=f"{roof_kind} roofline",
+            )
+            axes[i][0].set(
+                xscale="log", yscale="log", ylabel="GB/s", title=f"{op} ({ok[0].dtype}, K={Kmax})"
+            )
             axes[i][1].axhline(100, color="k", lw=0.8, ls=":")
-            axes[i][1].set(xscale="log", yscale="log", ylabel="% of roofline", title=f"{op}: ratio to the {roof_kind} roofline")
+            axes[i][1].set(
+                xscale="log",
+                yscale="log",
+                ylabel="% of roofline",
+                title=f"{op}: ratio to the {roof_kind} roofline",
+            )
             axes[i][0].legend(fontsize=7)
         for ax in axes[-1]:
             ax.set_xlabel("P (elements per task)")
-        fig.suptitle(f"mtlsam_fast ops on {meta['device_name']} ({meta['device']}), torch {meta['torch']}, "
-                     f"commit {meta['mtlsam_fast_commit'][:10]}", fontsize=9)
+        fig.suptitle(
+            f"mtlsam_fast ops on {meta['device_name']} ({meta['device']}), torch {meta['torch']}, "
+            f"commit {meta['mtlsam_fast_commit'][:10]}",
+            fontsize=9,
+        )
         fig.tight_layout(rect=(0, 0, 1, 0.985))
         p = out_dir / "ops.png"
         fig.savefig(p, dpi=110)
@@ -573,11 +762,20 @@ def plot(rows: list[Row], roof: dict, meta: dict, out_dir: Path) -> list[Path]:
             sel = [r for r in qp_rows if r.dtype == dname]
             for impl in dict.fromkeys(r.impl for r in sel):
                 pts = sorted((r.K, r.median_s, r.kkt) for r in sel if r.impl == impl)
-                axes[0].plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], ls, label=f"{impl} {dname}")
+                axes[0].plot(
+                    [p[0] for p in pts], [p[1] * 1e3 for p in pts], ls, label=f"{impl} {dname}"
+                )
                 if all(p[2] is not None for p in pts):
-                    axes[1].plot([p[0] for p in pts], [max(p[2], 1e-17) for p in pts], ls, label=f"{impl} {dname}")
+                    axes[1].plot(
+                        [p[0] for p in pts],
+                        [max(p[2], 1e-17) for p in pts],
+                        ls,
+                        label=f"{impl} {dname}",
+                    )
         axes[0].set(yscale="log", xlabel="K", ylabel="ms per solve", title="simplex QP (MGDA) time")
-        axes[1].set(yscale="log", xlabel="K", ylabel="relative KKT residual", title="solution accuracy")
+        axes[1].set(
+            yscale="log", xlabel="K", ylabel="relative KKT residual", title="solution accuracy"
+        )
         from matplotlib.ticker import ScalarFormatter
 
         for ax in axes:
@@ -613,24 +811,58 @@ def default_out(device: torch.device) -> Path:
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--quick", action="store_true", help="small sweep for CI (< 2 minutes on a 2-core CPU)")
-    ap.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/<device>)")
+    ap.add_argument(
+        "--quick", action="store_true", help="small sweep for CI (< 2 minutes on a 2-core CPU)"
+    )
+    ap.add_argument(
+        "--out", type=Path, default=None, help="output folder (default bench/results/<device>)"
+    )
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    ap.add_argument("--ops", type=_str_list, default=None, help=f"comma list from {','.join(ALL_OPS)}")
-    ap.add_argument("--backends", type=_str_list, default=None, help="default: mtlsam_fast.available_backends(device)")
-    ap.add_argument("--dtypes", type=_str_list, default=None, help="comma list from fp32,bf16,fp16,fp64")
-    ap.add_argument("--K", type=_int_list, default=None, help="task counts for the P-sized ops, e.g. 4,16")
+    ap.add_argument(
+        "--ops", type=_str_list, default=None, help=f"comma list from {','.join(ALL_OPS)}"
+    )
+    ap.add_argument(
+        "--backends",
+        type=_str_list,
+        default=None,
+        help="default: mtlsam_fast.available_backends(device)",
+    )
+    ap.add_argument(
+        "--dtypes", type=_str_list, default=None, help="comma list from fp32,bf16,fp16,fp64"
+    )
+    ap.add_argument(
+        "--K", type=_int_list, default=None, help="task counts for the P-sized ops, e.g. 4,16"
+    )
     ap.add_argument("--P", type=_int_list, default=None, help="elements per task, e.g. 1e6,4e6")
-    ap.add_argument("--qp-K", type=_int_list, default=None, help="task counts for solve_qp / weightings")
+    ap.add_argument(
+        "--qp-K", type=_int_list, default=None, help="task counts for solve_qp / weightings"
+    )
     ap.add_argument("--weightings", type=_str_list, default=None, help="default: all that import")
-    ap.add_argument("--budget", type=float, default=None, help="seconds of repetitions per measurement")
-    ap.add_argument("--max-call", type=float, default=None, help="an impl slower than this per call is timed once and skipped at larger P")
+    ap.add_argument(
+        "--budget", type=float, default=None, help="seconds of repetitions per measurement"
+    )
+    ap.add_argument(
+        "--max-call",
+        type=float,
+        default=None,
+        help="an impl slower than this per call is timed once and skipped at larger P",
+    )
     ap.add_argument("--roof-mib", type=int, default=None, help="roofline buffer size in MiB")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
     ap.add_argument("--no-peers", action="store_true", help="skip peer libraries")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (use 1 on a shared machine)")
-    ap.add_argument("--render", type=Path, default=None, metavar="DIR",
-                    help="only re-render summary.md, ops.csv and the PNGs from DIR/ops.json (no measurement)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads (use 1 on a shared machine)",
+    )
+    ap.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="only re-render summary.md, ops.csv and the PNGs from DIR/ops.json (no measurement)",
+    )
 
 
 def _warn_if_oversubscribed() -> None:
@@ -639,8 +871,10 @@ def _warn_if_oversubscribed() -> None:
         return
     load, cpus, threads = os.getloadavg()[0], os.cpu_count() or 1, torch.get_num_threads()
     if threads > 1 and load >= cpus:
-        print(f"WARNING: load average {load:.1f} on {cpus} CPUs with {threads} torch threads: parallel ops will wait "
-              "for descheduled threads (tens of ms per call). Consider --threads 1 on a shared machine.")
+        print(
+            f"WARNING: load average {load:.1f} on {cpus} CPUs with {threads} torch threads: parallel ops will wait "
+            "for descheduled threads (tens of ms per call). Consider --threads 1 on a shared machine."
+        )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -657,11 +891,15 @@ def main(args: argparse.Namespace) -> int:
     backends = args.backends or available
     if args.backends is None and device.type == "cpu" and "triton" in backends:
         # TRITON_INTERPRET=1 runs programs serially in Python: a correctness mode, not a speed one
-        print("note: skipping the triton backend on the CPU (interpreter mode); pass --backends to force it")
+        print(
+            "note: skipping the triton backend on the CPU (interpreter mode); pass --backends to force it"
+        )
         backends = [b for b in backends if b != "triton"]
     missing = [b for b in backends if b not in available]
     if missing:
-        print(f"note: backends {missing} are not available on {device} (available: {available}); skipped")
+        print(
+            f"note: backends {missing} are not available on {device} (available: {available}); skipped"
+        )
         backends = [b for b in backends if b in available]
     ops_sel = args.ops or list(ALL_OPS)
     bad = [o for o in ops_sel if o not in ALL_OPS]
@@ -669,11 +907,20 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: unknown ops {bad}; choose from {ALL_OPS}", file=sys.stderr)
         return 2
     st = Settings(
-        device=device, ops=ops_sel, backends=backends,
-        dtypes=args.dtypes or preset["dtypes"], Ks=args.K or preset["Ks"], Ps=args.P or preset["Ps"],
-        qp_Ks=args.qp_K or preset["qp_Ks"], budget_s=args.budget or preset["budget_s"],
-        roof_mib=args.roof_mib or preset["roof_mib"], max_call_s=args.max_call or preset["max_call_s"],
-        naive=not args.no_naive, peers=not args.no_peers, weightings=args.weightings, quick=args.quick,
+        device=device,
+        ops=ops_sel,
+        backends=backends,
+        dtypes=args.dtypes or preset["dtypes"],
+        Ks=args.K or preset["Ks"],
+        Ps=args.P or preset["Ps"],
+        qp_Ks=args.qp_K or preset["qp_Ks"],
+        budget_s=args.budget or preset["budget_s"],
+        roof_mib=args.roof_mib or preset["roof_mib"],
+        max_call_s=args.max_call or preset["max_call_s"],
+        naive=not args.no_naive,
+        peers=not args.no_peers,
+        weightings=args.weightings,
+        quick=args.quick,
     )
     for d in st.dtypes:
         if d not in DTYPES:
@@ -682,8 +929,10 @@ def main(args: argparse.Namespace) -> int:
     out = args.out or default_out(device)
     out.mkdir(parents=True, exist_ok=True)
     meta = machine_info(device)
-    print(f"mtlsam_fast bench on {meta['device_name']} ({device}); backends {backends}; "
-          f"torch {meta['torch']}, triton {meta['triton']}, torchjd {meta['torchjd']}, commit {meta['mtlsam_fast_commit'][:10]}")
+    print(
+        f"mtlsam_fast bench on {meta['device_name']} ({device}); backends {backends}; "
+        f"torch {meta['torch']}, triton {meta['triton']}, torchjd {meta['torchjd']}, commit {meta['mtlsam_fast_commit'][:10]}"
+    )
     _warn_if_oversubscribed()
     t0 = time.perf_counter()
     rows, roof = sweep(st)
@@ -696,8 +945,14 @@ def main(args: argparse.Namespace) -> int:
     config = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(st).items()}
     config["preset"] = "quick" if args.quick else "default"
     config["command"] = " ".join(["python -m bench", *sys.argv[1:]])
-    doc = {"meta": meta, "roofline": roof, "config": config, "elapsed_s": elapsed, "headline": head,
-           "results": [vars(r) for r in rows]}
+    doc = {
+        "meta": meta,
+        "roofline": roof,
+        "config": config,
+        "elapsed_s": elapsed,
+        "headline": head,
+        "results": [vars(r) for r in rows],
+    }
     (out / "ops.json").write_text(json.dumps(doc, indent=1, default=str))
     write_csv(rows, out / "ops.csv")
     (out / "machine.json").write_text(json.dumps(meta, indent=1))
@@ -705,6 +960,9 @@ def main(args: argparse.Namespace) -> int:
     pngs = plot(rows, roof, meta, out)
     print()
     print(md)
-    print(f"wrote {out}/ops.json, ops.csv, summary.md, machine.json, " + ", ".join(p.name for p in pngs) +
-          f"  ({elapsed:.1f} s)")
+    print(
+        f"wrote {out}/ops.json, ops.csv, summary.md, machine.json, "
+        + ", ".join(p.name for p in pngs)
+        + f"  ({elapsed:.1f} s)"
+    )
     return 0

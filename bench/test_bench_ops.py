@@ -29,17 +29,28 @@ def _ints(name: str, default: str) -> list[int]:
 
 DEVICE = torch.device(os.environ.get("BENCH_DEVICE", "cpu"))
 if os.environ.get("BENCH_THREADS"):
-    torch.set_num_threads(int(os.environ["BENCH_THREADS"]))  # 1 on a shared (oversubscribed) machine
-BACKENDS = mtlsam_fast.available_backends(DEVICE) if DEVICE.type != "cuda" or torch.cuda.is_available() else []
+    torch.set_num_threads(
+        int(os.environ["BENCH_THREADS"])
+    )  # 1 on a shared (oversubscribed) machine
+BACKENDS = (
+    mtlsam_fast.available_backends(DEVICE)
+    if DEVICE.type != "cuda" or torch.cuda.is_available()
+    else []
+)
 KS = _ints("BENCH_K", "4,16")
 PS = _ints("BENCH_P", "16384,262144")
 QP_KS = _ints("BENCH_QP_K", "4,16,64")
 DTYPE_NAMES = [d for d in os.environ.get("BENCH_DTYPES", "fp32,bf16").split(",") if d]
 #: baselines per op (as named in bench.report); each appears next to the backends
 BASELINES = {
-    "gram": ["torch.mm", "naive"], "diff_gram": ["torch.mm", "naive"],
-    "segment_norms": ["torch.norm-loop", "naive"], "combine": ["torch.mm", "naive"],
-    "perturb": ["naive"], "restore": ["naive"], "gaussian_noise": ["torch.randn"], "noise_stats": ["naive"],
+    "gram": ["torch.mm", "naive"],
+    "diff_gram": ["torch.mm", "naive"],
+    "segment_norms": ["torch.norm-loop", "naive"],
+    "combine": ["torch.mm", "naive"],
+    "perturb": ["naive"],
+    "restore": ["naive"],
+    "gaussian_noise": ["torch.randn"],
+    "noise_stats": ["naive"],
 }
 
 
@@ -49,7 +60,7 @@ def _p_params():
         for d in DTYPE_NAMES:
             if op == "gaussian_noise" and d != "fp32":
                 continue
-            for K in ([1] if op in NO_K else KS):
+            for K in [1] if op in NO_K else KS:
                 for P in PS:
                     for impl in impls:
                         yield pytest.param(op, d, K, P, impl, id=f"{op}-{d}-K{K}-P{P}-{impl}")
@@ -62,15 +73,20 @@ def _cases(op, d, K, P):
     key = (op, d, K, P)
     if key not in _cache:
         _cache.clear()  # keep one configuration's buffers alive at a time
-        _cache[key] = {c.impl: c for c in p_op_cases(op, K, P, DTYPES[d], DEVICE, BACKENDS, make_offsets(P), True)}
+        _cache[key] = {
+            c.impl: c
+            for c in p_op_cases(op, K, P, DTYPES[d], DEVICE, BACKENDS, make_offsets(P), True)
+        }
     return _cache[key]
 
 
 def _run(benchmark, fn):
     if DEVICE.type == "cuda":
+
         def timed():
             fn()
             sync(DEVICE)
+
         return benchmark(timed)
     return benchmark(fn)
 
@@ -81,8 +97,17 @@ def test_op(benchmark, op, dtype, K, P, impl):
     if impl not in cases:
         pytest.skip(f"{impl} has no {op} case")
     benchmark.group = f"{op} {dtype} K={K} P={P}"
-    benchmark.extra_info.update({"op": op, "impl": impl, "kind": cases[impl].kind, "dtype": dtype, "K": K, "P": P,
-                                 "device": str(DEVICE)})
+    benchmark.extra_info.update(
+        {
+            "op": op,
+            "impl": impl,
+            "kind": cases[impl].kind,
+            "dtype": dtype,
+            "K": K,
+            "P": P,
+            "device": str(DEVICE),
+        }
+    )
     try:
         _run(benchmark, cases[impl].fn)
     except NotImplementedError as e:
@@ -98,5 +123,7 @@ def test_solve_qp(benchmark, impl, K, dtype):
     if impl not in cases:
         pytest.skip(f"{impl} is not installed")
     benchmark.group = f"solve_qp {dtype} K={K}"
-    benchmark.extra_info.update({"op": "solve_qp", "impl": impl, "dtype": dtype, "K": K, "device": str(DEVICE)})
+    benchmark.extra_info.update(
+        {"op": "solve_qp", "impl": impl, "dtype": dtype, "K": K, "device": str(DEVICE)}
+    )
     _run(benchmark, cases[impl].fn)

@@ -16,11 +16,25 @@ from .ops import available_backends, get_backend, set_backend
 __version__ = "0.1.0"
 
 __all__ = [
-    "ops", "weighting", "FlatLayout", "GradBuffer", "Segment", "flatten_parameters",
-    "available_backends", "get_backend", "set_backend", "FMTL", "SAMO", "MTLOptimizer",
+    "ops",
+    "weighting",
+    "FlatLayout",
+    "GradBuffer",
+    "Segment",
+    "flatten_parameters",
+    "available_backends",
+    "get_backend",
+    "set_backend",
+    "FMTL",
+    "SAMO",
+    "MTLOptimizer",
 ]
 
-_LAZY = {"FMTL": "mtlsam_fast.optim", "SAMO": "mtlsam_fast.optim", "MTLOptimizer": "mtlsam_fast.optim"}
+_LAZY = {
+    "FMTL": "mtlsam_fast.optim",
+    "SAMO": "mtlsam_fast.optim",
+    "MTLOptimizer": "mtlsam_fast.optim",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -43,8 +43,10 @@ _tried = False
 
 
 def _valid_cuda_home(path: str | None) -> bool:
-    return bool(path) and os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
-        os.path.join(path, "include", "cuda_runtime.h")
+    return (
+        bool(path)
+        and os.path.isfile(os.path.join(path, "bin", "nvcc"))
+        and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h"))
     )
 
 
@@ -64,7 +66,11 @@ def find_cuda_home() -> str | None:
         home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
         if _valid_cuda_home(home):
             return home
-    for home in ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True), "/opt/cuda"]:
+    for home in [
+        "/usr/local/cuda",
+        *sorted(glob.glob("/usr/local/cuda-*"), reverse=True),
+        "/opt/cuda",
+    ]:
         if _valid_cuda_home(home):
             return home
     return None
@@ -77,7 +83,9 @@ def _env_flag(name: str) -> bool:
 def _jit_build(verbose: bool = False) -> ModuleType:
     """Compile the extension from ``csrc/`` with ``torch.utils.cpp_extension.load``."""
     if not os.path.isfile(os.path.join(CSRC, "bindings.cpp")):
-        raise ImportError(f"cannot JIT-build mtlsam_fast._C: no sources at {CSRC} (install from a source checkout)")
+        raise ImportError(
+            f"cannot JIT-build mtlsam_fast._C: no sources at {CSRC} (install from a source checkout)"
+        )
     home = None if _env_flag("MTLSAM_NO_CUDA") else find_cuda_home()
     if home:
         os.environ.setdefault("CUDA_HOME", home)
@@ -87,7 +95,9 @@ def _jit_build(verbose: bool = False) -> ModuleType:
 
     with_cuda = bool(home) and torch.version.cuda is not None
     if with_cuda:
-        cpp_extension.CUDA_HOME = home  # torch guessed it at import time, maybe from a wrapper script
+        cpp_extension.CUDA_HOME = (
+            home  # torch guessed it at import time, maybe from a wrapper script
+        )
     sources = [os.path.join(_ROOT, s) for s in CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])]
     defines = ["-DMTLSAM_WITH_CUDA"] if with_cuda else []
     return cpp_extension.load(

@@ -38,7 +38,9 @@ def check_params(params: Iterable[Tensor], what: str = "parameters") -> list[Ten
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{what}[{i}] is a {type(p).__name__}, expected a torch.Tensor")
         if p.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{what}[{i}] has dtype {p.dtype}; supported: float32, float64, bfloat16, float16")
+            raise TypeError(
+                f"{what}[{i}] has dtype {p.dtype}; supported: float32, float64, bfloat16, float16"
+            )
         if id(p) in seen:
             raise ValueError(f"{what}[{i}] appears more than once")
         seen.add(id(p))
@@ -76,10 +78,14 @@ class FlatLayout:
     def views(self, flat: Tensor) -> list[Tensor]:
         """Per-parameter views (shaped like the parameters) of a flat ``[P]`` buffer."""
         if flat.dim() != 1 or flat.numel() != self.numel:
-            raise ValueError(f"expected a flat buffer of {self.numel} elements, got shape {tuple(flat.shape)}")
+            raise ValueError(
+                f"expected a flat buffer of {self.numel} elements, got shape {tuple(flat.shape)}"
+            )
         return [flat[s.offset : s.offset + s.numel].view(s.shape) for s in self.segments]
 
-    def gather(self, tensors: Sequence[Tensor], out: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    def gather(
+        self, tensors: Sequence[Tensor], out: Tensor | None = None, dtype: torch.dtype | None = None
+    ) -> Tensor:
         """Copy per-parameter tensors into one flat buffer (a copy; capture avoids this)."""
         if out is None:
             out = torch.empty(self.numel, dtype=dtype or tensors[0].dtype, device=tensors[0].device)
@@ -98,7 +104,9 @@ def flatten_parameters(params: Sequence[Tensor], layout: FlatLayout | None = Non
     params = check_params(params)
     dtypes = {p.dtype for p in params}
     if len(dtypes) > 1:
-        raise TypeError(f"cannot flatten parameters of several dtypes into one buffer: {sorted(map(str, dtypes))}")
+        raise TypeError(
+            f"cannot flatten parameters of several dtypes into one buffer: {sorted(map(str, dtypes))}"
+        )
     layout = layout or FlatLayout(params)
     flat = torch.empty(layout.numel, dtype=params[0].dtype, device=params[0].device)
     with torch.no_grad():
@@ -116,8 +124,14 @@ class GradBuffer:
     to match); they are captured by one copy each after the backward and listed in ``copied``.
     """
 
-    def __init__(self, params: Iterable[Tensor], num_tasks: int, *, dtype: torch.dtype | None = None,
-                 layout: FlatLayout | None = None):
+    def __init__(
+        self,
+        params: Iterable[Tensor],
+        num_tasks: int,
+        *,
+        dtype: torch.dtype | None = None,
+        layout: FlatLayout | None = None,
+    ):
         self.params = check_params(params)
         if not isinstance(num_tasks, int) or num_tasks < 1:
             raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
@@ -127,7 +141,9 @@ class GradBuffer:
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"unsupported buffer dtype {dtype}")
         self.layout = layout or FlatLayout(self.params)
-        self.G = torch.zeros(num_tasks, self.layout.numel, dtype=dtype, device=self.params[0].device)
+        self.G = torch.zeros(
+            num_tasks, self.layout.numel, dtype=dtype, device=self.params[0].device
+        )
         self.copied: list[int] = [i for i, p in enumerate(self.params) if p.dtype != dtype]
         self._row_views = [self.layout.views(self.G[k]) for k in range(num_tasks)]
 

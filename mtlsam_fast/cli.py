@@ -58,32 +58,66 @@ def _add_config_args(p: argparse.ArgumentParser, *, single_run: bool) -> None:
     """The training configuration options; ``single_run`` adds --method/--optimizer/--weighting/--seed."""
     d = T.TrainConfig()
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", help=f"multidigits (built in), multimnist, multifashion, multifashion+mnist, celeba "
-                                     f"(default: {d.dataset})")
+    g.add_argument(
+        "--dataset",
+        help=f"multidigits (built in), multimnist, multifashion, multifashion+mnist, celeba "
+        f"(default: {d.dataset})",
+    )
     g.add_argument("--data-dir", help="directory of the data files (IDX files; CelebA's folder)")
     g.add_argument("--data-dir2", help="Fashion-MNIST directory for multifashion+mnist")
-    g.add_argument("--n-train", type=_positive_int, help="number of training images (default: the data set's; "
-                                                         "MultiDigits 10000)")
-    g.add_argument("--n-test", type=_positive_int, help="number of test images (MultiDigits default 2000)")
-    g.add_argument("--image-size", type=_positive_int, help=f"CelebA image side (default: {d.image_size})")
-    g.add_argument("--data-seed", type=int, help=f"seed of the data construction (default: {d.data_seed})")
-    g.add_argument("--noise-rate", type=float, help="fraction of noisy training labels on the noise task (default: 0)")
-    g.add_argument("--noise-task", help="task with noisy labels, 1-based number or name (default: 2)")
-    g.add_argument("--low-resource", type=_positive_int, metavar="N",
-                   help="keep only N training labels of the low-resource task")
-    g.add_argument("--low-resource-task", help="the low-resource task, 1-based number or name (default: 2)")
+    g.add_argument(
+        "--n-train",
+        type=_positive_int,
+        help="number of training images (default: the data set's; MultiDigits 10000)",
+    )
+    g.add_argument(
+        "--n-test", type=_positive_int, help="number of test images (MultiDigits default 2000)"
+    )
+    g.add_argument(
+        "--image-size", type=_positive_int, help=f"CelebA image side (default: {d.image_size})"
+    )
+    g.add_argument(
+        "--data-seed", type=int, help=f"seed of the data construction (default: {d.data_seed})"
+    )
+    g.add_argument(
+        "--noise-rate",
+        type=float,
+        help="fraction of noisy training labels on the noise task (default: 0)",
+    )
+    g.add_argument(
+        "--noise-task", help="task with noisy labels, 1-based number or name (default: 2)"
+    )
+    g.add_argument(
+        "--low-resource",
+        type=_positive_int,
+        metavar="N",
+        help="keep only N training labels of the low-resource task",
+    )
+    g.add_argument(
+        "--low-resource-task", help="the low-resource task, 1-based number or name (default: 2)"
+    )
 
     g = p.add_argument_group("optimization")
     if single_run:
-        g.add_argument("--method", help=f"WEIGHTING (plain aggregation), fmtl-WEIGHTING or samo-WEIGHTING "
-                                        f"(default: {d.method})")
+        g.add_argument(
+            "--method",
+            help=f"WEIGHTING (plain aggregation), fmtl-WEIGHTING or samo-WEIGHTING "
+            f"(default: {d.method})",
+        )
         g.add_argument("--optimizer", help="plain | fmtl | samo (alternative to --method)")
         g.add_argument("--weighting", help="weighting name (alternative to --method)")
-    g.add_argument("--weighting-option", type=_key_value, action="append", metavar="KEY=VALUE",
-                   help="option for the weighting constructor (repeatable), e.g. normalization=\"l2\"")
+    g.add_argument(
+        "--weighting-option",
+        type=_key_value,
+        action="append",
+        metavar="KEY=VALUE",
+        help='option for the weighting constructor (repeatable), e.g. normalization="l2"',
+    )
     g.add_argument("--rho", type=float, help=f"perturbation radius (default: {d.rho})")
     g.add_argument("--rho-head", type=float, help="perturbation radius of the heads (default: rho)")
-    g.add_argument("--adaptive", action="store_const", const=True, help="ASAM-style adaptive perturbation")
+    g.add_argument(
+        "--adaptive", action="store_const", const=True, help="ASAM-style adaptive perturbation"
+    )
     g.add_argument("--alpha", type=float, help=f"SAMO: global/local mix (default: {d.alpha})")
     g.add_argument("--zo-eps", type=float, help=f"SAMO: zeroth-order step (default: {d.zo_eps})")
     g.add_argument("--base-optimizer", help=f"adam | adamw | sgd (default: {d.base_optimizer})")
@@ -93,22 +127,37 @@ def _add_config_args(p: argparse.ArgumentParser, *, single_run: bool) -> None:
     g.add_argument("--batch-size", type=_positive_int, help=f"(default: {d.batch_size})")
     g.add_argument("--epochs", type=float, help=f"training epochs (default: {d.epochs:g})")
     g.add_argument("--steps", type=_positive_int, help="training steps (overrides --epochs)")
-    g.add_argument("--eval-every", type=_positive_int, help="evaluate every N steps (default: every epoch)")
-    g.add_argument("--width", type=_positive_int, help=f"channels of the first conv layer (default: {d.width})")
+    g.add_argument(
+        "--eval-every", type=_positive_int, help="evaluate every N steps (default: every epoch)"
+    )
+    g.add_argument(
+        "--width", type=_positive_int, help=f"channels of the first conv layer (default: {d.width})"
+    )
 
     g = p.add_argument_group("run")
     if single_run:
-        g.add_argument("--seed", type=int, help=f"training seed: initialization, batches, SAMO noise (default: {d.seed})")
+        g.add_argument(
+            "--seed",
+            type=int,
+            help=f"training seed: initialization, batches, SAMO noise (default: {d.seed})",
+        )
     g.add_argument("--backend", help=f"auto | torch | cpu | triton | cuda (default: {d.backend})")
     g.add_argument("--device", help="auto | cpu | cuda (default: auto)")
-    g.add_argument("--threads", type=_positive_int, default=1,
-                   help="CPU threads for torch (default: 1; these models are too small for intra-op parallelism to "
-                        "pay, and more threads than free cores slow it down many times; raise it for CelebA)")
+    g.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="CPU threads for torch (default: 1; these models are too small for intra-op parallelism to "
+        "pay, and more threads than free cores slow it down many times; raise it for CelebA)",
+    )
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
 
-_CONFIG_FIELDS = [f for f in T.TrainConfig.__dataclass_fields__ if f not in ("optimizer", "weighting",
-                                                                           "weighting_options")]
+_CONFIG_FIELDS = [
+    f
+    for f in T.TrainConfig.__dataclass_fields__
+    if f not in ("optimizer", "weighting", "weighting_options")
+]
 
 
 def _explicit(args: argparse.Namespace) -> dict[str, Any]:
@@ -125,7 +174,9 @@ def _explicit(args: argparse.Namespace) -> dict[str, Any]:
     else:
         if opt is not None:
             if opt not in T.OPTIMIZERS:
-                raise T.UsageError(f"unknown optimizer {opt!r}; available: {', '.join(T.OPTIMIZERS)}")
+                raise T.UsageError(
+                    f"unknown optimizer {opt!r}; available: {', '.join(T.OPTIMIZERS)}"
+                )
             out["optimizer"] = opt
         if w is not None:
             T.check_weighting(w)
@@ -160,9 +211,13 @@ def _baseline_from_file(path: str, tasks: list[str]) -> list[float]:
     except FileNotFoundError:
         raise T.UsageError(f"baseline file {path!r} not found") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise T.UsageError(f"baseline file {path!r} is not an mtlsam-fast result JSON ({type(e).__name__}: {e})") from None
+        raise T.UsageError(
+            f"baseline file {path!r} is not an mtlsam-fast result JSON ({type(e).__name__}: {e})"
+        ) from None
     if sorted(acc) != sorted(tasks):
-        raise T.UsageError(f"baseline file {path!r} has tasks {sorted(acc)}, this run has {sorted(tasks)}")
+        raise T.UsageError(
+            f"baseline file {path!r} has tasks {sorted(acc)}, this run has {sorted(tasks)}"
+        )
     return [acc[t] for t in tasks]
 
 
@@ -170,11 +225,15 @@ def _check_baseline_spec(spec: str) -> None:
     if spec in ("none", "ls", "single") or _parse_numbers(spec) is not None:
         return
     if not os.path.isfile(spec):
-        raise T.UsageError(f"--baseline: expected none, ls, single, comma-separated accuracies or a result JSON file; "
-                           f"{spec!r} is none of these (file not found)")
+        raise T.UsageError(
+            f"--baseline: expected none, ls, single, comma-separated accuracies or a result JSON file; "
+            f"{spec!r} is none of these (file not found)"
+        )
 
 
-def _compute_baseline(spec: str, cfg: T.TrainConfig, data, result: dict | None, args) -> tuple[str, list[float]] | None:
+def _compute_baseline(
+    spec: str, cfg: T.TrainConfig, data, result: dict | None, args
+) -> tuple[str, list[float]] | None:
     """(label, per-task baseline accuracies) or None."""
     if spec == "none":
         return None
@@ -184,16 +243,22 @@ def _compute_baseline(spec: str, cfg: T.TrainConfig, data, result: dict | None, 
     if spec == "ls":
         if result is not None and cfg.optimizer == "plain" and cfg.weighting == "ls":
             return "ls", T.accuracies(result["test"])
-        base = T.TrainConfig(**{**cfg.to_dict(), "optimizer": "plain", "weighting": "ls", "weighting_options": {}})
+        base = T.TrainConfig(
+            **{**cfg.to_dict(), "optimizer": "plain", "weighting": "ls", "weighting_options": {}}
+        )
         _log(args)("training the LS baseline (plain aggregation, ls weighting, same data and seed)")
         res = T.train(base, data, progress=_progress(args), desc="baseline ls")
         return "ls", T.accuracies(res["test"])
     if spec == "single":
-        base = T.TrainConfig(**{**cfg.to_dict(), "optimizer": "plain", "weighting": "ls", "weighting_options": {}})
+        base = T.TrainConfig(
+            **{**cfg.to_dict(), "optimizer": "plain", "weighting": "ls", "weighting_options": {}}
+        )
         accs = []
         for k, name in enumerate(data.task_names):
             _log(args)(f"training the single-task baseline for task {name!r}")
-            res = T.train(base, T.single_task_data(data, k), progress=_progress(args), desc=f"single {name}")
+            res = T.train(
+                base, T.single_task_data(data, k), progress=_progress(args), desc=f"single {name}"
+            )
             accs.append(T.accuracies(res["test"])[0])
         return "single-task", accs
     return f"file {spec}", _baseline_from_file(spec, data.task_names)
@@ -211,9 +276,11 @@ def _print_result(res: dict, baseline: tuple[str, list[float]] | None) -> None:
     ds = res["dataset"]
     print(ds["summary"])
     env = res["environment"]
-    print(f"method {res['method']}: {res['steps']} steps, {res['train_time_s']:.1f} s training "
-          f"({res['step_time_ms']:.1f} ms/step wall, {res['step_cpu_ms']:.1f} ms/step CPU), device {env['device']}, backend {env['backend']}, seed "
-          f"{res['config']['seed']}")
+    print(
+        f"method {res['method']}: {res['steps']} steps, {res['train_time_s']:.1f} s training "
+        f"({res['step_time_ms']:.1f} ms/step wall, {res['step_cpu_ms']:.1f} ms/step CPU), device {env['device']}, backend {env['backend']}, seed "
+        f"{res['config']['seed']}"
+    )
     tasks = res["test"]["tasks"]
     width = max(8, *(len(t) for t in tasks))
     header = f"{'task':<{width}}  {'test acc %':>10}  {'test loss':>9}"
@@ -225,7 +292,9 @@ def _print_result(res: dict, baseline: tuple[str, list[float]] | None) -> None:
         if baseline:
             line += f"  {baseline[1][i]:>10.2f}"
         print(line)
-    print(f"{'mean':<{width}}  {res['test']['mean_accuracy']:>10.2f}  (mean error {res['test']['mean_error']:.2f} %)")
+    print(
+        f"{'mean':<{width}}  {res['test']['mean_accuracy']:>10.2f}  (mean error {res['test']['mean_error']:.2f} %)"
+    )
     if res.get("delta_m") is not None:
         print(f"Δm% vs {baseline[0]} baseline: {res['delta_m']:+.2f}")
 
@@ -245,12 +314,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     log = _log(args)
     data = T.build_data(cfg, progress=_progress(args))
     if nums is not None and len(nums) != data.num_tasks:
-        raise T.UsageError(f"--baseline gives {len(nums)} values but {data.name} has {data.num_tasks} tasks")
+        raise T.UsageError(
+            f"--baseline gives {len(nums)} values but {data.name} has {data.num_tasks} tasks"
+        )
     log(data.summary())
     output = None if args.output == "none" else (args.output or _default_output(cfg))
-    checkpoint = args.checkpoint or args.resume  # a resumed run keeps checkpointing to its file by default
-    res = T.train(cfg, data, checkpoint=checkpoint, checkpoint_every=args.checkpoint_every, resume=resume,
-                  progress=_progress(args), log=log)
+    checkpoint = (
+        args.checkpoint or args.resume
+    )  # a resumed run keeps checkpointing to its file by default
+    res = T.train(
+        cfg,
+        data,
+        checkpoint=checkpoint,
+        checkpoint_every=args.checkpoint_every,
+        resume=resume,
+        progress=_progress(args),
+        log=log,
+    )
     baseline = _compute_baseline(args.baseline, cfg, data, res, args)
     if baseline is not None:
         res["baseline"] = {"kind": baseline[0], "accuracy": dict(zip(data.task_names, baseline[1]))}
@@ -288,7 +368,11 @@ def _plot(path: str, summary: dict, tasks: list[str], title: str) -> None:
         stds = [s["tasks"][t]["std"] for t in tasks] + [s["mean_accuracy"]["std"]]
         ax.bar([j + i * bw for j in range(n)], means, bw, yerr=stds, capsize=3, label=m)
     ax.set_xticks([j + bw * (len(methods) - 1) / 2 for j in range(n)], [*tasks, "mean"])
-    lo = min(summary[m]["tasks"][t]["mean"] - summary[m]["tasks"][t]["std"] for m in methods for t in tasks)
+    lo = min(
+        summary[m]["tasks"][t]["mean"] - summary[m]["tasks"][t]["std"]
+        for m in methods
+        for t in tasks
+    )
     ax.set_ylim(max(0.0, lo - 3.0), 100.0)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
@@ -296,8 +380,13 @@ def _plot(path: str, summary: dict, tasks: list[str], title: str) -> None:
     if has_dm:
         ax = axes[0, 1]
         dm = [summary[m]["delta_m"] for m in methods]
-        ax.bar(range(len(methods)), [d["mean"] if d else 0.0 for d in dm],
-               yerr=[d["std"] if d else 0.0 for d in dm], capsize=3, color="tab:gray")
+        ax.bar(
+            range(len(methods)),
+            [d["mean"] if d else 0.0 for d in dm],
+            yerr=[d["std"] if d else 0.0 for d in dm],
+            capsize=3,
+            color="tab:gray",
+        )
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
         ax.set_ylabel("Δm% (higher is better)")
@@ -318,12 +407,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
-        raise T.UsageError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+        raise T.UsageError(
+            f"--seeds: expected comma-separated integers, got {args.seeds!r}"
+        ) from None
     if not seeds:
         raise T.UsageError("--seeds: give at least one seed")
     explicit = _explicit(args)
     parsed = {m: T.parse_method(m) for m in methods}
-    cfgs = {m: T.TrainConfig(**{**explicit, "optimizer": o, "weighting": w}) for m, (o, w) in parsed.items()}
+    cfgs = {
+        m: T.TrainConfig(**{**explicit, "optimizer": o, "weighting": w})
+        for m, (o, w) in parsed.items()
+    }
     for cfg in cfgs.values():
         T.validate(cfg)
     spec = args.baseline or "ls"
@@ -331,15 +425,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
         base_method = spec
     elif spec == "ls" and "ls" not in methods:
         base_method = "ls"
-        cfgs = {"ls": T.TrainConfig(**{**explicit, "optimizer": "plain", "weighting": "ls"}), **cfgs}
+        cfgs = {
+            "ls": T.TrainConfig(**{**explicit, "optimizer": "plain", "weighting": "ls"}),
+            **cfgs,
+        }
     else:
         base_method = None
         if spec != "none":
             if spec == "single":
-                raise T.UsageError("compare: --baseline single is not supported; use a method name, numbers or a file")
+                raise T.UsageError(
+                    "compare: --baseline single is not supported; use a method name, numbers or a file"
+                )
             _check_baseline_spec(spec)
     first = next(iter(cfgs.values()))
-    stem = f"compare-{first.dataset.replace('+', '_')}" + (f"-noise{first.noise_rate:g}" if first.noise_rate else "")
+    stem = f"compare-{first.dataset.replace('+', '_')}" + (
+        f"-noise{first.noise_rate:g}" if first.noise_rate else ""
+    )
     out_json = args.output or os.path.join("runs", stem + ".json")
     out_png = args.plot or os.path.splitext(out_json)[0] + ".png"
     log = _log(args)
@@ -350,7 +451,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         nums = _parse_numbers(spec)
         fixed = nums if nums is not None else _baseline_from_file(spec, data.task_names)
         if len(fixed) != data.num_tasks:
-            raise T.UsageError(f"--baseline gives {len(fixed)} values but {data.name} has {data.num_tasks} tasks")
+            raise T.UsageError(
+                f"--baseline gives {len(fixed)} values but {data.name} has {data.num_tasks} tasks"
+            )
 
     runs: dict[str, list[dict]] = {m: [] for m in cfgs}
     t0 = time.perf_counter()
@@ -361,15 +464,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
             i += 1
             c = T.TrainConfig(**{**cfg.to_dict(), "seed": seed})
             res = T.train(c, data, progress=_progress(args), desc=f"[{i}/{total}] {m} seed {seed}")
-            log(f"[{i}/{total}] {m} seed {seed}: " + ", ".join(
-                f"{t} {v['accuracy']:.2f}" for t, v in res["test"]["tasks"].items())
-                + f" ({res['train_time_s']:.1f} s)")
+            log(
+                f"[{i}/{total}] {m} seed {seed}: "
+                + ", ".join(f"{t} {v['accuracy']:.2f}" for t, v in res["test"]["tasks"].items())
+                + f" ({res['train_time_s']:.1f} s)"
+            )
             res.pop("history", None)
             runs[m].append(res)
     tasks = data.task_names
     if base_method is not None:
         base_runs = runs[base_method]
-        base_acc = [statistics.fmean(T.accuracies(r["test"])[k] for r in base_runs) for k in range(len(tasks))]
+        base_acc = [
+            statistics.fmean(T.accuracies(r["test"])[k] for r in base_runs)
+            for k in range(len(tasks))
+        ]
         base_label = f"{base_method} (mean over seeds)"
     elif fixed is not None:
         base_acc, base_label = fixed, f"given {spec}"
@@ -382,7 +490,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         ms = {k: _mean_std([a[j] for a in accs]) for j, k in enumerate(tasks)}
         summary[m] = {
             "tasks": {k: {"mean": v[0], "std": v[1]} for k, v in ms.items()},
-            "mean_accuracy": dict(zip(("mean", "std"), _mean_std([r["test"]["mean_accuracy"] for r in rs]))),
+            "mean_accuracy": dict(
+                zip(("mean", "std"), _mean_std([r["test"]["mean_accuracy"] for r in rs]))
+            ),
             "delta_m": dict(zip(("mean", "std"), _mean_std(dms))) if dms else None,
             "step_time_ms": statistics.fmean(r["step_time_ms"] for r in rs),
             "step_cpu_ms": statistics.fmean(r["step_cpu_ms"] for r in rs),
@@ -390,22 +500,48 @@ def cmd_compare(args: argparse.Namespace) -> int:
         }
     # table
     print(data.summary())
-    print(f"seeds {','.join(map(str, seeds))}; {runs[methods[0]][0]['steps']} steps each; "
-          f"Δm% vs {base_label or 'no baseline'}; total {time.perf_counter() - t0:.0f} s")
+    print(
+        f"seeds {','.join(map(str, seeds))}; {runs[methods[0]][0]['steps']} steps each; "
+        f"Δm% vs {base_label or 'no baseline'}; total {time.perf_counter() - t0:.0f} s"
+    )
     cols = [*tasks[:6], "mean acc"]
     name_w = max(8, *(len(m) for m in summary))
-    print(f"{'method':<{name_w}}  " + "  ".join(f"{c[:14]:>14}" for c in cols) + f"  {'Δm%':>14}  {'ms/step':>8}  {'cpu ms/step':>11}")
+    print(
+        f"{'method':<{name_w}}  "
+        + "  ".join(f"{c[:14]:>14}" for c in cols)
+        + f"  {'Δm%':>14}  {'ms/step':>8}  {'cpu ms/step':>11}"
+    )
     for m, s in summary.items():
         cells = [f"{s['tasks'][t]['mean']:6.2f} ± {s['tasks'][t]['std']:4.2f}" for t in tasks[:6]]
         cells.append(f"{s['mean_accuracy']['mean']:6.2f} ± {s['mean_accuracy']['std']:4.2f}")
         dm = s["delta_m"]
         cells.append(f"{dm['mean']:+6.2f} ± {dm['std']:4.2f}" if dm else f"{'-':>14}")
-        print(f"{m:<{name_w}}  " + "  ".join(f"{c:>14}" for c in cells) + f"  {s['step_time_ms']:8.1f}  {s['step_cpu_ms']:11.1f}")
-    result = {"format": "mtlsam_fast.compare/1", "methods": list(cfgs), "seeds": seeds,
-              "baseline": {"method": base_method, "spec": spec, "accuracy": base_acc}, "tasks": tasks,
-              "dataset": runs[methods[0]][0]["dataset"], "summary": summary, "runs": runs}
-    _plot(out_png, summary, tasks, f"{data.name}" + (f", {first.noise_rate:.0%} label noise on task "
-                                                     f"{data.info.get('noise_task')}" if first.noise_rate else ""))
+        print(
+            f"{m:<{name_w}}  "
+            + "  ".join(f"{c:>14}" for c in cells)
+            + f"  {s['step_time_ms']:8.1f}  {s['step_cpu_ms']:11.1f}"
+        )
+    result = {
+        "format": "mtlsam_fast.compare/1",
+        "methods": list(cfgs),
+        "seeds": seeds,
+        "baseline": {"method": base_method, "spec": spec, "accuracy": base_acc},
+        "tasks": tasks,
+        "dataset": runs[methods[0]][0]["dataset"],
+        "summary": summary,
+        "runs": runs,
+    }
+    _plot(
+        out_png,
+        summary,
+        tasks,
+        f"{data.name}"
+        + (
+            f", {first.noise_rate:.0%} label noise on task {data.info.get('noise_task')}"
+            if first.noise_rate
+            else ""
+        ),
+    )
     T.write_json(out_json, result)
     print(f"results written to {out_json}; plot {out_png}")
     return 0
@@ -416,7 +552,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.backend:
         T.check_backend(args.backend, T.resolve_device("cpu"))
-    return run_demo(batch_size=args.batch_size, repeats=args.repeats, backend=args.backend, seed=args.seed)
+    return run_demo(
+        batch_size=args.batch_size, repeats=args.repeats, backend=args.backend, seed=args.seed
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,42 +562,78 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mtlsam-fast", description="Fast sharpness-aware multi-task optimization: "
-                                "train and compare F-MTL, SAMO and gradient-aggregation methods.")
+    p = argparse.ArgumentParser(
+        prog="mtlsam-fast",
+        description="Fast sharpness-aware multi-task optimization: "
+        "train and compare F-MTL, SAMO and gradient-aggregation methods.",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    t = sub.add_parser("train", help="train one multi-task model (default: F-MGDA on MultiDigits)",
-                       description="Train one multi-task model and report per-task test accuracy and Δm%.")
+    t = sub.add_parser(
+        "train",
+        help="train one multi-task model (default: F-MGDA on MultiDigits)",
+        description="Train one multi-task model and report per-task test accuracy and Δm%.",
+    )
     _add_config_args(t, single_run=True)
-    t.add_argument("--baseline", default="ls",
-                   help="Δm%% baseline: ls (train plain LS with the same settings), single (single-task models), "
-                        "none, comma-separated accuracies, or a result JSON (default: ls)")
-    t.add_argument("--output", "-o", help="result JSON path, or 'none' (default: runs/DATASET-METHOD-seedN.json)")
+    t.add_argument(
+        "--baseline",
+        default="ls",
+        help="Δm%% baseline: ls (train plain LS with the same settings), single (single-task models), "
+        "none, comma-separated accuracies, or a result JSON (default: ls)",
+    )
+    t.add_argument(
+        "--output",
+        "-o",
+        help="result JSON path, or 'none' (default: runs/DATASET-METHOD-seedN.json)",
+    )
     t.add_argument("--checkpoint", metavar="PATH", help="write a resumable checkpoint here")
-    t.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
-                   help="checkpoint every N steps (default: at every evaluation, and at the end)")
-    t.add_argument("--resume", metavar="PATH", help="resume the run stored in this checkpoint (its configuration is "
-                                                    "used; --steps/--epochs may extend it; checkpoints go on to PATH "
-                                                    "unless --checkpoint says otherwise)")
+    t.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        metavar="N",
+        help="checkpoint every N steps (default: at every evaluation, and at the end)",
+    )
+    t.add_argument(
+        "--resume",
+        metavar="PATH",
+        help="resume the run stored in this checkpoint (its configuration is "
+        "used; --steps/--epochs may extend it; checkpoints go on to PATH "
+        "unless --checkpoint says otherwise)",
+    )
     t.set_defaults(func=cmd_train)
 
-    c = sub.add_parser("compare", help="several methods over several seeds: mean ± std, Δm%%, PNG plot",
-                       description="Run several methods over several training seeds on the same data; print "
-                                   "mean ± std per task and Δm%; save a JSON and a PNG plot.")
-    c.add_argument("--methods", default="ls,fmtl-ls,mgda,fmtl-mgda,samo-mgda",
-                   help="comma-separated methods (default: ls,fmtl-ls,mgda,fmtl-mgda,samo-mgda)")
-    c.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default: 0,1,2)")
+    c = sub.add_parser(
+        "compare",
+        help="several methods over several seeds: mean ± std, Δm%%, PNG plot",
+        description="Run several methods over several training seeds on the same data; print "
+        "mean ± std per task and Δm%; save a JSON and a PNG plot.",
+    )
+    c.add_argument(
+        "--methods",
+        default="ls,fmtl-ls,mgda,fmtl-mgda,samo-mgda",
+        help="comma-separated methods (default: ls,fmtl-ls,mgda,fmtl-mgda,samo-mgda)",
+    )
+    c.add_argument(
+        "--seeds", default="0,1,2", help="comma-separated training seeds (default: 0,1,2)"
+    )
     _add_config_args(c, single_run=False)
-    c.add_argument("--baseline", help="Δm%% baseline: a method of --methods (default: ls, trained if not listed), "
-                                      "none, comma-separated accuracies, or a result JSON")
+    c.add_argument(
+        "--baseline",
+        help="Δm%% baseline: a method of --methods (default: ls, trained if not listed), "
+        "none, comma-separated accuracies, or a result JSON",
+    )
     c.add_argument("--output", "-o", help="JSON path (default: runs/compare-DATASET[-noiseR].json)")
     c.add_argument("--plot", help="PNG path (default: the JSON path with .png)")
     c.set_defaults(func=cmd_compare)
 
-    d = sub.add_parser("demo", help="every weighting on real per-task gradients of a small model: weights, timings")
+    d = sub.add_parser(
+        "demo", help="every weighting on real per-task gradients of a small model: weights, timings"
+    )
     d.add_argument("--batch-size", type=_positive_int, default=256)
-    d.add_argument("--repeats", type=_positive_int, default=20, help="timed calls per weighting (default: 20)")
+    d.add_argument(
+        "--repeats", type=_positive_int, default=20, help="timed calls per weighting (default: 20)"
+    )
     d.add_argument("--backend", help="ops backend (default: auto)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)

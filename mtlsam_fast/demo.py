@@ -21,8 +21,14 @@ from .models import MultiTaskNet
 from .train import task_losses
 
 
-def run_demo(*, batch_size: int = 256, repeats: int = 20, backend: str | None = None, seed: int = 0,
-             out=print) -> int:
+def run_demo(
+    *,
+    batch_size: int = 256,
+    repeats: int = 20,
+    backend: str | None = None,
+    seed: int = 0,
+    out=print,
+) -> int:
     torch.manual_seed(seed)
     data = multidigits(n_train=batch_size, n_test=1, seed=seed, noise_rate=0.4)
     model = MultiTaskNet(data.image_shape, data.num_classes)
@@ -37,9 +43,11 @@ def run_demo(*, batch_size: int = 256, repeats: int = 20, backend: str | None = 
     L = torch.stack([loss.detach() for loss in losses])
     norms = gram.diagonal().sqrt()
     cos = (gram[0, 1] / (norms[0] * norms[1])).item()
-    out(f"{data.num_tasks} tasks, P = {G.shape[1]} shared parameters, batch {batch_size}; "
+    out(
+        f"{data.num_tasks} tasks, P = {G.shape[1]} shared parameters, batch {batch_size}; "
         f"losses {', '.join(f'{v:.3f}' for v in L.tolist())}; ‖g_k‖ {', '.join(f'{v:.3f}' for v in norms.tolist())}; "
-        f"cos(g_1, g_2) = {cos:+.3f}")
+        f"cos(g_1, g_2) = {cos:+.3f}"
+    )
     out(f"{'weighting':<11} {'weights':<24} {'cos(d, g_k)':<20} {'time/call':>10}")
     failures = 0
     for name in weighting.names():
@@ -64,7 +72,10 @@ def run_demo(*, batch_size: int = 256, repeats: int = 20, backend: str | None = 
         if d is None:
             cosd = "non-finite weights"
         else:
-            cosd = ", ".join(f"{(G[k] @ d / (G[k].norm() * d.norm() + 1e-30)).item():+.3f}" for k in range(G.shape[0]))
+            cosd = ", ".join(
+                f"{(G[k] @ d / (G[k].norm() * d.norm() + 1e-30)).item():+.3f}"
+                for k in range(G.shape[0])
+            )
         wtxt = ", ".join(f"{v:.4f}" for v in weights.tolist())
         out(f"{name:<11} {wtxt:<24} {cosd:<20} {1e6 * statistics.median(times):>8.1f} µs")
     return 1 if failures else 0

@@ -19,8 +19,15 @@ class MultiTaskNet(nn.Module):
     doubling from ``width``, capped at 8x), a shared fully connected layer of ``hidden`` units, and
     per task a two-layer head (``hidden -> head_hidden -> classes``)."""
 
-    def __init__(self, in_shape: Sequence[int], num_classes: Sequence[int], *, width: int = 32,
-                 hidden: int = 128, head_hidden: int = 64):
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        num_classes: Sequence[int],
+        *,
+        width: int = 32,
+        hidden: int = 128,
+        head_hidden: int = 64,
+    ):
         super().__init__()
         c, h, w = in_shape
         if not num_classes:
@@ -28,14 +35,25 @@ class MultiTaskNet(nn.Module):
         layers: list[nn.Module] = []
         ch = width
         while min(h, w) > 4:
-            layers += [nn.Conv2d(c, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch), nn.ReLU(inplace=True),
-                       nn.MaxPool2d(2)]
+            layers += [
+                nn.Conv2d(c, ch, 3, padding=1, bias=False),
+                nn.BatchNorm2d(ch),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
             c, h, w = ch, h // 2, w // 2
             ch = min(ch * 2, width * 8)
-        layers += [nn.Flatten(), nn.Linear(c * h * w, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        layers += [
+            nn.Flatten(),
+            nn.Linear(c * h * w, hidden, bias=False),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+        ]
         self.trunk = nn.Sequential(*layers)
         self.heads = nn.ModuleList(
-            nn.Sequential(nn.Linear(hidden, head_hidden), nn.ReLU(inplace=True), nn.Linear(head_hidden, n))
+            nn.Sequential(
+                nn.Linear(hidden, head_hidden), nn.ReLU(inplace=True), nn.Linear(head_hidden, n)
+            )
             for n in num_classes
         )
 

@@ -56,30 +56,30 @@ class TrainConfig:
     dataset: str = "multidigits"
     data_dir: str | None = None
     data_dir2: str | None = None
-    n_train: int | None = None          # None: the data set's default (MultiDigits: 10000)
-    n_test: int | None = None           # None: the data set's default (MultiDigits: 2000)
-    image_size: int = 64                # CelebA only
+    n_train: int | None = None  # None: the data set's default (MultiDigits: 10000)
+    n_test: int | None = None  # None: the data set's default (MultiDigits: 2000)
+    image_size: int = 64  # CelebA only
     data_seed: int = 0
     noise_rate: float = 0.0
     noise_task: str = "2"
     low_resource: int | None = None
     low_resource_task: str = "2"
-    optimizer: str = "fmtl"             # plain | fmtl | samo
+    optimizer: str = "fmtl"  # plain | fmtl | samo
     weighting: str = "mgda"
     weighting_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     rho: float = 0.05
     rho_head: float | None = None
     adaptive: bool = False
-    alpha: float = 0.5                  # SAMO
-    zo_eps: float = 1e-3                # SAMO
+    alpha: float = 0.5  # SAMO
+    zo_eps: float = 1e-3  # SAMO
     base_optimizer: str = "adam"
     lr: float = 1e-3
-    momentum: float = 0.9               # SGD only
+    momentum: float = 0.9  # SGD only
     weight_decay: float = 0.0
     batch_size: int = 128
     epochs: float = 5.0
-    steps: int | None = None            # overrides epochs
-    eval_every: int | None = None       # None: once per epoch
+    steps: int | None = None  # overrides epochs
+    eval_every: int | None = None  # None: once per epoch
     width: int = 16
     seed: int = 0
     backend: str = "auto"
@@ -113,8 +113,10 @@ def parse_method(method: str) -> tuple[str, str]:
     if "-" in m:
         prefix, rest = m.split("-", 1)
         if prefix not in _PREFIXES:
-            raise UsageError(f"unknown method {method!r}: expected WEIGHTING, fmtl-WEIGHTING or samo-WEIGHTING "
-                             f"(weightings: {', '.join(weighting.names())})")
+            raise UsageError(
+                f"unknown method {method!r}: expected WEIGHTING, fmtl-WEIGHTING or samo-WEIGHTING "
+                f"(weightings: {', '.join(weighting.names())})"
+            )
         kind, weighting_name = _PREFIXES[prefix], rest
     check_weighting(weighting_name, what=f"method {method!r}")
     return kind, weighting_name
@@ -122,7 +124,9 @@ def parse_method(method: str) -> tuple[str, str]:
 
 def check_weighting(name: str, what: str = "weighting") -> None:
     if name not in weighting.names():
-        raise UsageError(f"{what}: unknown weighting {name!r}; available: {', '.join(weighting.names())}")
+        raise UsageError(
+            f"{what}: unknown weighting {name!r}; available: {', '.join(weighting.names())}"
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -143,12 +147,16 @@ def check_backend(name: str, device: torch.device) -> None:
     from .ops import _registry
 
     if name not in _registry.BACKEND_NAMES:
-        raise UsageError(f"unknown backend {name!r}; known backends: {', '.join(_registry.BACKEND_NAMES)}")
+        raise UsageError(
+            f"unknown backend {name!r}; known backends: {', '.join(_registry.BACKEND_NAMES)}"
+        )
     if name != "auto":
         reason = _registry.unavailable_reason(name, device.type)
         if reason is not None:
             avail = ", ".join(["auto", *_registry.available_backends(device)])
-            raise UsageError(f"backend {name!r} is not available for {device.type} ({reason}); available here: {avail}")
+            raise UsageError(
+                f"backend {name!r} is not available for {device.type} ({reason}); available here: {avail}"
+            )
 
 
 def validate(cfg: TrainConfig) -> torch.device:
@@ -157,9 +165,13 @@ def validate(cfg: TrainConfig) -> torch.device:
         raise UsageError(f"unknown optimizer {cfg.optimizer!r}; available: {', '.join(OPTIMIZERS)}")
     check_weighting(cfg.weighting)
     if cfg.dataset not in datasets.names():
-        raise UsageError(f"unknown dataset {cfg.dataset!r}; available: {', '.join(datasets.names())}")
+        raise UsageError(
+            f"unknown dataset {cfg.dataset!r}; available: {', '.join(datasets.names())}"
+        )
     if cfg.base_optimizer not in BASE_OPTIMIZERS:
-        raise UsageError(f"unknown base optimizer {cfg.base_optimizer!r}; available: {', '.join(BASE_OPTIMIZERS)}")
+        raise UsageError(
+            f"unknown base optimizer {cfg.base_optimizer!r}; available: {', '.join(BASE_OPTIMIZERS)}"
+        )
     for name in ("lr", "batch_size", "epochs"):
         if not getattr(cfg, name) > 0:
             raise UsageError(f"{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
@@ -189,9 +201,15 @@ def validate(cfg: TrainConfig) -> torch.device:
 
 
 def build_data(cfg: TrainConfig, progress: bool = False) -> MultiTaskData:
-    opts: dict[str, Any] = {"seed": cfg.data_seed, "noise_rate": cfg.noise_rate, "noise_task": cfg.noise_task,
-                            "low_resource": cfg.low_resource, "low_resource_task": cfg.low_resource_task,
-                            "image_size": cfg.image_size, "progress": progress}
+    opts: dict[str, Any] = {
+        "seed": cfg.data_seed,
+        "noise_rate": cfg.noise_rate,
+        "noise_task": cfg.noise_task,
+        "low_resource": cfg.low_resource,
+        "low_resource_task": cfg.low_resource_task,
+        "image_size": cfg.image_size,
+        "progress": progress,
+    }
     if cfg.n_train is not None:
         opts["n_train"] = cfg.n_train
     if cfg.n_test is not None:
@@ -210,15 +228,29 @@ def build_optimizer(cfg: TrainConfig, model: MultiTaskNet):
     if cfg.base_optimizer == "sgd":
         base_kwargs["momentum"] = cfg.momentum
     w = weighting.get(cfg.weighting, **cfg.weighting_options)
-    common = dict(task_params=model.task_parameters(), base_optimizer=BASE_OPTIMIZERS[cfg.base_optimizer],
-                  weighting=w, **base_kwargs)
+    common = dict(
+        task_params=model.task_parameters(),
+        base_optimizer=BASE_OPTIMIZERS[cfg.base_optimizer],
+        weighting=w,
+        **base_kwargs,
+    )
     shared = model.shared_parameters()
     if cfg.optimizer == "plain":
         return mtlsam_fast.MTLOptimizer(shared, **common)
     if cfg.optimizer == "fmtl":
-        return mtlsam_fast.FMTL(shared, rho=cfg.rho, rho_head=cfg.rho_head, adaptive=cfg.adaptive, **common)
-    return mtlsam_fast.SAMO(shared, rho=cfg.rho, rho_head=cfg.rho_head, adaptive=cfg.adaptive, alpha=cfg.alpha,
-                            zo_eps=cfg.zo_eps, seed=cfg.seed, **common)
+        return mtlsam_fast.FMTL(
+            shared, rho=cfg.rho, rho_head=cfg.rho_head, adaptive=cfg.adaptive, **common
+        )
+    return mtlsam_fast.SAMO(
+        shared,
+        rho=cfg.rho,
+        rho_head=cfg.rho_head,
+        adaptive=cfg.adaptive,
+        alpha=cfg.alpha,
+        zo_eps=cfg.zo_eps,
+        seed=cfg.seed,
+        **common,
+    )
 
 
 class BatchSampler:
@@ -234,8 +266,11 @@ class BatchSampler:
         self.batch_size = min(batch_size, self.n)
         self.gen = torch.Generator().manual_seed(seed)
         labelled = y != UNLABELED
-        self.pools = [torch.nonzero(labelled[:, k]).flatten() for k in range(y.shape[1])
-                      if int(labelled[:, k].sum()) < self.n // 2]
+        self.pools = [
+            torch.nonzero(labelled[:, k]).flatten()
+            for k in range(y.shape[1])
+            if int(labelled[:, k].sum()) < self.n // 2
+        ]
         self.extra = max(1, batch_size // 4)
         self.perm = torch.randperm(self.n, generator=self.gen)
         self.pos = 0
@@ -248,7 +283,7 @@ class BatchSampler:
         if self.pos + self.batch_size > self.n:  # drop the last incomplete batch (BatchNorm)
             self.perm = torch.randperm(self.n, generator=self.gen)
             self.pos = 0
-        idx = [self.perm[self.pos:self.pos + self.batch_size]]
+        idx = [self.perm[self.pos : self.pos + self.batch_size]]
         self.pos += self.batch_size
         for pool in self.pools:
             take = min(self.extra, len(pool))
@@ -270,7 +305,9 @@ def task_losses(logits: Sequence[torch.Tensor], y: torch.Tensor) -> list[torch.T
 
 
 @torch.no_grad()
-def evaluate(model: MultiTaskNet, data: MultiTaskData, device: torch.device, batch_size: int = 1000) -> dict[str, Any]:
+def evaluate(
+    model: MultiTaskNet, data: MultiTaskData, device: torch.device, batch_size: int = 1000
+) -> dict[str, Any]:
     """Per-task test accuracy (%) and loss; the mean accuracy and mean error over tasks."""
     was_training = model.training
     model.eval()
@@ -279,8 +316,8 @@ def evaluate(model: MultiTaskNet, data: MultiTaskData, device: torch.device, bat
     loss_sum = torch.zeros(K, dtype=torch.float64)
     count = torch.zeros(K, dtype=torch.float64)
     for s in range(0, len(data.x_test), batch_size):
-        x = data.images(data.x_test[s:s + batch_size]).to(device)
-        y = data.y_test[s:s + batch_size].to(device)
+        x = data.images(data.x_test[s : s + batch_size]).to(device)
+        y = data.y_test[s : s + batch_size].to(device)
         for k, lg in enumerate(model(x)):
             mask = y[:, k] != UNLABELED
             yk, lk = y[mask, k], lg[mask].float()
@@ -319,7 +356,9 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
     directory = os.path.dirname(path)
     try:
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory
+        )
     except OSError as e:
         raise UsageError(f"cannot write {path!r}: {e.strerror or e}") from None
     try:
@@ -354,10 +393,28 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable file is the user's input problem, not a bug
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(f"cannot read checkpoint {path!r}: not a valid mtlsam-fast checkpoint ({msg})") from None
-    keys = ("format", "config", "step", "model", "optimizer", "sampler", "rng", "history", "train_time")
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or any(k not in state for k in keys):
-        raise UsageError(f"checkpoint {path!r} is not an mtlsam-fast training checkpoint ({CHECKPOINT_FORMAT})")
+        raise UsageError(
+            f"cannot read checkpoint {path!r}: not a valid mtlsam-fast checkpoint ({msg})"
+        ) from None
+    keys = (
+        "format",
+        "config",
+        "step",
+        "model",
+        "optimizer",
+        "sampler",
+        "rng",
+        "history",
+        "train_time",
+    )
+    if (
+        not isinstance(state, dict)
+        or state.get("format") != CHECKPOINT_FORMAT
+        or any(k not in state for k in keys)
+    ):
+        raise UsageError(
+            f"checkpoint {path!r} is not an mtlsam-fast training checkpoint ({CHECKPOINT_FORMAT})"
+        )
     return state
 
 
@@ -366,7 +423,11 @@ def load_checkpoint(path: str) -> dict[str, Any]:
 
 
 def total_steps(cfg: TrainConfig, sampler: BatchSampler) -> int:
-    return cfg.steps if cfg.steps is not None else max(1, int(math.ceil(cfg.epochs * sampler.steps_per_epoch)))
+    return (
+        cfg.steps
+        if cfg.steps is not None
+        else max(1, int(math.ceil(cfg.epochs * sampler.steps_per_epoch)))
+    )
 
 
 def _format_losses(names: Sequence[str], losses: Sequence[float]) -> dict[str, str]:
@@ -375,9 +436,17 @@ def _format_losses(names: Sequence[str], losses: Sequence[float]) -> dict[str, s
     return {"mean_loss": f"{sum(losses) / len(losses):.3f}", "max_loss": f"{max(losses):.3f}"}
 
 
-def train(cfg: TrainConfig, data: MultiTaskData | None = None, *, checkpoint: str | None = None,
-          checkpoint_every: int | None = None, resume: dict[str, Any] | None = None, progress: bool = False,
-          desc: str | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig,
+    data: MultiTaskData | None = None,
+    *,
+    checkpoint: str | None = None,
+    checkpoint_every: int | None = None,
+    resume: dict[str, Any] | None = None,
+    progress: bool = False,
+    desc: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Train one model; returns the result dictionary (see :data:`RESULT_FORMAT`).
 
     ``resume``: a checkpoint from :func:`load_checkpoint` (its configuration must equal ``cfg`` except
@@ -399,15 +468,26 @@ def train(cfg: TrainConfig, data: MultiTaskData | None = None, *, checkpoint: st
     previous_cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
-        return _train(cfg, data, model, device, checkpoint, checkpoint_every, resume, progress, desc, log)
+        return _train(
+            cfg, data, model, device, checkpoint, checkpoint_every, resume, progress, desc, log
+        )
     finally:
         mtlsam_fast.set_backend(previous_backend)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = previous_cudnn
 
 
-def _train(cfg: TrainConfig, data: MultiTaskData, model: MultiTaskNet, device: torch.device, checkpoint: str | None,
-           checkpoint_every: int | None, resume: dict[str, Any] | None, progress: bool, desc: str | None,
-           log: Callable[[str], None]) -> dict[str, Any]:
+def _train(
+    cfg: TrainConfig,
+    data: MultiTaskData,
+    model: MultiTaskNet,
+    device: torch.device,
+    checkpoint: str | None,
+    checkpoint_every: int | None,
+    resume: dict[str, Any] | None,
+    progress: bool,
+    desc: str | None,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     import mtlsam_fast
 
     try:
@@ -421,10 +501,14 @@ def _train(cfg: TrainConfig, data: MultiTaskData, model: MultiTaskNet, device: t
     step, train_time, train_cpu = 0, 0.0, 0.0
     if resume is not None:
         saved = dict(resume["config"])
-        mismatch = [k for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+        mismatch = [
+            k for k, v in cfg.to_dict().items() if k not in RESUMABLE_CHANGES and saved.get(k) != v
+        ]
         if mismatch:
-            raise UsageError("the checkpoint was written with a different configuration: "
-                             + ", ".join(f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in mismatch))
+            raise UsageError(
+                "the checkpoint was written with a different configuration: "
+                + ", ".join(f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in mismatch)
+            )
         try:
             model.load_state_dict(resume["model"])
             opt.load_state_dict(resume["optimizer"])
@@ -432,21 +516,42 @@ def _train(cfg: TrainConfig, data: MultiTaskData, model: MultiTaskNet, device: t
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
             raise UsageError(f"checkpoint does not match this model/optimizer: {e}") from None
         torch.set_rng_state(resume["rng"])
-        step, history, train_time = int(resume["step"]), list(resume["history"]), float(resume["train_time"])
+        step, history, train_time = (
+            int(resume["step"]),
+            list(resume["history"]),
+            float(resume["train_time"]),
+        )
         train_cpu = float(resume.get("train_cpu", 0.0))
         if step > steps:
             raise UsageError(f"checkpoint is at step {step}, beyond the requested {steps} steps")
         log(f"resumed from step {step}")
 
     def ckpt_state() -> dict[str, Any]:
-        return {"format": CHECKPOINT_FORMAT, "config": cfg.to_dict(), "step": step, "model": model.state_dict(),
-                "optimizer": opt.state_dict(), "sampler": sampler.state_dict(), "rng": torch.get_rng_state(),
-                "history": history, "train_time": train_time, "train_cpu": train_cpu}
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": cfg.to_dict(),
+            "step": step,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "sampler": sampler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "history": history,
+            "train_time": train_time,
+            "train_cpu": train_cpu,
+        }
 
     from tqdm import tqdm
 
-    bar = tqdm(total=steps, initial=step, disable=not progress, desc=desc or cfg.method, unit="step",
-               file=sys.stderr, dynamic_ncols=True, leave=True)
+    bar = tqdm(
+        total=steps,
+        initial=step,
+        disable=not progress,
+        desc=desc or cfg.method,
+        unit="step",
+        file=sys.stderr,
+        dynamic_ncols=True,
+        leave=True,
+    )
     K = data.num_tasks
     running = torch.zeros(K, dtype=torch.float64)
     running_n = 0
@@ -462,7 +567,11 @@ def _train(cfg: TrainConfig, data: MultiTaskData, model: MultiTaskNet, device: t
                 return task_losses(model(xb), yb)
 
             losses = opt.step(closure)
-            losses = torch.stack([torch.as_tensor(v) for v in losses]) if isinstance(losses, (list, tuple)) else losses
+            losses = (
+                torch.stack([torch.as_tensor(v) for v in losses])
+                if isinstance(losses, (list, tuple))
+                else losses
+            )
             running += losses.detach().double().cpu()
             running_n += 1
             step += 1
@@ -470,11 +579,19 @@ def _train(cfg: TrainConfig, data: MultiTaskData, model: MultiTaskNet, device: t
             train_cpu += time.process_time() - c0
             bar.update(1)
             if step % 10 == 0 or step == steps:
-                bar.set_postfix(_format_losses(data.task_names, (running / running_n).tolist()), refresh=False)
+                bar.set_postfix(
+                    _format_losses(data.task_names, (running / running_n).tolist()), refresh=False
+                )
             if step % eval_every == 0 or step == steps:
                 metrics = evaluate(model, data, device)
-                history.append({"step": step, "train_loss": (running / max(running_n, 1)).tolist(),
-                                "test_accuracy": accuracies(metrics), "train_time": train_time})
+                history.append(
+                    {
+                        "step": step,
+                        "train_loss": (running / max(running_n, 1)).tolist(),
+                        "test_accuracy": accuracies(metrics),
+                        "train_time": train_time,
+                    }
+                )
                 running.zero_()
                 running_n = 0
             if checkpoint and (step == steps or step % (checkpoint_every or eval_every) == 0):
@@ -486,9 +603,15 @@ def _train(cfg: TrainConfig, data: MultiTaskData, model: MultiTaskNet, device: t
         "format": RESULT_FORMAT,
         "method": cfg.method,
         "config": cfg.to_dict(),
-        "dataset": {"name": data.name, "summary": data.summary(), "tasks": data.task_names,
-                    "num_classes": data.num_classes, "n_train": len(data.x_train), "n_test": len(data.x_test),
-                    "labelled_train": data.labelled_counts()},
+        "dataset": {
+            "name": data.name,
+            "summary": data.summary(),
+            "tasks": data.task_names,
+            "num_classes": data.num_classes,
+            "n_train": len(data.x_train),
+            "n_test": len(data.x_test),
+            "labelled_train": data.labelled_counts(),
+        },
         "steps": step,
         "train_time_s": train_time,
         "step_time_ms": 1000.0 * train_time / max(step, 1),
@@ -496,12 +619,25 @@ def _train(cfg: TrainConfig, data: MultiTaskData, model: MultiTaskNet, device: t
         "step_cpu_ms": 1000.0 * train_cpu / max(step, 1),
         "test": metrics,
         "history": history,
-        "environment": {"torch": torch.__version__, "mtlsam_fast": mtlsam_fast.__version__, "device": str(device),
-                        "backend": cfg.backend, "threads": torch.get_num_threads()},
+        "environment": {
+            "torch": torch.__version__,
+            "mtlsam_fast": mtlsam_fast.__version__,
+            "device": str(device),
+            "backend": cfg.backend,
+            "threads": torch.get_num_threads(),
+        },
     }
 
 
 def single_task_data(data: MultiTaskData, k: int) -> MultiTaskData:
     """The same images with only task ``k`` (for single-task baselines)."""
-    return MultiTaskData(data.name, [data.task_names[k]], [data.num_classes[k]], data.x_train,
-                         data.y_train[:, k:k + 1], data.x_test, data.y_test[:, k:k + 1], data.info)
+    return MultiTaskData(
+        data.name,
+        [data.task_names[k]],
+        [data.num_classes[k]],
+        data.x_train,
+        data.y_train[:, k : k + 1],
+        data.x_test,
+        data.y_test[:, k : k + 1],
+        data.info,
+    )

@@ -47,14 +47,28 @@ def test_naive_baseline_is_correct():
 def test_quick_report_structure(tmp_path: Path):
     out = tmp_path / "bench"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--threads", "1", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--threads", "1", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "speed-up" in proc.stdout and "roofline" in proc.stdout
 
     doc = json.loads((out / "ops.json").read_text())
     meta = doc["meta"]
-    for key in ("device", "device_name", "cpu_model", "torch", "triton", "mtlsam_fast_commit", "available_backends"):
+    for key in (
+        "device",
+        "device_name",
+        "cpu_model",
+        "torch",
+        "triton",
+        "mtlsam_fast_commit",
+        "available_backends",
+    ):
         assert key in meta, key
     assert meta["device"] == "cpu" and "torch" in meta["available_backends"]
     roof = doc["roofline"]
@@ -62,14 +76,26 @@ def test_quick_report_structure(tmp_path: Path):
     rows = doc["results"]
     assert rows
     ops_seen = {r["op"] for r in rows}
-    for op in ("gram", "diff_gram", "segment_norms", "combine", "perturb", "restore", "gaussian_noise",
-               "noise_stats", "solve_qp", "weighting:mgda"):
+    for op in (
+        "gram",
+        "diff_gram",
+        "segment_norms",
+        "combine",
+        "perturb",
+        "restore",
+        "gaussian_noise",
+        "noise_stats",
+        "solve_qp",
+        "weighting:mgda",
+    ):
         assert op in ops_seen, op
     ok = [r for r in rows if r["error"] is None]
     for r in ok:
         assert math.isfinite(r["median_s"]) and r["median_s"] > 0
         assert r["p25_s"] <= r["median_s"] <= r["p75_s"] and r["reps"] >= 1
-    gram_torch = [r for r in ok if r["op"] == "gram" and r["impl"] == "torch" and r["kind"] == "backend"]
+    gram_torch = [
+        r for r in ok if r["op"] == "gram" and r["impl"] == "torch" and r["kind"] == "backend"
+    ]
     assert gram_torch
     for r in gram_torch:
         assert r["gbps"] > 0 and r["pct_roof"] > 0
@@ -81,7 +107,9 @@ def test_quick_report_structure(tmp_path: Path):
     with open(out / "ops.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == len(rows)
-    assert {"op", "impl", "kind", "dtype", "K", "P", "median_s", "gbps", "pct_roof"} <= set(table[0])
+    assert {"op", "impl", "kind", "dtype", "K", "P", "median_s", "gbps", "pct_roof"} <= set(
+        table[0]
+    )
     assert any(c.startswith("speedup_vs_") for c in table[0])
 
     for png in ("ops.png", "qp.png"):
@@ -98,8 +126,23 @@ def test_qp_native_tool_builds_and_solves(tmp_path):
     if shutil.which(os.environ.get("CXX", "g++")) is None:
         pytest.skip("no C++ compiler")
     out = tmp_path / "w.bin"
-    res = subprocess.run(["bash", str(ROOT / "bench" / "qp_native.sh"), "--K", "17", "--batch", "3", "--reps", "1",
-                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "bench" / "qp_native.sh"),
+            "--K",
+            "17",
+            "--batch",
+            "3",
+            "--reps",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "family=rank K=17 batch=3:" in res.stdout and "us/problem" in res.stdout
     w = torch.frombuffer(bytearray(out.read_bytes()), dtype=torch.float32).reshape(3, 17)

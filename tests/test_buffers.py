@@ -30,8 +30,14 @@ def reference_rows(model, x):
     rows = []
     for loss in model.losses(x):
         grads = torch.autograd.grad(loss, model.shared(), allow_unused=True, retain_graph=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                               for g, p in zip(grads, model.shared())]))
+        rows.append(
+            torch.cat(
+                [
+                    (torch.zeros_like(p) if g is None else g).reshape(-1)
+                    for g, p in zip(grads, model.shared())
+                ]
+            )
+        )
     return torch.stack(rows)
 
 
@@ -63,7 +69,7 @@ def test_capture_rows_equal_autograd_grad_without_copies():
             loss.backward(retain_graph=True)
             for p, seg in zip(model.shared(), buf.layout.segments):
                 # the grad autograd accumulated into IS the buffer row: no copy, no cat
-                assert p.grad.data_ptr() == row[seg.offset:].data_ptr()
+                assert p.grad.data_ptr() == row[seg.offset :].data_ptr()
                 assert storage[0] <= p.grad.data_ptr() < storage[1]
     torch.testing.assert_close(buf.G, expected, rtol=1e-6, atol=1e-6)
     assert torch.equal(buf.G[:, -3:], torch.zeros(2, 3))  # unused parameter: zero gradient

@@ -33,7 +33,9 @@ def test_ci_build_contract():
         pytest.skip("MTLSAM_NO_EXTENSION set: pure-Python install requested")
     assert C is not None, f"CI must build mtlsam_fast._C: {_ext.error()}"
     if _ext.find_cuda_home() and torch.version.cuda and not os.environ.get("MTLSAM_NO_CUDA"):
-        assert C.has_cuda(), "a CUDA toolkit (nvcc) is present but the CUDA kernels were not compiled into _C"
+        assert C.has_cuda(), (
+            "a CUDA toolkit (nvcc) is present but the CUDA kernels were not compiled into _C"
+        )
 
 
 def test_find_cuda_home_skips_wrapper(monkeypatch):
@@ -146,7 +148,9 @@ def test_segment_norms(dtype, weighted):
         # the oracle sums 40k fp32 squares serially (~1e-5 relative error); ours is closer to fp64
         torch.testing.assert_close(out, expect, rtol=5e-5, atol=1e-6)
         v = x.double() * (1.0 if w is None else w.double())
-        exact = torch.stack([(v[..., a:b] ** 2).sum(-1) for a, b in zip(offsets[:-1], offsets[1:])], -1).sqrt()
+        exact = torch.stack(
+            [(v[..., a:b] ** 2).sum(-1) for a, b in zip(offsets[:-1], offsets[1:])], -1
+        ).sqrt()
         torch.testing.assert_close(out.double(), exact, rtol=5e-6, atol=1e-6)
 
 
@@ -155,8 +159,12 @@ def test_segment_norms_weight_dtype_mix():
     offsets = _offsets([10, 20])
     x = torch.randn(30).to(torch.bfloat16)
     w = torch.rand(30)  # fp32 weight with a bf16 buffer
-    torch.testing.assert_close(ops.segment_norms(x, offsets, weight=w, backend="cpu"),
-                               ref.segment_norms(x, offsets, w), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        ops.segment_norms(x, offsets, weight=w, backend="cpu"),
+        ref.segment_norms(x, offsets, w),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 # ---- combine -------------------------------------------------------------------------------------------
@@ -169,7 +177,11 @@ def test_combine(dtype, K):
     out = ops.combine(w, G, backend="cpu")
     assert out.dtype == dtype
     expect = ref.combine(w, G, None, None, torch.empty(1003, dtype=dtype))
-    rtol, atol = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3)}[dtype]
+    rtol, atol = {
+        torch.float32: (1e-5, 1e-5),
+        torch.bfloat16: (1e-2, 1e-2),
+        torch.float16: (2e-3, 2e-3),
+    }[dtype]
     torch.testing.assert_close(out, expect, rtol=rtol, atol=atol * K)
     H = _buffer(2, 1003, dtype, view=False)
     w2 = torch.rand(2, dtype=torch.float64)  # any float weight dtype
@@ -194,12 +206,28 @@ def test_perturb_and_restore(dtype, adaptive, noise, per_segment):
     d = torch.randn(P).to(dtype)
     S = len(sizes)
     scale = torch.rand(S) if per_segment else torch.tensor(0.05)
-    nscale = (torch.rand(S) * 0.01) if (noise and per_segment) else (torch.tensor(0.01) if noise else None)
-    got = ops.perturb(theta, backup, offsets, d, scale, adaptive=adaptive, noise_scale=nscale, seed=123,
-                      noise_offset=7, backend="cpu")
+    nscale = (
+        (torch.rand(S) * 0.01)
+        if (noise and per_segment)
+        else (torch.tensor(0.01) if noise else None)
+    )
+    got = ops.perturb(
+        theta,
+        backup,
+        offsets,
+        d,
+        scale,
+        adaptive=adaptive,
+        noise_scale=nscale,
+        seed=123,
+        noise_offset=7,
+        backend="cpu",
+    )
     assert got is theta
     expect = ref.perturb(backup.clone(), backup, d, scale, offsets, adaptive, nscale, 123, 7)
-    tol = {torch.float32: (1e-6, 1e-6), torch.bfloat16: (8e-3, 1e-5), torch.float16: (1e-3, 1e-5)}[dtype]
+    tol = {torch.float32: (1e-6, 1e-6), torch.bfloat16: (8e-3, 1e-5), torch.float16: (1e-3, 1e-5)}[
+        dtype
+    ]
     torch.testing.assert_close(theta, expect, rtol=tol[0], atol=tol[1])
     assert not torch.equal(theta, backup)
     ops.restore(theta, backup)
@@ -212,12 +240,18 @@ def test_perturb_noise_only_and_dtype_mix():
     backup = torch.randn(150)
     theta = torch.empty(150)
     ops.perturb(theta, backup, offsets, noise_scale=torch.tensor([0.1, 0.2]), seed=5, backend="cpu")
-    expect = ref.perturb(torch.empty(150), backup, None, None, offsets, False, torch.tensor([0.1, 0.2]), 5, 0)
+    expect = ref.perturb(
+        torch.empty(150), backup, None, None, offsets, False, torch.tensor([0.1, 0.2]), 5, 0
+    )
     torch.testing.assert_close(theta, expect, rtol=1e-6, atol=1e-6)
     d16 = torch.randn(150).to(torch.bfloat16)  # bf16 direction into fp32 parameters
     ops.perturb(theta, backup, offsets, d16, torch.tensor(0.3), backend="cpu")
-    torch.testing.assert_close(theta, ref.perturb(torch.empty(150), backup, d16, torch.tensor(0.3), offsets, False,
-                                                  None, 0, 0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        theta,
+        ref.perturb(torch.empty(150), backup, d16, torch.tensor(0.3), offsets, False, None, 0, 0),
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 @needs_ext
@@ -239,11 +273,20 @@ def test_gaussian_noise_and_stats():
     torch.testing.assert_close(z, zr, rtol=1e-5, atol=2e-6)  # polynomial log/cos: a few ulp
     # the noise perturb adds is exactly this stream
     theta, backup = torch.empty(20_001), torch.zeros(20_001)
-    ops.perturb(theta, backup, torch.tensor([0, 20_001]), noise_scale=torch.tensor(1.0), seed=42,
-                noise_offset=2**32 - 10, backend="cpu")
+    ops.perturb(
+        theta,
+        backup,
+        torch.tensor([0, 20_001]),
+        noise_scale=torch.tensor(1.0),
+        seed=42,
+        noise_offset=2**32 - 10,
+        backend="cpu",
+    )
     assert torch.equal(theta, z)
     # slices of the stream are consistent
-    torch.testing.assert_close(ops.gaussian_noise(42, 2**32 - 10 + 100, 10, backend="cpu"), z[100:110], rtol=0, atol=0)
+    torch.testing.assert_close(
+        ops.gaussian_noise(42, 2**32 - 10 + 100, 10, backend="cpu"), z[100:110], rtol=0, atol=0
+    )
     offsets = _offsets([1000, 0, 35_000, 1])  # a segment across the 32768-element chunks
     for dtype in DTYPES:
         r = torch.randn(36_001).to(dtype)
@@ -323,7 +366,9 @@ def test_qp_is_exact_where_the_kkt_measure_is_blind():
     K1, K2, d = 8, 24, 48
     small = torch.randn(K1, d, generator=gen, dtype=torch.float64)
     v_small = ops.solve_qp(small @ small.T, backend="cpu")
-    assert qp.kkt_residual(small @ small.T, v_small).item() <= 1e-9  # well scaled: the KKT residual is tight
+    assert (
+        qp.kkt_residual(small @ small.T, v_small).item() <= 1e-9
+    )  # well scaled: the KKT residual is tight
     u = v_small @ small
     m = torch.randn(K2, d, generator=gen, dtype=torch.float64)
     m = m - (m @ u)[:, None] * u / (u @ u)
@@ -353,7 +398,14 @@ def test_qp_symmetrizes_and_checks_every_entry(K):
         obj = lambda w: torch.einsum("bi,bij,bj->b", w.double(), g.double(), w.double())  # noqa: E731
         scale = g.double().diagonal(dim1=-2, dim2=-1).amax(-1)
         assert ((obj(v) - obj(vr)) / scale).max() <= 1e-6
-    for i, j in [(K - 1, 0), (0, K - 1), (5, 2), (K // 2, K // 2 - 1), (K - 1, K - 1), (K - 1, K - 2)]:
+    for i, j in [
+        (K - 1, 0),
+        (0, K - 1),
+        (5, 2),
+        (K // 2, K // 2 - 1),
+        (K - 1, K - 1),
+        (K - 1, K - 2),
+    ]:
         for value in (float("nan"), float("inf")):
             bad = g.clone()
             bad[1, i, j] = value
@@ -387,8 +439,12 @@ def test_qp_kernel_batch_shapes_and_step_counts():
     lo = torch.rand(2, 3, 5) * 0.1
     v, iters = C.solve_qp(g, None, lo, False, 60, 1e-9, with_iters=True)
     assert v.shape == (2, 3, 5) and iters.shape == (2, 3) and iters.dtype == torch.int32
-    assert (iters >= 0).all() and iters.max() > 0  # (a zero Gram or an optimum at the bound: 0 steps)
-    flat, flat_iters = C.solve_qp(g.reshape(6, 5, 5), None, lo.reshape(6, 5), False, 60, 1e-9, with_iters=True)
+    assert (
+        iters >= 0
+    ).all() and iters.max() > 0  # (a zero Gram or an optimum at the bound: 0 steps)
+    flat, flat_iters = C.solve_qp(
+        g.reshape(6, 5, 5), None, lo.reshape(6, 5), False, 60, 1e-9, with_iters=True
+    )
     assert torch.equal(flat.reshape(2, 3, 5), v) and torch.equal(flat_iters.reshape(2, 3), iters)
     assert C.solve_qp(g, None, lo, False, 60, 1e-9)[1] is None
     one, _ = C.solve_qp(g[1, 2], None, lo[1, 2], False, 60, 1e-9)
@@ -447,8 +503,17 @@ def test_extension_rejects_bad_input():
     with pytest.raises(RuntimeError, match="must match"):
         C.diff_gram(torch.zeros(2, 3), torch.zeros(2, 4))
     with pytest.raises(RuntimeError, match="1 or S entries"):
-        C.perturb(torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(3), torch.tensor([0, 2, 4]),
-                  False, None, 0, 0)
+        C.perturb(
+            torch.zeros(4),
+            torch.zeros(4),
+            torch.zeros(4),
+            torch.zeros(3),
+            torch.tensor([0, 2, 4]),
+            False,
+            None,
+            0,
+            0,
+        )
     with pytest.raises(RuntimeError, match=r"\[\.\.\., K, K\]"):
         C.solve_qp(torch.zeros(1, 2, 3), None, None, True, 10, 1e-9)
     with pytest.raises(RuntimeError, match="int64"):
@@ -456,7 +521,9 @@ def test_extension_rejects_bad_input():
     with pytest.raises(RuntimeError, match="different devices"):
         C.diff_gram(torch.zeros(2, 3), torch.zeros(2, 3, device="meta"))
     with pytest.raises(RuntimeError, match="q / lower"):
-        C.solve_qp(torch.zeros(2, 3, 3), torch.zeros(2, 3, dtype=torch.float64), None, True, 10, 1e-9)
+        C.solve_qp(
+            torch.zeros(2, 3, 3), torch.zeros(2, 3, dtype=torch.float64), None, True, 10, 1e-9
+        )
 
 
 @needs_ext
@@ -503,8 +570,14 @@ def test_generic_variant_passes_every_kernel_test():
         assert C.cpu_isa() == "generic"
         return
     env = dict(os.environ, MTLSAM_CPU_ISA="generic")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
-                          env=env, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=Path(__file__).parents[1],
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
@@ -526,7 +599,10 @@ def _qp_variant_cases():
 
 
 def _qp_variant_results():
-    return [C.solve_qp(g, None, lo, lo is None, 60, 1e-9, with_iters=True) for g, lo in _qp_variant_cases()]
+    return [
+        C.solve_qp(g, None, lo, lo is None, 60, 1e-9, with_iters=True)
+        for g, lo in _qp_variant_cases()
+    ]
 
 
 @needs_ext
@@ -538,11 +614,17 @@ def test_qp_variants_take_the_same_steps(tmp_path):
     if C.cpu_isa() != "avx2":
         pytest.skip("this machine runs the generic variant only")
     out = tmp_path / "generic.pt"
-    code = ("import sys, torch; sys.path.insert(0, sys.argv[2]); import test_cpp_backend as t; "
-            "assert t.C.cpu_isa() == 'generic'; torch.save(t._qp_variant_results(), sys.argv[1])")
+    code = (
+        "import sys, torch; sys.path.insert(0, sys.argv[2]); import test_cpp_backend as t; "
+        "assert t.C.cpu_isa() == 'generic'; torch.save(t._qp_variant_results(), sys.argv[1])"
+    )
     env = dict(os.environ, MTLSAM_CPU_ISA="generic")
-    subprocess.run([sys.executable, "-c", code, str(out), str(Path(__file__).parent)], check=True, env=env,
-                   timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", code, str(out), str(Path(__file__).parent)],
+        check=True,
+        env=env,
+        timeout=300,
+    )
     for (v, steps), (vg, steps_g) in zip(_qp_variant_results(), torch.load(out), strict=True):
         assert torch.equal(steps, steps_g)
         torch.testing.assert_close(v, vg, rtol=0, atol=1e-5)

@@ -29,7 +29,9 @@ def test_multidigits_shapes(digits):
     assert digits.y_train.min() >= 0 and digits.y_train.max() <= 9
     assert digits.x_train.max() == 255  # full 0..255 range after 0..16 -> uint8
     x = digits.images(digits.x_train)
-    assert x.dtype == torch.float32 and abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3
+    assert (
+        x.dtype == torch.float32 and abs(float(x.mean())) < 1e-4 and abs(float(x.std()) - 1) < 1e-3
+    )
     # both labels are balanced-ish over ten classes
     for k in range(2):
         assert len(torch.unique(digits.y_train[:, k])) == 10
@@ -66,8 +68,16 @@ def test_multidigits_composition_contains_both_digits(digits):
     for j in range(5):
         li, ri = digits.info["sources_used_train"][j]
         x = digits.x_train[j, 0].numpy()
-        found = [any(np.array_equal(np.maximum(x[r:r + 8, c:c + 8], imgs[s]), x[r:r + 8, c:c + 8])
-                     for r in range(5) for c in range(5)) for s in (li, ri)]
+        found = [
+            any(
+                np.array_equal(
+                    np.maximum(x[r : r + 8, c : c + 8], imgs[s]), x[r : r + 8, c : c + 8]
+                )
+                for r in range(5)
+                for c in range(5)
+            )
+            for s in (li, ri)
+        ]
         assert all(found)
 
 
@@ -92,17 +102,22 @@ def test_label_noise_by_task_name():
 def test_low_resource_count():
     d = data.multidigits(n_train=800, n_test=50, seed=2, low_resource=37)
     assert d.labelled_counts() == [800, 37]
-    assert ((d.y_train[:, 1] == UNLABELED) | ((d.y_train[:, 1] >= 0) & (d.y_train[:, 1] <= 9))).all()
+    assert (
+        (d.y_train[:, 1] == UNLABELED) | ((d.y_train[:, 1] >= 0) & (d.y_train[:, 1] <= 9))
+    ).all()
     assert (d.y_test != UNLABELED).all()
     assert "right=37" in d.summary()
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"noise_rate": 1.5}, "noise rate"),
-    ({"low_resource": 0}, "low-resource"),
-    ({"low_resource": 10, "low_resource_task": 3}, "task number"),
-    ({"noise_rate": 0.1, "noise_task": "middle"}, "unknown task"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"noise_rate": 1.5}, "noise rate"),
+        ({"low_resource": 0}, "low-resource"),
+        ({"low_resource": 10, "low_resource_task": 3}, "task number"),
+        ({"noise_rate": 0.1, "noise_task": "middle"}, "unknown task"),
+    ],
+)
 def test_multidigits_bad_options(kwargs, match):
     with pytest.raises(DataError, match=match):
         data.multidigits(n_train=100, n_test=10, **kwargs)
@@ -131,8 +146,10 @@ def write_idx(path: str, arr: np.ndarray, gz: bool = False) -> None:
 def make_mnist_dir(root, n_train=40, n_test=20, size=28, gz=False, seed=0) -> tuple[str, dict]:
     rng = np.random.default_rng(seed)
     arrays = {
-        "train_images": rng.integers(0, 256, (n_train, size, size)), "train_labels": rng.integers(0, 10, n_train),
-        "test_images": rng.integers(0, 256, (n_test, size, size)), "test_labels": rng.integers(0, 10, n_test),
+        "train_images": rng.integers(0, 256, (n_train, size, size)),
+        "train_labels": rng.integers(0, 10, n_train),
+        "test_images": rng.integers(0, 256, (n_test, size, size)),
+        "test_labels": rng.integers(0, 10, n_test),
     }
     os.makedirs(root, exist_ok=True)
     for key, name in FILES.items():
@@ -168,8 +185,14 @@ def test_multimnist_from_idx(tmp_path, gz):
     assert set(d.y_test.flatten().tolist()) <= set(arrays["test_labels"].tolist())
     again = data.load("multimnist", data_dir=root, seed=0)
     assert torch.equal(d.x_train, again.x_train) and torch.equal(d.y_test, again.y_test)
-    small = data.load("multifashion", data_dir=root, n_train=7, n_test=3, noise_rate=0.5, low_resource=5)
-    assert small.name == "multifashion" and len(small.x_train) == 7 and small.labelled_counts() == [7, 5]
+    small = data.load(
+        "multifashion", data_dir=root, n_train=7, n_test=3, noise_rate=0.5, low_resource=5
+    )
+    assert (
+        small.name == "multifashion"
+        and len(small.x_train) == 7
+        and small.labelled_counts() == [7, 5]
+    )
 
 
 def test_multifashion_mnist_two_dirs(tmp_path):
@@ -229,7 +252,9 @@ def test_celeba_loader(tmp_path):
     assert sub.x_train.shape == (2, 3, 8, 8) and sub.x_test.shape == (1, 3, 8, 8)
 
 
-@pytest.mark.parametrize("missing", ["list_attr_celeba.txt", "list_eval_partition.txt", "img_align_celeba/000003.jpg"])
+@pytest.mark.parametrize(
+    "missing", ["list_attr_celeba.txt", "list_eval_partition.txt", "img_align_celeba/000003.jpg"]
+)
 def test_celeba_missing_file_message(tmp_path, missing):
     root, _ = make_celeba(tmp_path / "celeba")
     os.remove(os.path.join(root, missing))

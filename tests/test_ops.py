@@ -22,7 +22,9 @@ def buffer_view(K: int, P: int, dtype: torch.dtype, device) -> torch.Tensor:
 def close(actual, expected, dtype):
     rtol, atol = TOLERANCES[dtype]
     scale = expected.abs().max().clamp_min(1.0)
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol * float(scale))
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=rtol, atol=atol * float(scale)
+    )
 
 
 def random_offsets(P: int, S: int, device) -> torch.Tensor:
@@ -99,7 +101,9 @@ def test_combine_matches_fp64(dtype, two_sets, device):
 def test_combine_subtract_updates_out(dtype, device):
     K, P = 3, 1000
     G = buffer_view(K, P, dtype, device)
-    w = torch.rand(K, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    w = torch.rand(
+        K, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32
+    )
     out0 = torch.randn(P, device=device).to(dtype)
     out = out0.clone()
     assert ops.combine(w, G, out=out, subtract=True) is out
@@ -118,8 +122,18 @@ def test_perturb_and_restore(dtype, adaptive, device):
     direction = torch.randn(P, device=device).to(dtype)
     scale = torch.rand(S, device=device)
     noise_scale = torch.rand(S, device=device)
-    ops.perturb(theta, backup, offsets, direction, scale, adaptive=adaptive, noise_scale=noise_scale,
-                seed=11, noise_offset=3, backend="torch")
+    ops.perturb(
+        theta,
+        backup,
+        offsets,
+        direction,
+        scale,
+        adaptive=adaptive,
+        noise_scale=noise_scale,
+        seed=11,
+        noise_offset=3,
+        backend="torch",
+    )
     lengths = offsets.diff()
     s = scale.double().repeat_interleave(lengths)
     ns = noise_scale.double().repeat_interleave(lengths)
@@ -158,14 +172,17 @@ def test_noise_stats_matches_brute_force(device):
     ref = torch.randn(P, device=device)
     stats = ops.noise_stats(9, 77, ref, offsets)
     z = ops.gaussian_noise(9, 77, P, device=device).double()
-    expected = torch.stack([
-        torch.stack([z[offsets[i] : offsets[i + 1]].pow(2).sum() for i in range(S)]),
-        torch.stack([(z * ref.double())[offsets[i] : offsets[i + 1]].sum() for i in range(S)]),
-    ])
+    expected = torch.stack(
+        [
+            torch.stack([z[offsets[i] : offsets[i + 1]].pow(2).sum() for i in range(S)]),
+            torch.stack([(z * ref.double())[offsets[i] : offsets[i + 1]].sum() for i in range(S)]),
+        ]
+    )
     close(stats, expected, torch.float32)
 
 
 # --- validation: clear errors from metadata, before anything changes -----------------------
+
 
 def test_bad_shapes_and_dtypes_raise():
     with pytest.raises(ValueError, match="2 dimensions"):
@@ -201,6 +218,7 @@ def test_mixed_devices_raise_before_work():
 
 
 # --- backend selection -----------------------------------------------------------------------
+
 
 def test_unknown_backend_lists_known_ones():
     with pytest.raises(ValueError, match="unknown backend 'fast'.*torch"):
@@ -243,12 +261,18 @@ def _fake_backend(name: str, device_type: str):
     return mod
 
 
-@pytest.mark.parametrize(("dtype", "K", "expected"), [
-    (torch.bfloat16, 64, "triton"), (torch.float16, 9, "triton"),   # tensor cores, measured 8-17x
-    (torch.bfloat16, 8, "cuda"), (torch.float16, 1, "cuda"),        # the CUDA kernel is faster here
-    (torch.float32, 32, "cuda"), (torch.float32, 64, "triton"),     # measured 1.3x / 1.28x
-    (torch.float64, 64, "cuda"),                                    # (the backends pass fp64 on to torch)
-])
+@pytest.mark.parametrize(
+    ("dtype", "K", "expected"),
+    [
+        (torch.bfloat16, 64, "triton"),
+        (torch.float16, 9, "triton"),  # tensor cores, measured 8-17x
+        (torch.bfloat16, 8, "cuda"),
+        (torch.float16, 1, "cuda"),  # the CUDA kernel is faster here
+        (torch.float32, 32, "cuda"),
+        (torch.float32, 64, "triton"),  # measured 1.3x / 1.28x
+        (torch.float64, 64, "cuda"),  # (the backends pass fp64 on to torch)
+    ],
+)
 def test_auto_picks_the_gram_backend_by_dtype_and_rows(monkeypatch, dtype, K, expected):
     from mtlsam_fast.ops import _registry
 
@@ -286,14 +310,18 @@ def test_ops_pass_dtype_and_rows_to_the_choice(monkeypatch):
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_auto_and_torch_agree(backend):
     G = torch.randn(4, 99)
-    torch.testing.assert_close(ops.gram(G, backend=backend), ops.gram(G, backend="torch"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ops.gram(G, backend=backend), ops.gram(G, backend="torch"), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_import_is_light():
     import subprocess
     import sys
 
-    code = "import sys, mtlsam_fast; print('triton' in sys.modules, 'mtlsam_fast._C' in sys.modules)"
+    code = (
+        "import sys, mtlsam_fast; print('triton' in sys.modules, 'mtlsam_fast._C' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 
@@ -343,6 +371,7 @@ def test_min_norm_aggregate_validates_before_work():
 
 # --- sync-freedom ----------------------------------------------------------------------------
 
+
 def test_aggregation_pipeline_compiles_without_graph_breaks():
     """gram -> MGDA (QP) -> combine traces as one graph: no host reads of tensor values."""
     torch._dynamo.reset()
@@ -377,7 +406,9 @@ def test_no_host_sync_on_cuda():
         weights = w(gram)
         d = ops.combine(weights, G, backend="torch")
         scale = 0.05 / ops.segment_norms(d, offsets, backend="torch").pow(2).sum().sqrt()
-        ops.perturb(backup.clone(), backup, offsets, d, scale, noise_scale=scale, seed=1, backend="torch")
+        ops.perturb(
+            backup.clone(), backup, offsets, d, scale, noise_scale=scale, seed=1, backend="torch"
+        )
     finally:
         torch.cuda.set_sync_debug_mode(0)
 
@@ -392,10 +423,21 @@ def test_perturb_noise_stats_is_perturb_then_noise_stats(backend, dtype, per_seg
     ref = torch.randn(P, device=device).to(dtype)
     ns = torch.rand(S, device=device) if per_segment else torch.tensor(0.3, device=device)
     theta = torch.empty_like(backup)
-    stats = ops.perturb_noise_stats(theta, backup, offsets, ns, ref, seed=4, noise_offset=2**33 + 1, backend=backend)
-    expected_theta = ops.perturb(torch.empty_like(backup), backup, offsets, noise_scale=ns, seed=4,
-                                 noise_offset=2**33 + 1, backend=backend)
+    stats = ops.perturb_noise_stats(
+        theta, backup, offsets, ns, ref, seed=4, noise_offset=2**33 + 1, backend=backend
+    )
+    expected_theta = ops.perturb(
+        torch.empty_like(backup),
+        backup,
+        offsets,
+        noise_scale=ns,
+        seed=4,
+        noise_offset=2**33 + 1,
+        backend=backend,
+    )
     assert torch.equal(theta, expected_theta)
-    torch.testing.assert_close(stats, ops.noise_stats(4, 2**33 + 1, ref, offsets, backend=backend), rtol=0, atol=0)
+    torch.testing.assert_close(
+        stats, ops.noise_stats(4, 2**33 + 1, ref, offsets, backend=backend), rtol=0, atol=0
+    )
     with pytest.raises(ValueError, match="ref shape"):
         ops.perturb_noise_stats(theta, backup, offsets, ns, ref[1:], backend=backend)

@@ -39,13 +39,17 @@ def make_weighting(name: str):
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Linear(12, 8), nn.ReLU())
+        self.trunk = nn.Sequential(
+            nn.Linear(6, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Linear(12, 8), nn.ReLU()
+        )
         self.heads = nn.ModuleList([nn.Linear(8, 1), nn.Linear(8, 3)])
 
     def losses(self, x, y_reg, y_cls):
         f = self.trunk(x)
-        return [nn.functional.mse_loss(self.heads[0](f).squeeze(1), y_reg),
-                nn.functional.cross_entropy(self.heads[1](f), y_cls)]
+        return [
+            nn.functional.mse_loss(self.heads[0](f).squeeze(1), y_reg),
+            nn.functional.cross_entropy(self.heads[1](f), y_cls),
+        ]
 
 
 def make_problem(seed: int = 0):
@@ -123,11 +127,13 @@ def reference_fmtl(net, data, wfn, rho, rho_head, adaptive):
                 p.sub_(e)
         set_bn_buffers(net, bn)
         flat_g.append([si - gi for si, gi in zip(s[: len(shared)], g[i])])
-        head_sam.append(s[len(shared):])
+        head_sam.append(s[len(shared) :])
     w_flat = wfn(gram_of(flat_g), det if wfn.needs_losses else None)
     with torch.no_grad():
         for j, p in enumerate(shared):
-            d = sum(w_loss[i] * g[i][j] for i in range(K)) + sum(w_flat[i] * flat_g[i][j] for i in range(K))
+            d = sum(w_loss[i] * g[i][j] for i in range(K)) + sum(
+                w_flat[i] * flat_g[i][j] for i in range(K)
+            )
             p.sub_(LR * d)
         for i in range(K):
             for p, gi in zip(heads[i], head_sam[i]):
@@ -149,8 +155,16 @@ def test_fmtl_step_matches_algorithm_1(name, adaptive):
     ref_losses = reference_fmtl(ref, data, make_weighting(name), rho, rho_head, adaptive)
 
     torch.manual_seed(7)
-    opt = mtlsam_fast.FMTL(net.trunk.parameters(), [h.parameters() for h in net.heads], torch.optim.SGD,
-                           make_weighting(name), rho=rho, rho_head=rho_head, adaptive=adaptive, lr=LR)
+    opt = mtlsam_fast.FMTL(
+        net.trunk.parameters(),
+        [h.parameters() for h in net.heads],
+        torch.optim.SGD,
+        make_weighting(name),
+        rho=rho,
+        rho_head=rho_head,
+        adaptive=adaptive,
+        lr=LR,
+    )
     losses = opt.step(_closure(net, data))
     torch.testing.assert_close(losses, ref_losses, rtol=0, atol=0)
     for (n, p), q in zip(net.named_parameters(), ref.parameters()):
@@ -165,8 +179,14 @@ def test_fmtl_step_changes_with_rho():
     out = []
     for rho in (0.0, 0.5):
         net, data = make_problem()
-        opt = mtlsam_fast.FMTL(net.trunk.parameters(), [h.parameters() for h in net.heads], torch.optim.SGD,
-                               "mgda", rho=rho, lr=LR)
+        opt = mtlsam_fast.FMTL(
+            net.trunk.parameters(),
+            [h.parameters() for h in net.heads],
+            torch.optim.SGD,
+            "mgda",
+            rho=rho,
+            lr=LR,
+        )
         opt.step(_closure(net, data))
         out.append(flat(net.trunk.parameters()).detach())
     assert (out[0] - out[1]).abs().max() > 1e-4
@@ -224,7 +244,7 @@ def reference_samo(net, data, wfn, rho, rho_head, alpha, mu, layerwise, seed, st
                 p.sub_(e)
         set_bn_buffers(net, bn)
         G.append(s[: len(shared)])
-        head_sam.append(s[len(shared):])
+        head_sam.append(s[len(shared) :])
     w = wfn(gram_of(G), det if wfn.needs_losses else None)
     with torch.no_grad():
         for j, p in enumerate(shared):
@@ -243,11 +263,26 @@ def test_samo_step_matches_reference(name, alpha, layerwise):
     ref = copy.deepcopy(net)
     kw = dict(rho=0.25, rho_head=0.1, alpha=alpha, zo_eps=1e-3, layerwise=layerwise, seed=42)
     torch.manual_seed(3)
-    ref_losses = reference_samo(ref, data, make_weighting(name), kw["rho"], kw["rho_head"], alpha,
-                                kw["zo_eps"], layerwise, kw["seed"])
+    ref_losses = reference_samo(
+        ref,
+        data,
+        make_weighting(name),
+        kw["rho"],
+        kw["rho_head"],
+        alpha,
+        kw["zo_eps"],
+        layerwise,
+        kw["seed"],
+    )
     torch.manual_seed(3)
-    opt = mtlsam_fast.SAMO(net.trunk.parameters(), [h.parameters() for h in net.heads], torch.optim.SGD,
-                           make_weighting(name), lr=LR, **kw)
+    opt = mtlsam_fast.SAMO(
+        net.trunk.parameters(),
+        [h.parameters() for h in net.heads],
+        torch.optim.SGD,
+        make_weighting(name),
+        lr=LR,
+        **kw,
+    )
     assert opt.noise_offset(1) == sum(p.numel() for p in net.trunk.parameters())
     losses = opt.step(_closure(net, data))
     torch.testing.assert_close(losses, ref_losses, rtol=0, atol=0)
@@ -262,11 +297,27 @@ def test_samo_second_step_uses_fresh_noise():
     net, data = make_problem(2)
     ref = copy.deepcopy(net)
     kw = dict(rho=0.25, rho_head=0.1, alpha=0.3, zo_eps=1e-3, layerwise=True, seed=5)
-    opt = mtlsam_fast.SAMO(net.trunk.parameters(), [h.parameters() for h in net.heads], torch.optim.SGD,
-                           "ls", lr=LR, **kw)
+    opt = mtlsam_fast.SAMO(
+        net.trunk.parameters(),
+        [h.parameters() for h in net.heads],
+        torch.optim.SGD,
+        "ls",
+        lr=LR,
+        **kw,
+    )
     for step in range(2):
-        reference_samo(ref, data, weighting.get("ls"), kw["rho"], kw["rho_head"], kw["alpha"], kw["zo_eps"],
-                       True, kw["seed"], step=step)
+        reference_samo(
+            ref,
+            data,
+            weighting.get("ls"),
+            kw["rho"],
+            kw["rho_head"],
+            kw["alpha"],
+            kw["zo_eps"],
+            True,
+            kw["seed"],
+            step=step,
+        )
         opt.step(_closure(net, data))
     for p, q in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, **TOL)
@@ -276,8 +327,15 @@ def test_samo_alpha_changes_the_step():
     out = []
     for alpha in (1.0, 0.0):
         net, data = make_problem(1)
-        opt = mtlsam_fast.SAMO(net.trunk.parameters(), [h.parameters() for h in net.heads], torch.optim.SGD,
-                               "ls", rho=0.5, alpha=alpha, lr=LR)
+        opt = mtlsam_fast.SAMO(
+            net.trunk.parameters(),
+            [h.parameters() for h in net.heads],
+            torch.optim.SGD,
+            "ls",
+            rho=0.5,
+            alpha=alpha,
+            lr=LR,
+        )
         opt.step(_closure(net, data))
         out.append(flat(net.trunk.parameters()).detach())
     assert (out[0] - out[1]).abs().max() > 1e-5
@@ -293,7 +351,10 @@ def test_mtl_optimizer_step_matches_reference(name):
     shared = list(ref.trunk.parameters())
     losses = ref.losses(*data)
     g = [torch.autograd.grad(losses[i], shared, retain_graph=True) for i in range(2)]
-    hg = [torch.autograd.grad(losses[i], list(ref.heads[i].parameters()), retain_graph=True) for i in range(2)]
+    hg = [
+        torch.autograd.grad(losses[i], list(ref.heads[i].parameters()), retain_graph=True)
+        for i in range(2)
+    ]
     w = wfn(gram_of(g), None)
     with torch.no_grad():
         for j, p in enumerate(shared):
@@ -302,8 +363,13 @@ def test_mtl_optimizer_step_matches_reference(name):
             for p, gi in zip(ref.heads[i].parameters(), hg[i]):
                 p.sub_(LR * gi)
     torch.manual_seed(11)
-    opt = mtlsam_fast.MTLOptimizer(net.trunk.parameters(), [h.parameters() for h in net.heads], torch.optim.SGD,
-                                   make_weighting(name), lr=LR)
+    opt = mtlsam_fast.MTLOptimizer(
+        net.trunk.parameters(),
+        [h.parameters() for h in net.heads],
+        torch.optim.SGD,
+        make_weighting(name),
+        lr=LR,
+    )
     opt.step(_closure(net, data))
     for p, q in zip(net.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, **TOL)
@@ -315,17 +381,28 @@ def _step_with_backend(method: str, backend: str):
     net, data = make_problem(4)
     heads = [h.parameters() for h in net.heads]
     if method == "samo":
-        opt = mtlsam_fast.SAMO(net.trunk.parameters(), heads, torch.optim.SGD, "mgda", rho=0.25, alpha=0.4, lr=LR)
+        opt = mtlsam_fast.SAMO(
+            net.trunk.parameters(), heads, torch.optim.SGD, "mgda", rho=0.25, alpha=0.4, lr=LR
+        )
     else:
-        opt = mtlsam_fast.FMTL(net.trunk.parameters(), heads, torch.optim.SGD, "mgda", rho=0.25,
-                               adaptive=method == "asam", lr=LR)
+        opt = mtlsam_fast.FMTL(
+            net.trunk.parameters(),
+            heads,
+            torch.optim.SGD,
+            "mgda",
+            rho=0.25,
+            adaptive=method == "asam",
+            lr=LR,
+        )
     for _ in range(2):
         opt.step(_closure(net, data))
     return [p.detach().clone() for p in net.parameters()]
 
 
 @pytest.mark.parametrize("method", ["fmtl", "asam", "samo"])
-@pytest.mark.parametrize("backend", [b for b in mtlsam_fast.available_backends("cpu") if b != "torch"] or ["none"])
+@pytest.mark.parametrize(
+    "backend", [b for b in mtlsam_fast.available_backends("cpu") if b != "torch"] or ["none"]
+)
 def test_every_backend_matches_the_torch_backend(method, backend):
     """The optimizer only uses the ops layer, so it runs unchanged on every backend (fp32 noise and
     fused reductions differ from the oracle in the last bits: compare with a float32-level tolerance)."""

@@ -14,7 +14,9 @@ from torch import nn
 
 import mtlsam_fast
 
-datasets = pytest.importorskip("sklearn.datasets", reason="scikit-learn provides the bundled digits data")
+datasets = pytest.importorskip(
+    "sklearn.datasets", reason="scikit-learn provides the bundled digits data"
+)
 
 DIGIT_ACC, PARITY_ACC = 0.93, 0.94
 
@@ -49,9 +51,13 @@ def test_digits_two_tasks_reach_stated_accuracy(case, digits):
     cls, wname, kw = CASES[case]
     X, y, train, test = digits
     torch.manual_seed(0)
-    trunk = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU())
+    trunk = nn.Sequential(
+        nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU()
+    )
     heads = nn.ModuleList([nn.Linear(32, 10), nn.Linear(32, 2)])
-    opt = cls(trunk.parameters(), [h.parameters() for h in heads], torch.optim.Adam, wname, lr=3e-3, **kw)
+    opt = cls(
+        trunk.parameters(), [h.parameters() for h in heads], torch.optim.Adam, wname, lr=3e-3, **kw
+    )
     g = torch.Generator().manual_seed(1)
     first = None
     for _ in range(4):
@@ -61,8 +67,10 @@ def test_digits_two_tasks_reach_stated_accuracy(case, digits):
 
             def closure():
                 f = trunk(xb)
-                return [nn.functional.cross_entropy(heads[0](f), yb),
-                        nn.functional.cross_entropy(heads[1](f), yb % 2)]
+                return [
+                    nn.functional.cross_entropy(heads[0](f), yb),
+                    nn.functional.cross_entropy(heads[1](f), yb % 2),
+                ]
 
             losses = opt.step(closure)
             first = losses if first is None else first

@@ -37,6 +37,8 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
 SIZES = [2, 3, 8, 17, 40, 64]
 KINDS = ["random", "rankdef", "scaled", "tiny", "huge", "identical", "zero", "opposite"]
 
@@ -47,7 +49,8 @@ def make_gradients(kind: str, K: int, seed: int = 0) -> torch.Tensor:
     P = 2 * K + 3
     if kind == "rankdef":
         g = torch.randn(K, max(1, K // 4), generator=gen, dtype=torch.float64) @ torch.randn(
-            max(1, K // 4), P, generator=gen, dtype=torch.float64)
+            max(1, K // 4), P, generator=gen, dtype=torch.float64
+        )
     elif kind == "identical":
         g = torch.randn(1, P, generator=gen, dtype=torch.float64).expand(K, P).clone()
     elif kind == "zero":
@@ -55,13 +58,18 @@ def make_gradients(kind: str, K: int, seed: int = 0) -> torch.Tensor:
     else:
         g = torch.randn(K, P, generator=gen, dtype=torch.float64)
     if kind == "scaled":  # per-task gradient norms 1e-6 .. 1e6: Gram diagonal 1e-12 .. 1e12
-        g = g * torch.logspace(-6, 6, K, dtype=torch.float64)[torch.randperm(K, generator=gen)][:, None]
+        g = (
+            g
+            * torch.logspace(-6, 6, K, dtype=torch.float64)[torch.randperm(K, generator=gen)][
+                :, None
+            ]
+        )
     elif kind == "tiny":
         g = g * 1e-6
     elif kind == "huge":
         g = g * 1e6
     elif kind == "opposite" and K > 1:
-        g[K // 2: 2 * (K // 2)] = -g[: K // 2]
+        g[K // 2 : 2 * (K // 2)] = -g[: K // 2]
     return g
 
 
@@ -78,7 +86,9 @@ def objective(G: np.ndarray, v: np.ndarray, q: np.ndarray | None = None) -> floa
     return float(0.5 * v @ G @ v + (0.0 if q is None else q @ v))
 
 
-def quadprog_solve(G: np.ndarray, q: np.ndarray | None, lower: np.ndarray | None, constraint: str) -> np.ndarray:
+def quadprog_solve(
+    G: np.ndarray, q: np.ndarray | None, lower: np.ndarray | None, constraint: str
+) -> np.ndarray:
     K = G.shape[0]
     ridge = 1e-9 * max(np.abs(np.diag(G)).max(), 1e-300)  # smaller ridges make quadprog inexact
     Gp = 0.5 * (G + G.T) + ridge * np.eye(K)
@@ -136,15 +146,21 @@ def test_closed_form_k2_lower(device, seed):
     G = (g @ g.T).numpy()
     q = torch.randn(2, generator=gen, dtype=torch.float64).numpy() * (seed % 2)
     lo = torch.randn(2, generator=gen, dtype=torch.float64).numpy()
-    v = solve_qp(torch.tensor(G, device=device), torch.tensor(q, device=device),
-                 torch.tensor(lo, device=device), constraint="lower")
+    v = solve_qp(
+        torch.tensor(G, device=device),
+        torch.tensor(q, device=device),
+        torch.tensor(lo, device=device),
+        constraint="lower",
+    )
     np.testing.assert_allclose(v.cpu().numpy(), closed_form_lower_2(G, q, lo), atol=1e-9)
 
 
 def test_k2_mgda_opposite_and_identical(device):
     # opposite gradients: the hull contains 0 at (1/2, 1/2); identical: every point is optimal
     G = torch.tensor([[4.0, -4.0], [-4.0, 4.0]], dtype=torch.float64, device=device)
-    torch.testing.assert_close(solve_qp(G), torch.full((2,), 0.5, dtype=torch.float64, device=device))
+    torch.testing.assert_close(
+        solve_qp(G), torch.full((2,), 0.5, dtype=torch.float64, device=device)
+    )
     v = solve_qp(torch.ones(2, 2, device=device))
     assert torch.isfinite(v).all() and abs(float(v.sum()) - 1) < 1e-6 and bool((v >= 0).all())
 
@@ -166,8 +182,12 @@ def test_against_quadprog(K, kind, constraint):
         # the bounded, UPGrad/DualProj case is q = 0
         q = np.zeros(K)
     lo = lower_for(K).numpy() if constraint == "lower" else None
-    v = solve_qp(torch.tensor(G), torch.tensor(q), None if lo is None else torch.tensor(lo),
-                 constraint=constraint).numpy()
+    v = solve_qp(
+        torch.tensor(G),
+        torch.tensor(q),
+        None if lo is None else torch.tensor(lo),
+        constraint=constraint,
+    ).numpy()
     ref = quadprog_solve(G, q, lo, constraint)
     scale = np.abs(np.diag(G)).max() + np.abs(q).max()
     f, f_ref = objective(G, v, q), objective(G, ref, q)
@@ -225,24 +245,42 @@ def test_kkt_residual_detects_wrong_answers():
 def test_batched_equals_per_problem(device, constraint):
     K = 8
     G = torch.stack([gram_of(make_gradients(k, K), torch.float64) for k in KINDS]).to(device)
-    q = torch.randn(len(KINDS), K, dtype=torch.float64, device=device) * G.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True)
-    lo = torch.rand(len(KINDS), K, dtype=torch.float64, device=device) / K if constraint == "lower" else None
-    batched = solve_qp(G.reshape(2, 4, K, K), q.reshape(2, 4, K), None if lo is None else lo.reshape(2, 4, K),
-                       constraint=constraint)
+    q = torch.randn(len(KINDS), K, dtype=torch.float64, device=device) * G.diagonal(
+        dim1=-2, dim2=-1
+    ).mean(-1, keepdim=True)
+    lo = (
+        torch.rand(len(KINDS), K, dtype=torch.float64, device=device) / K
+        if constraint == "lower"
+        else None
+    )
+    batched = solve_qp(
+        G.reshape(2, 4, K, K),
+        q.reshape(2, 4, K),
+        None if lo is None else lo.reshape(2, 4, K),
+        constraint=constraint,
+    )
     assert batched.shape == (2, 4, K)
-    single = torch.stack([solve_qp(G[b], q[b], None if lo is None else lo[b], constraint=constraint)
-                          for b in range(len(KINDS))])
+    single = torch.stack(
+        [
+            solve_qp(G[b], q[b], None if lo is None else lo[b], constraint=constraint)
+            for b in range(len(KINDS))
+        ]
+    )
     torch.testing.assert_close(batched.reshape(-1, K), single, rtol=0, atol=1e-9)
 
 
 def test_k1(device):
     G = torch.tensor([[3.0]], device=device)
     torch.testing.assert_close(solve_qp(G), torch.ones(1, device=device))
-    torch.testing.assert_close(solve_qp(torch.zeros(1, 1, device=device)), torch.ones(1, device=device))
+    torch.testing.assert_close(
+        solve_qp(torch.zeros(1, 1, device=device)), torch.ones(1, device=device)
+    )
     lo = torch.tensor([0.5], device=device)
     torch.testing.assert_close(solve_qp(G, lower=lo, constraint="lower"), lo)
     q = torch.tensor([-6.0], device=device)  # unconstrained minimum 2 >= 0.5
-    torch.testing.assert_close(solve_qp(G, q, lo, constraint="lower"), torch.tensor([2.0], device=device))
+    torch.testing.assert_close(
+        solve_qp(G, q, lo, constraint="lower"), torch.tensor([2.0], device=device)
+    )
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -254,7 +292,9 @@ def test_nonfinite_gives_nan_without_exception(device, bad, constraint):
     v = solve_qp(G, lower=lo, constraint=constraint)
     assert torch.isnan(v[1]).all()
     assert torch.isfinite(v[[0, 2]]).all()
-    torch.testing.assert_close(v[0], solve_qp(G[0], lower=None if lo is None else lo[0], constraint=constraint))
+    torch.testing.assert_close(
+        v[0], solve_qp(G[0], lower=None if lo is None else lo[0], constraint=constraint)
+    )
     q = torch.zeros(4, device=device)
     q[0] = bad
     assert torch.isnan(solve_qp(G[0], q)).all()
@@ -269,8 +309,11 @@ def test_dtypes(device, dtype, constraint):
     v = solve_qp(Gd, lower=None if lo is None else lo.to(dtype), constraint=constraint)
     assert v.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     # exactly the fp64 solution of the rounded input, rounded once
-    ref = solve_qp(Gd.to(torch.float64), lower=None if lo is None else lo.to(dtype).to(torch.float64),
-                   constraint=constraint)
+    ref = solve_qp(
+        Gd.to(torch.float64),
+        lower=None if lo is None else lo.to(dtype).to(torch.float64),
+        constraint=constraint,
+    )
     torch.testing.assert_close(v, ref.to(v.dtype), rtol=1e-6, atol=1e-7)
 
 
@@ -280,15 +323,22 @@ def test_compile_fullgraph_matches_eager():
     lo = torch.eye(5) / 5
     r = torch.tensor([0.3, 0.2, 0.5])
     kw = dict(max_iter=8)  # tracing unrolls the loop: keep it short, the check is the graph
-    eager = (solve_qp(G, **kw), solve_qp(G[0].expand(5, 5, 5), lower=lo, constraint="lower", **kw),
-             solve_qp(G, G.mean(-1), norm_coef=r, **kw))
+    eager = (
+        solve_qp(G, **kw),
+        solve_qp(G[0].expand(5, 5, 5), lower=lo, constraint="lower", **kw),
+        solve_qp(G, G.mean(-1), norm_coef=r, **kw),
+    )
     torch._dynamo.reset()
     try:
-        fn = torch.compile(lambda G, lo, r: (
-            solve_qp(G, **kw),
-            solve_qp(G[0].expand(5, 5, 5), lower=lo, constraint="lower", **kw),
-            solve_qp(G, G.mean(-1), norm_coef=r, **kw),
-        ), fullgraph=True, backend="eager")
+        fn = torch.compile(
+            lambda G, lo, r: (
+                solve_qp(G, **kw),
+                solve_qp(G[0].expand(5, 5, 5), lower=lo, constraint="lower", **kw),
+                solve_qp(G, G.mean(-1), norm_coef=r, **kw),
+            ),
+            fullgraph=True,
+            backend="eager",
+        )
         compiled = fn(G, lo, r)
     finally:
         torch._dynamo.reset()
@@ -331,10 +381,18 @@ def test_norm_k2_closed_form_at_the_kink(device):
     """Opposite gradients: f(t) = q2 + (q1 - q2) t + r ||g|| |2t - 1|, optimum t = 1/2 when
     |q1 - q2| <= 2 r ||g|| (the non-smooth point), else a vertex. The old smoothed Newton stalled
     here (objective gap ~2.6)."""
-    for q, r, t in [([-0.6, 0.2], 1.0, 0.5), ([0.3, -0.1], 0.05, 0.0), ([5.0, 4.0], 0.4, 0.5), ([0.0, 0.0], 0.3, 0.5)]:
+    for q, r, t in [
+        ([-0.6, 0.2], 1.0, 0.5),
+        ([0.3, -0.1], 0.05, 0.0),
+        ([5.0, 4.0], 0.4, 0.5),
+        ([0.0, 0.0], 0.3, 0.5),
+    ]:
         G = torch.tensor([[2.0, -2.0], [-2.0, 2.0]], dtype=torch.float64, device=device)
-        v = solve_qp(G, torch.tensor(q, dtype=torch.float64, device=device),
-                     norm_coef=torch.tensor(r, dtype=torch.float64, device=device))
+        v = solve_qp(
+            G,
+            torch.tensor(q, dtype=torch.float64, device=device),
+            norm_coef=torch.tensor(r, dtype=torch.float64, device=device),
+        )
         np.testing.assert_allclose(v.cpu().numpy(), [t, 1 - t], atol=1e-8)
 
 
@@ -364,9 +422,14 @@ def _slsqp_best(G: np.ndarray, q: np.ndarray, r: float, starts: list[np.ndarray]
     fun = lambda x: norm_objective(G, q, r, x)  # noqa: E731
     best = math.inf
     for x0 in starts:
-        res = scipy_optimize.minimize(fun, x0, method="SLSQP", bounds=[(0, 1)] * K,
-                                      constraints=({"type": "eq", "fun": lambda x: 1 - x.sum()},),
-                                      options={"ftol": 1e-15, "maxiter": 300})
+        res = scipy_optimize.minimize(
+            fun,
+            x0,
+            method="SLSQP",
+            bounds=[(0, 1)] * K,
+            constraints=({"type": "eq", "fun": lambda x: 1 - x.sum()},),
+            options={"ftol": 1e-15, "maxiter": 300},
+        )
         best = min(best, fun(np.clip(res.x, 0, None) / np.clip(res.x, 0, None).sum()))
     return best
 
@@ -380,9 +443,13 @@ def test_norm_against_slsqp(K, kind):
     G = (g @ g.T).numpy()
     rng = np.random.default_rng(K)
     starts = [np.ones(K) / K, np.eye(K)[0], rng.dirichlet(np.ones(K))]
-    for q, r in [(G.mean(1), 0.4 * math.sqrt(max(G.mean(), 0))),
-                 (rng.standard_normal(K) * math.sqrt(np.diag(G).mean()), math.sqrt(np.diag(G).mean()))]:
-        v = solve_qp(torch.tensor(G), torch.tensor(q), norm_coef=torch.tensor(r, dtype=torch.float64)).numpy()
+    for q, r in [
+        (G.mean(1), 0.4 * math.sqrt(max(G.mean(), 0))),
+        (rng.standard_normal(K) * math.sqrt(np.diag(G).mean()), math.sqrt(np.diag(G).mean())),
+    ]:
+        v = solve_qp(
+            torch.tensor(G), torch.tensor(q), norm_coef=torch.tensor(r, dtype=torch.float64)
+        ).numpy()
         assert v.min() >= 0 and abs(v.sum() - 1) < 1e-12
         f = norm_objective(G, q, r, v)
         f_ref = _slsqp_best(G, q, r, starts)
@@ -392,7 +459,9 @@ def test_norm_against_slsqp(K, kind):
 
 def test_norm_batched_and_nonfinite():
     K = 5
-    G = torch.stack([gram_of(make_gradients(k, K), torch.float64) for k in ("random", "opposite", "rankdef")])
+    G = torch.stack(
+        [gram_of(make_gradients(k, K), torch.float64) for k in ("random", "opposite", "rankdef")]
+    )
     q = G.mean(-1)
     r = torch.tensor([0.4, 0.4, 0.0], dtype=torch.float64)
     batched = solve_qp(G, q, norm_coef=r)
@@ -413,10 +482,20 @@ def test_norm_batched_and_nonfinite():
 def test_every_backend_meets_the_kkt_target(device, constraint):
     """The accelerated backends on this machine, through the dispatcher, on the hard matrices."""
     for name in ops.available_backends(device):
-        interpreted = name == "triton" and device.type == "cpu"  # serial fp64 sweeps: minutes at K=64
-        for K in ((3, 17) if interpreted else (3, 17, 64)):  # tests/test_triton.py covers K=64 there
-            G = torch.stack([gram_of(make_gradients(k, K), torch.float32) for k in KINDS]).to(device)
-            lo = torch.stack([lower_for(K, s) for s in range(len(KINDS))]).float().to(device) if constraint == "lower" else None
+        interpreted = (
+            name == "triton" and device.type == "cpu"
+        )  # serial fp64 sweeps: minutes at K=64
+        for K in (3, 17) if interpreted else (3, 17, 64):  # tests/test_triton.py covers K=64 there
+            G = torch.stack([gram_of(make_gradients(k, K), torch.float32) for k in KINDS]).to(
+                device
+            )
+            lo = (
+                torch.stack([lower_for(K, s) for s in range(len(KINDS))]).float().to(device)
+                if constraint == "lower"
+                else None
+            )
             v = ops.solve_qp(G, lower=lo, constraint=constraint, backend=name)
-            res = kkt_residual(G.cpu(), v.cpu(), lower=None if lo is None else lo.cpu(), constraint=constraint)
+            res = kkt_residual(
+                G.cpu(), v.cpu(), lower=None if lo is None else lo.cpu(), constraint=constraint
+            )
             assert float(res.max()) <= KKT_TARGET, (name, K, res)

@@ -34,19 +34,32 @@ def qp_team(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return exe
 
 
-@pytest.mark.parametrize(("teams", "Ks", "problems"), [
-    ("2,3,32", "1,2,3,5,8,17,33,64", "2"),  # every K: the tails of the loops split over the team
-    ("128", "8,64", "1"),                   # a CTA-sized team, more threads than K
-    ("128", "65,100", "2"),                 # the CTA team of the GPU for K > 64
-])
+@pytest.mark.parametrize(
+    ("teams", "Ks", "problems"),
+    [
+        (
+            "2,3,32",
+            "1,2,3,5,8,17,33,64",
+            "2",
+        ),  # every K: the tails of the loops split over the team
+        ("128", "8,64", "1"),  # a CTA-sized team, more threads than K
+        ("128", "65,100", "2"),  # the CTA team of the GPU for K > 64
+    ],
+)
 def test_team_solver_matches_the_serial_one(qp_team: Path, teams: str, Ks: str, problems: str):
-    res = subprocess.run([str(qp_team), "--teams", teams, "--K", Ks, "--problems", problems],
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [str(qp_team), "--teams", teams, "--K", Ks, "--problems", problems],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     assert " 0 failed" in res.stdout
 
 
 def test_bad_arguments_are_refused(qp_team: Path):
     """Exit 2 on bad arguments, not a pass with nothing checked."""
-    res = subprocess.run([str(qp_team), "--problems", "0"], capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [str(qp_team), "--problems", "0"], capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 2

@@ -18,8 +18,11 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         # Triton fixes interpreted vs compiled mode when it is imported; something imported it first.
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set: run with TRITON_INTERPRET=1 "
-                    "in the environment (or set it in tests/conftest.py)", allow_module_level=True)
+        pytest.skip(
+            "triton was imported before TRITON_INTERPRET=1 could be set: run with TRITON_INTERPRET=1 "
+            "in the environment (or set it in tests/conftest.py)",
+            allow_module_level=True,
+        )
     os.environ["TRITON_INTERPRET"] = "1"
 
 pytest.importorskip("triton")
@@ -55,6 +58,7 @@ def offsets_for(P: int, cuts: list[int]) -> torch.Tensor:
 
 # --- registry ---------------------------------------------------------------------------------
 
+
 def test_backend_is_available_in_interpreter_mode_only(monkeypatch):
     import mtlsam_fast
     from mtlsam_fast.ops._registry import resolve
@@ -72,6 +76,7 @@ def test_backend_is_available_in_interpreter_mode_only(monkeypatch):
 
 
 # --- Gram -------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("K", KS)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -120,7 +125,9 @@ def test_diff_gram_updates_a_and_returns_its_gram(K, dtype):
     ptr = A.data_ptr()
     out = ops.diff_gram(A, B, backend="triton")
     assert A.data_ptr() == ptr
-    if _config.INTERPRET and dtype == torch.bfloat16:  # the interpreter's bf16 store may truncate: 1 ulp
+    if (
+        _config.INTERPRET and dtype == torch.bfloat16
+    ):  # the interpreter's bf16 store may truncate: 1 ulp
         torch.testing.assert_close(A, expected_a, rtol=ULP[dtype], atol=0)
     else:  # compiled: A - B in fp32 rounded to A's dtype, exactly torch.sub_
         assert torch.equal(A, expected_a)
@@ -128,6 +135,7 @@ def test_diff_gram_updates_a_and_returns_its_gram(K, dtype):
 
 
 # --- segmented norms --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [None, 1, 3, 17])
@@ -152,15 +160,23 @@ def test_segmented_ops_on_random_layouts():
         cuts = torch.sort(torch.randint(0, P + 1, (S - 1,), generator=gen)).values.tolist()
         offsets = offsets_for(P, cuts)
         x = torch.randn(2, P, generator=gen).to(DEV)
-        assert_close(ops.segment_norms(x, offsets, backend="triton"), ops.segment_norms(x, offsets, backend="torch"),
-                     1e-5, f"norms P={P} S={S}")
+        assert_close(
+            ops.segment_norms(x, offsets, backend="triton"),
+            ops.segment_norms(x, offsets, backend="torch"),
+            1e-5,
+            f"norms P={P} S={S}",
+        )
         scale = torch.rand(S, generator=gen).to(DEV)
         a, b = torch.empty(P, device=DEV), torch.empty(P, device=DEV)
         ops.perturb(a, x[0], offsets, x[1], scale, noise_scale=scale, seed=2, backend="triton")
         ops.perturb(b, x[0], offsets, x[1], scale, noise_scale=scale, seed=2, backend="torch")
         assert_close(a, b, 1e-5, f"perturb P={P} S={S}")
-        assert_close(ops.noise_stats(1, 3, x[0], offsets, backend="triton"),
-                     ops.noise_stats(1, 3, x[0], offsets, backend="torch"), 1e-5, f"noise_stats P={P} S={S}")
+        assert_close(
+            ops.noise_stats(1, 3, x[0], offsets, backend="triton"),
+            ops.noise_stats(1, 3, x[0], offsets, backend="torch"),
+            1e-5,
+            f"noise_stats P={P} S={S}",
+        )
 
 
 def test_segment_norms_single_small_segment():
@@ -170,6 +186,7 @@ def test_segment_norms_single_small_segment():
 
 
 # --- combine ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("K", KS)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -198,7 +215,10 @@ def test_combine_two_sets_into_a_strided_output_of_another_dtype(dtype):
 
 # --- noise ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("seed,offset", [(0, 0), (123, 2**32 - 50), (2**40 + 3, 17), (2**63 + 5, 2**45)])
+
+@pytest.mark.parametrize(
+    "seed,offset", [(0, 0), (123, 2**32 - 50), (2**40 + 3, 17), (2**63 + 5, 2**45)]
+)
 def test_gaussian_noise_matches_the_spec(seed, offset):
     z = ops.gaussian_noise(seed, offset, 300, device=DEV, backend="triton")
     ref = ops.gaussian_noise(seed, offset, 300, device=DEV, backend="torch")
@@ -220,6 +240,7 @@ def test_noise_stats_match_oracle():
 
 
 # --- perturb ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["sam", "asam", "noise", "sam+noise", "scalar"])
@@ -249,6 +270,7 @@ def test_perturb_matches_oracle(dtype, mode):
 
 # --- QP ---------------------------------------------------------------------------------------
 
+
 def _random_gram(B: int, K: int, rank: int, scales=None) -> torch.Tensor:
     A = torch.randn(B, K, rank, dtype=torch.float64)
     if scales is not None:
@@ -257,7 +279,12 @@ def _random_gram(B: int, K: int, rank: int, scales=None) -> torch.Tensor:
 
 
 QP_CASES = [  # (K, batch): K = 64 is slow in the interpreter (serial fp64 sweeps)
-    (1, 2), (2, 3), (3, 2), (8, 2), (17, 1), (64, 1),
+    (1, 2),
+    (2, 3),
+    (3, 2),
+    (8, 2),
+    (17, 1),
+    (64, 1),
 ]
 
 
@@ -326,7 +353,10 @@ def test_qp_batch_shape_is_kept():
 
 # --- fused aggregation ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("K,dtype", [(1, torch.float32), (3, torch.bfloat16), (17, torch.float32), (8, torch.float16)])
+
+@pytest.mark.parametrize(
+    "K,dtype", [(1, torch.float32), (3, torch.bfloat16), (17, torch.float32), (8, torch.float16)]
+)
 def test_fused_aggregate_matches_unfused(K, dtype):
     P = 141
     G, H = view(K, P, dtype), view(K, P, dtype)
@@ -372,7 +402,9 @@ def test_min_norm_aggregate_takes_the_fused_path(K, dtype, subtract, monkeypatch
 
     calls = []
     real = fused.fused_aggregate
-    monkeypatch.setattr(fused, "fused_aggregate", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    monkeypatch.setattr(
+        fused, "fused_aggregate", lambda *a, **kw: calls.append(kw) or real(*a, **kw)
+    )
     G = view(K, 97, dtype)
     out0 = torch.randn(97, device=DEV)
     out = out0.clone()
@@ -387,11 +419,14 @@ def test_min_norm_aggregate_takes_the_fused_path(K, dtype, subtract, monkeypatch
 
 def test_min_norm_aggregate_fp64_keeps_fp64_weights():
     G = view(3, 50, torch.float64)
-    res = ops.min_norm_aggregate(G, torch.empty(50, dtype=torch.float64, device=DEV), backend="triton")
+    res = ops.min_norm_aggregate(
+        G, torch.empty(50, dtype=torch.float64, device=DEV), backend="triton"
+    )
     assert res.weights.dtype == torch.float64
 
 
 # --- configuration ----------------------------------------------------------------------------
+
 
 def test_pin_config_and_env_parsing(monkeypatch):
     monkeypatch.setenv("MTLSAM_TRITON_PIN", "gram:BLOCK_P=128,num_warps=4;combine:KC=4")
@@ -412,6 +447,7 @@ def test_pin_config_and_env_parsing(monkeypatch):
 
 # --- the kernels compile for Hopper (no GPU needed) -------------------------------------------
 
+
 def test_kernels_compile_for_sm90():
     """Ahead-of-time compilation for sm_90 catches what the interpreter cannot (compiled-dialect
     typing, shared memory); it needs Triton's NVIDIA backend (ptxas ships with the wheel)."""
@@ -421,13 +457,20 @@ def test_kernels_compile_for_sm90():
     if not ptxas.exists():
         pytest.skip("Triton's NVIDIA backend (ptxas) is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "mtlsam_fast.triton_kernels.aot_check", "--quick"],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtlsam_fast.triton_kernels.aot_check", "--quick"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert proc.stdout.count("ok ") >= 10
 
 
 # --- the GPU benchmark script runs (trivially small) ------------------------------------------
+
 
 def test_gpu_benchmark_script_runs_small():
     env = dict(os.environ)
@@ -435,7 +478,11 @@ def test_gpu_benchmark_script_runs_small():
         env["TRITON_INTERPRET"] = "1"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "bench_triton_gpu.py"), "--smoke"],
-        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "gram" in proc.stdout and "GB/s" in proc.stdout and "qp" in proc.stdout

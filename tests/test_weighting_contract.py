@@ -11,7 +11,17 @@ from mtlsam_fast import weighting
 
 NAMES = weighting.names()
 #: weightings whose output does not depend on call order or random state
-DETERMINISTIC = {"ls", "mgda", "cagrad", "imtl", "nashmtl", "fairgrad", "upgrad", "dualproj", "alignedmtl"}
+DETERMINISTIC = {
+    "ls",
+    "mgda",
+    "cagrad",
+    "imtl",
+    "nashmtl",
+    "fairgrad",
+    "upgrad",
+    "dualproj",
+    "alignedmtl",
+}
 #: methods that promise <g_i, d> >= 0 for every task
 NON_CONFLICTING = {"mgda", "upgrad", "dualproj"}
 
@@ -35,8 +45,21 @@ def random_gram(K: int, device, P: int = 40) -> tuple[torch.Tensor, torch.Tensor
 
 
 def test_registry_has_all_thirteen_methods():
-    assert set(NAMES) == {"ls", "mgda", "pcgrad", "cagrad", "imtl", "nashmtl", "fairgrad", "upgrad",
-                          "dualproj", "alignedmtl", "dbmtl", "gradvac", "rlw"}
+    assert set(NAMES) == {
+        "ls",
+        "mgda",
+        "pcgrad",
+        "cagrad",
+        "imtl",
+        "nashmtl",
+        "fairgrad",
+        "upgrad",
+        "dualproj",
+        "alignedmtl",
+        "dbmtl",
+        "gradvac",
+        "rlw",
+    }
     for name in NAMES:
         cls = type(weighting.get(name))
         assert cls.name == name and getattr(weighting, cls.__name__) is cls
@@ -142,8 +165,11 @@ def test_no_graph_break_under_compile(name):
     losses = losses_for(4, "cpu")
     eager_w, compiled_w = cls(**options), cls(**options)
     expected = eager_w(gram, losses if eager_w.needs_losses else None)
-    fn = torch.compile(lambda g, l: compiled_w(g, l if compiled_w.needs_losses else None),
-                       fullgraph=True, backend="eager")
+    fn = torch.compile(
+        lambda g, l: compiled_w(g, l if compiled_w.needs_losses else None),
+        fullgraph=True,
+        backend="eager",
+    )
     out = fn(gram, losses)
     assert out.shape == (4,) and torch.isfinite(out).all()
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-6)

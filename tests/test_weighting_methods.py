@@ -40,11 +40,17 @@ def gram_of(G: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- references (explicit vectors)
 
+
 def ref_orders(seed: int, offset: int, K: int) -> list[list[int]]:
     """The documented stream: keys = Philox words at counters offset..offset+K*K-1, row-major;
     row i visits the other tasks by increasing key (stable)."""
-    words = philox.philox4x32(seed, torch.arange(offset, offset + K * K, dtype=torch.int64))[0].view(K, K)
-    return [sorted((j for j in range(K) if j != i), key=lambda j: (int(words[i, j]), j)) for i in range(K)]
+    words = philox.philox4x32(seed, torch.arange(offset, offset + K * K, dtype=torch.int64))[
+        0
+    ].view(K, K)
+    return [
+        sorted((j for j in range(K) if j != i), key=lambda j: (int(words[i, j]), j))
+        for i in range(K)
+    ]
 
 
 def ref_pcgrad(G: torch.Tensor, orders, reduction: str = "sum"):
@@ -73,8 +79,11 @@ def ref_gradvac(G: torch.Tensor, orders, rho_T: torch.Tensor, beta: float):
         for j in orders[i]:
             rho = torch.dot(pc[i], G[j]) / (pc[i].norm() * G[j].norm())
             if rho < rho_T[i, j]:
-                w = pc[i].norm() * (rho_T[i, j] * (1 - rho**2).sqrt() - rho * (1 - rho_T[i, j] ** 2).sqrt()) / (
-                    G[j].norm() * (1 - rho_T[i, j] ** 2).sqrt())
+                w = (
+                    pc[i].norm()
+                    * (rho_T[i, j] * (1 - rho**2).sqrt() - rho * (1 - rho_T[i, j] ** 2).sqrt())
+                    / (G[j].norm() * (1 - rho_T[i, j] ** 2).sqrt())
+                )
                 pc[i] += G[j] * w
                 batch_weight[j] += w.item()
             rho_T[i, j] = (1 - beta) * rho_T[i, j] + beta * rho
@@ -99,8 +108,15 @@ def ref_power(G: torch.Tensor, alpha: float, normalize: bool = True) -> np.ndarr
     if normalize:
         A = A / np.linalg.norm(A)
     K = A.shape[0]
-    res = scipy.optimize.least_squares(lambda x: A @ x - np.power(1 / x, 1 / alpha), np.ones(K) / K,
-                                       bounds=(0, np.inf), xtol=1e-15, ftol=1e-15, gtol=1e-15, max_nfev=10000)
+    res = scipy.optimize.least_squares(
+        lambda x: A @ x - np.power(1 / x, 1 / alpha),
+        np.ones(K) / K,
+        bounds=(0, np.inf),
+        xtol=1e-15,
+        ftol=1e-15,
+        gtol=1e-15,
+        max_nfev=10000,
+    )
     return res.x
 
 
@@ -142,6 +158,7 @@ def ref_dbmtl_sqnorm(G_steps, beta: float, beta_sigma: float) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- comparisons with the papers
+
 
 @pytest.mark.parametrize("K", KS)
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
@@ -220,7 +237,9 @@ def test_nashmtl_solves_the_bargaining_equation(K, dtype, device):
     # the paper's un-normalized equation
     raw = NashMTL(normalize=False)(gram).double()
     assert ((gram @ raw - 1 / raw).norm() / (1 / raw).norm()) <= 1e-9
-    torch.testing.assert_close(raw.cpu(), torch.from_numpy(ref_power(G, 1.0, normalize=False)), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(
+        raw.cpu(), torch.from_numpy(ref_power(G, 1.0, normalize=False)), rtol=1e-5, atol=1e-9
+    )
 
 
 @pytest.mark.parametrize("K", KS)
@@ -235,8 +254,9 @@ def test_fairgrad_matches_official_solver(K, alpha, device):
     ref = ref_power(G, alpha)
     torch.testing.assert_close(out.cpu(), torch.from_numpy(ref), rtol=1e-5, atol=1e-8)
     raw = FairGrad(alpha=alpha, normalize=False)(gram)
-    torch.testing.assert_close(raw.cpu(), torch.from_numpy(ref_power(G, alpha, normalize=False)), rtol=1e-5,
-                               atol=1e-9)
+    torch.testing.assert_close(
+        raw.cpu(), torch.from_numpy(ref_power(G, alpha, normalize=False)), rtol=1e-5, atol=1e-9
+    )
     out32 = FairGrad(alpha=alpha)(gram.float()).double()
     assert (gn @ out32 - out32.pow(-1 / alpha)).norm() / out32.pow(-1 / alpha).norm() <= 1e-5
     # alpha-fair allocation: <g_i, d> = w_i^(-1/alpha) > 0 for every task
@@ -252,12 +272,18 @@ def test_fairgrad_alpha_one_is_nashmtl(device):
 def test_power_solver_badly_scaled_and_singular(alpha, device):
     """Gradient norms spanning 1e-4..1e4, and Grams with no solution (zero / opposite gradients)."""
     G = grads(8, device, P=30, seed=5)
-    G = G / G.norm(dim=1, keepdim=True) * torch.logspace(-4, 4, 8, dtype=F64, device=device)[:, None]
+    G = (
+        G
+        / G.norm(dim=1, keepdim=True)
+        * torch.logspace(-4, 4, 8, dtype=F64, device=device)[:, None]
+    )
     gram = gram_of(G)
     gn = gram / torch.linalg.matrix_norm(gram)
     w = FairGrad(alpha=alpha)(gram)
     r = gn @ w - w.pow(-1 / alpha)
-    assert (r.abs() / (gn.abs() @ w + w.pow(-1 / alpha))).max() <= 1e-9  # componentwise backward error
+    assert (
+        r.abs() / (gn.abs() @ w + w.pow(-1 / alpha))
+    ).max() <= 1e-9  # componentwise backward error
     for case in ("zero", "opposite"):
         G = grads(4, device, seed=6)
         if case == "zero":
@@ -267,7 +293,9 @@ def test_power_solver_badly_scaled_and_singular(alpha, device):
         w = FairGrad(alpha=alpha)(gram_of(G))
         assert torch.isfinite(w).all() and (w > 0).all()
         big = [2] if case == "zero" else [0, 1]
-        assert (w[big] > 1e3).all()  # no solution: those weights grow to about reg^(-alpha/(alpha+1))
+        assert (
+            w[big] > 1e3
+        ).all()  # no solution: those weights grow to about reg^(-alpha/(alpha+1))
 
 
 @pytest.mark.parametrize("K", KS)
@@ -276,7 +304,9 @@ def test_power_solver_badly_scaled_and_singular(alpha, device):
 def test_alignedmtl_matches_procrustes_svd(K, scale_mode, solver, device):
     G = grads(K, device, P=3 * K + 2, seed=60 + K)
     out = AlignedMTL(scale_mode=scale_mode, solver=solver)(gram_of(G))
-    torch.testing.assert_close((out @ G).cpu(), ref_aligned(G.cpu(), scale_mode), rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(
+        (out @ G).cpu(), ref_aligned(G.cpu(), scale_mode), rtol=1e-8, atol=1e-9
+    )
 
 
 @pytest.mark.parametrize("solver", ["eigh", "jacobi"])
@@ -312,12 +342,15 @@ def test_dbmtl_matches_official_where_exact(K, device):
     """First step (any gradients) and stationary gradients: the squared-norm EMA is exact."""
     G = grads(K, device, seed=70 + K)
     out = DBMTL()(gram_of(G))
-    torch.testing.assert_close(out.cpu(), torch.from_numpy(ref_dbmtl_official([G], 0.9, 0.0)), rtol=1e-7, atol=0)
+    torch.testing.assert_close(
+        out.cpu(), torch.from_numpy(ref_dbmtl_official([G], 0.9, 0.0)), rtol=1e-7, atol=0
+    )
     w = DBMTL(beta=0.8, beta_sigma=0.5)
     for _ in range(5):
         out = w(gram_of(G))
-    torch.testing.assert_close(out.cpu(), torch.from_numpy(ref_dbmtl_official([G] * 5, 0.8, 0.5)), rtol=1e-7,
-                               atol=0)
+    torch.testing.assert_close(
+        out.cpu(), torch.from_numpy(ref_dbmtl_official([G] * 5, 0.8, 0.5)), rtol=1e-7, atol=0
+    )
 
 
 @pytest.mark.parametrize("K", KS)
@@ -326,7 +359,9 @@ def test_dbmtl_squared_norm_ema(K, device):
     w = DBMTL(beta=0.7, beta_sigma=0.3)
     for G in steps:
         out = w(gram_of(G))
-    torch.testing.assert_close(out.cpu(), torch.from_numpy(ref_dbmtl_sqnorm(steps, 0.7, 0.3)), rtol=1e-10, atol=0)
+    torch.testing.assert_close(
+        out.cpu(), torch.from_numpy(ref_dbmtl_sqnorm(steps, 0.7, 0.3)), rtol=1e-10, atol=0
+    )
     # balancing: every weighted EMA norm equals the largest one (up to eps)
     u = torch.from_numpy(np.sqrt(w.state_dict()["sq_norm_ema"].cpu().numpy()))
     torch.testing.assert_close(out.cpu() * u, u.max().expand(K), rtol=1e-7, atol=0)
@@ -338,7 +373,9 @@ def test_rlw_is_softmax_of_the_documented_normals(K, device):
     for step in range(3):
         out = w(torch.eye(K, dtype=F64, device=device))
         # the normals computed on the same device (CUDA's logf / cosf differ from the CPU's in the last ulp)
-        z = philox.gaussian_from_counter(11, torch.arange(step * K, (step + 1) * K, dtype=torch.int64, device=device))
+        z = philox.gaussian_from_counter(
+            11, torch.arange(step * K, (step + 1) * K, dtype=torch.int64, device=device)
+        )
         torch.testing.assert_close(out, torch.softmax(z.double(), 0), rtol=1e-12, atol=0)
 
 
@@ -392,7 +429,9 @@ def test_scale_equivariance_without_normalization(device):
     gram = gram_of(grads(5, device, seed=92))
     for alpha in (0.5, 1.0, 4.0):
         w = FairGrad(alpha=alpha, normalize=False)
-        torch.testing.assert_close(w(gram * 9.0), w(gram) * 9.0 ** (-alpha / (alpha + 1)), rtol=1e-8, atol=0)
+        torch.testing.assert_close(
+            w(gram * 9.0), w(gram) * 9.0 ** (-alpha / (alpha + 1)), rtol=1e-8, atol=0
+        )
     # Nash-MTL is invariant to rescaling a task's loss: g_i -> s_i g_i gives alpha_i -> alpha_i / s_i
     G = grads(4, device, seed=93)
     s = torch.tensor([0.1, 1.0, 7.0, 30.0], dtype=F64, device=device)
@@ -415,6 +454,7 @@ def test_pcgrad_two_tasks_do_not_conflict(device):
 
 
 # ---------------------------------------------------------------- state, determinism, edge cases
+
 
 def make(name: str, seed: int = 0):
     return weighting.get(name, seed=seed) if name in RANDOM else weighting.get(name)
@@ -485,7 +525,9 @@ def test_edge_cases(name, K, device):
         G = grads(K, device, dtype=dtype)
         if K == 1:
             out = make(name)(gram_of(G))
-            torch.testing.assert_close(out, torch.ones(1, dtype=dtype, device=device), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(
+                out, torch.ones(1, dtype=dtype, device=device), rtol=1e-6, atol=1e-6
+            )
         zero = torch.zeros(K, K, dtype=dtype, device=device)
         identical = gram_of(G[:1].expand(K, -1).contiguous())
         one_zero = gram_of(torch.cat([torch.zeros_like(G[:1]), G[1:]]))
@@ -512,13 +554,26 @@ def test_identical_gradients_give_symmetric_weights():
 
 def test_option_validation():
     bad = [
-        (PCGrad, {"reduction": "max"}), (PCGrad, {"seed": -1}), (PCGrad, {"seed": 1.5}),
-        (FairGrad, {"alpha": -1.0}), (FairGrad, {"alpha": 0}), (FairGrad, {"alpha": float("inf")}),
-        (FairGrad, {"max_iter": 0}), (NashMTL, {"reg": -1e-3}), (NashMTL, {"normalize": "yes"}),
-        (AlignedMTL, {"scale_mode": "max"}), (AlignedMTL, {"rtol": -1.0}), (AlignedMTL, {"solver": "svd"}),
+        (PCGrad, {"reduction": "max"}),
+        (PCGrad, {"seed": -1}),
+        (PCGrad, {"seed": 1.5}),
+        (FairGrad, {"alpha": -1.0}),
+        (FairGrad, {"alpha": 0}),
+        (FairGrad, {"alpha": float("inf")}),
+        (FairGrad, {"max_iter": 0}),
+        (NashMTL, {"reg": -1e-3}),
+        (NashMTL, {"normalize": "yes"}),
+        (AlignedMTL, {"scale_mode": "max"}),
+        (AlignedMTL, {"rtol": -1.0}),
+        (AlignedMTL, {"solver": "svd"}),
         (AlignedMTL, {"sweeps": 0}),
-        (DBMTL, {"beta": -0.1}), (DBMTL, {"beta": 1.5}), (DBMTL, {"beta_sigma": -1}), (DBMTL, {"eps": 0.0}),
-        (GradVac, {"beta": -0.5}), (GradVac, {"beta": 2.0}), (RLW, {"seed": 2**64}),
+        (DBMTL, {"beta": -0.1}),
+        (DBMTL, {"beta": 1.5}),
+        (DBMTL, {"beta_sigma": -1}),
+        (DBMTL, {"eps": 0.0}),
+        (GradVac, {"beta": -0.5}),
+        (GradVac, {"beta": 2.0}),
+        (RLW, {"seed": 2**64}),
     ]
     for cls, opts in bad:
         with pytest.raises(ValueError):
@@ -532,10 +587,16 @@ def test_option_validation():
 # ---------------------------------------------------------------- sync-freedom
 
 COMPILE_CASES = [
-    ("pcgrad", {"reduction": "mean"}), ("gradvac", {}), ("rlw", {}), ("dbmtl", {"beta_sigma": 0.5}),
-    ("imtl", {}), ("alignedmtl", {"scale_mode": "median"}), ("alignedmtl", {"solver": "jacobi", "sweeps": 3}),
+    ("pcgrad", {"reduction": "mean"}),
+    ("gradvac", {}),
+    ("rlw", {}),
+    ("dbmtl", {"beta_sigma": 0.5}),
+    ("imtl", {}),
+    ("alignedmtl", {"scale_mode": "median"}),
+    ("alignedmtl", {"solver": "jacobi", "sweeps": 3}),
     # a short Newton budget keeps tracing fast; every iteration is the same code
-    ("nashmtl", {"max_iter": 5}), ("fairgrad", {"alpha": 2.0, "max_iter": 5}),
+    ("nashmtl", {"max_iter": 5}),
+    ("fairgrad", {"alpha": 2.0, "max_iter": 5}),
 ]
 
 

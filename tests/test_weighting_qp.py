@@ -65,9 +65,14 @@ def cagrad_official(g: np.ndarray, c: float, rescale: int) -> np.ndarray:
     best = None
     rng = np.random.default_rng(0)
     for x0 in [x_start, np.eye(K)[0], rng.dirichlet(np.ones(K))]:
-        res = scipy_optimize.minimize(objfn, x0, bounds=[(0, 1)] * K, method="SLSQP",
-                                      constraints=({"type": "eq", "fun": lambda x: 1 - x.sum()},),
-                                      options={"ftol": 1e-15, "maxiter": 500})
+        res = scipy_optimize.minimize(
+            objfn,
+            x0,
+            bounds=[(0, 1)] * K,
+            method="SLSQP",
+            constraints=({"type": "eq", "fun": lambda x: 1 - x.sum()},),
+            options={"ftol": 1e-15, "maxiter": 500},
+        )
         if best is None or res.fun < best.fun:
             best = res
     ww = best.x
@@ -126,11 +131,23 @@ def test_cagrad_inner_objective_never_worse_than_slsqp(device):
         fun = lambda x: float(x @ b + coef * math.sqrt(max(x @ GG @ x, 0.0)))  # noqa: E731
         from mtlsam_fast import ops
 
-        v = ops.solve_qp(torch.tensor(GG, device=device), torch.tensor(b, device=device),
-                         norm_coef=torch.tensor(coef, dtype=torch.float64, device=device)).cpu().numpy()
-        res = scipy_optimize.minimize(fun, np.ones(5) / 5, bounds=[(0, 1)] * 5, method="SLSQP",
-                                      constraints=({"type": "eq", "fun": lambda x: 1 - x.sum()},),
-                                      options={"ftol": 1e-15, "maxiter": 500})
+        v = (
+            ops.solve_qp(
+                torch.tensor(GG, device=device),
+                torch.tensor(b, device=device),
+                norm_coef=torch.tensor(coef, dtype=torch.float64, device=device),
+            )
+            .cpu()
+            .numpy()
+        )
+        res = scipy_optimize.minimize(
+            fun,
+            np.ones(5) / 5,
+            bounds=[(0, 1)] * 5,
+            method="SLSQP",
+            constraints=({"type": "eq", "fun": lambda x: 1 - x.sum()},),
+            options={"ftol": 1e-15, "maxiter": 500},
+        )
         assert fun(v) <= res.fun + 1e-10 * (abs(res.fun) + 1)
 
 
@@ -147,7 +164,9 @@ def test_upgrad_matches_direct_projections(device, K, seed):
 def test_dualproj_matches_direct_projection(device, K, seed):
     g = grads(K, seed=seed)
     w = DualProj()((g @ g.T).to(device))
-    np.testing.assert_allclose(direction(w, g).numpy(), dualproj_direct(g.numpy()), atol=1e-7, rtol=0)
+    np.testing.assert_allclose(
+        direction(w, g).numpy(), dualproj_direct(g.numpy()), atol=1e-7, rtol=0
+    )
 
 
 @pytest.mark.parametrize("cls, direct", [(UPGrad, upgrad_direct), (DualProj, dualproj_direct)])
@@ -155,14 +174,19 @@ def test_pref_vector(device, cls, direct):
     g = grads(4, seed=7)
     pref = torch.tensor([0.1, 0.5, 0.2, 0.7], dtype=torch.float64)
     w = cls(pref_vector=pref)((g @ g.T).to(device))
-    np.testing.assert_allclose(direction(w, g).numpy(), direct(g.numpy(), pref.numpy()), atol=1e-7, rtol=0)
+    np.testing.assert_allclose(
+        direction(w, g).numpy(), direct(g.numpy(), pref.numpy()), atol=1e-7, rtol=0
+    )
 
 
 def test_fp32_gram_is_close_to_the_reference(device):
     g = grads(8, P=30, seed=3)
     gram = (g.float() @ g.float().T).to(device)
-    for w, ref in ((UPGrad(), upgrad_direct(g.numpy())), (DualProj(), dualproj_direct(g.numpy())),
-                   (CAGrad(), cagrad_official(g.numpy(), 0.4, 1))):
+    for w, ref in (
+        (UPGrad(), upgrad_direct(g.numpy())),
+        (DualProj(), dualproj_direct(g.numpy())),
+        (CAGrad(), cagrad_official(g.numpy(), 0.4, 1)),
+    ):
         out = w(gram)
         assert out.dtype == torch.float32
         d = direction(out, g).numpy()
@@ -174,14 +198,16 @@ def test_fp32_gram_is_close_to_the_reference(device):
 
 
 @pytest.mark.parametrize("name", ["upgrad", "dualproj"])
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-8), (torch.float32, 1e-5)])  # solver tol: 1e-9
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float64, 1e-8), (torch.float32, 1e-5)]
+)  # solver tol: 1e-9
 def test_non_conflict(device, name, dtype, tol):
     for seed in range(6):
         g = grads(6, seed=seed)
         g[2] = -g[3] * 0.5 + 0.01 * g[2]  # a second strong conflict
         gram = (g @ g.T).to(dtype).to(device)
         d = direction(weighting.get(name)(gram), g)
-        assert (g @ d >= -tol * float(gram.diagonal().max())).all(), (g @ d)
+        assert (g @ d >= -tol * float(gram.diagonal().max())).all(), g @ d
 
 
 @pytest.mark.parametrize("name", QP_METHODS)
@@ -211,8 +237,11 @@ def test_edge_cases_finite(device, name):
     w = weighting.get(name)
     one = torch.tensor([[2.5]], device=device)
     torch.testing.assert_close(w(one), torch.ones(1, device=device))
-    for gram in (torch.zeros(4, 4, device=device), torch.full((4, 4), 3.0, device=device),
-                 torch.tensor([[1.0, -1.0], [-1.0, 1.0]], device=device)):
+    for gram in (
+        torch.zeros(4, 4, device=device),
+        torch.full((4, 4), 3.0, device=device),
+        torch.tensor([[1.0, -1.0], [-1.0, 1.0]], device=device),
+    ):
         out = w(gram)
         assert torch.isfinite(out).all(), (name, gram, out)
 
@@ -224,7 +253,9 @@ def test_edge_case_directions(device):
     for w in (UPGrad(), DualProj()):
         torch.testing.assert_close(direction(w(gram), g), g[0], rtol=1e-7, atol=1e-9)
     # CAGrad: d = (1 + c) g / (1 + c^2) (rescale=1), the official formula
-    torch.testing.assert_close(direction(CAGrad()(gram), g), g[0] * 1.4 / 1.16, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(
+        direction(CAGrad()(gram), g), g[0] * 1.4 / 1.16, rtol=1e-6, atol=1e-9
+    )
     # opposite gradients: g0 = 0 and g_w = 0 at the optimum: d = 0, weights finite
     g2 = torch.tensor([[1.0, 2.0], [-1.0, -2.0]], dtype=torch.float64)
     for name in QP_METHODS:
@@ -247,7 +278,9 @@ def test_compile_fullgraph_matches_eager(name):
     """Sync-freedom: the whole weighting traces as one graph (short budget: tracing unrolls it)."""
     g = grads(4, seed=1).float()
     gram = g @ g.T
-    w = weighting.get(name, max_iter=6, backend="torch")  # the compiled C++ backend is opaque to dynamo
+    w = weighting.get(
+        name, max_iter=6, backend="torch"
+    )  # the compiled C++ backend is opaque to dynamo
     eager = w(gram)
     torch._dynamo.reset()
     try:

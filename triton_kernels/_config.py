@@ -83,9 +83,14 @@ def _parse_env() -> dict[str, Config]:
             continue
         try:
             fam, kv = part.split(":", 1)
-            cfg = {k.strip(): int(v) for k, v in (item.split("=") for item in kv.split(",") if item.strip())}
+            cfg = {
+                k.strip(): int(v)
+                for k, v in (item.split("=") for item in kv.split(",") if item.strip())
+            }
         except ValueError:
-            raise ValueError(f"MTLSAM_TRITON_PIN: cannot parse {part!r}; expected 'family:KEY=int,KEY=int'") from None
+            raise ValueError(
+                f"MTLSAM_TRITON_PIN: cannot parse {part!r}; expected 'family:KEY=int,KEY=int'"
+            ) from None
         out[fam.strip()] = cfg
     return out
 
@@ -142,8 +147,14 @@ def shares_storage(t: torch.Tensor, *others: torch.Tensor | None) -> bool:
     return any(o is not None and o.untyped_storage().data_ptr() == ptr for o in others)
 
 
-def choose(family: str, key: tuple, device: torch.device, run: Callable[[Config], Any],
-           candidates: list[Config] | None = None, idempotent: bool = True) -> Config:
+def choose(
+    family: str,
+    key: tuple,
+    device: torch.device,
+    run: Callable[[Config], Any],
+    candidates: list[Config] | None = None,
+    idempotent: bool = True,
+) -> Config:
     """The configuration for ``family``/``key``: interpreter > pinned > cached > tuned now.
 
     ``run(cfg)`` launches the kernel with ``cfg``; it is called repeatedly while tuning, so a call

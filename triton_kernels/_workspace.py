@@ -12,8 +12,14 @@ import torch
 _cache: dict[tuple, torch.Tensor] = {}
 
 
-def get(device: torch.device, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
-        zero: bool = False, fill: float | None = None) -> torch.Tensor:
+def get(
+    device: torch.device,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+    zero: bool = False,
+    fill: float | None = None,
+) -> torch.Tensor:
     """A cached tensor; ``zero=True`` zero-fills it on creation only (ticket counters), ``fill``
     sets every element on creation only (constants)."""
     key = (device.type, device.index, name, tuple(shape), dtype)

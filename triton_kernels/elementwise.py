@@ -25,7 +25,6 @@ import triton.language as tl
 from . import _config, _workspace
 
 
-
 @triton.jit
 def philox_normal(seed, idx):
     """fp32 standard normals for int64 counters ``idx`` (the spec of ``mtlsam_fast.ops.philox``)."""
@@ -49,15 +48,34 @@ def combine_block(acc, Wt, X, K, sxk, sxp, p, pmask, KC: tl.constexpr):
         k = k0 + rc
         km = k < K
         w = tl.load(Wt + k, mask=km, other=0.0).to(tl.float32)
-        x = tl.load(X + k.to(tl.int64)[:, None] * sxk + p[None, :] * sxp,
-                    mask=km[:, None] & pmask[None, :], other=0.0).to(tl.float32)
+        x = tl.load(
+            X + k.to(tl.int64)[:, None] * sxk + p[None, :] * sxp,
+            mask=km[:, None] & pmask[None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc += tl.sum(w[:, None] * x, axis=0)
     return acc
 
 
 @triton.jit
-def _combine_kernel(W1, G, K, sgk, sgp, W2, H, K2, shk, shp, OUT, so, P,
-                    HAS_H: tl.constexpr, BLOCK_P: tl.constexpr, KC: tl.constexpr):
+def _combine_kernel(
+    W1,
+    G,
+    K,
+    sgk,
+    sgp,
+    W2,
+    H,
+    K2,
+    shk,
+    shp,
+    OUT,
+    so,
+    P,
+    HAS_H: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    KC: tl.constexpr,
+):
     pid = tl.program_id(0)
     p = tl.cast(pid, tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < P
@@ -77,11 +95,32 @@ def combine(w, G, w2, H, out):
         kc = min(cfg["KC"], triton.next_power_of_2(max(K, Ht.shape[0])))
         extra = {} if _config.INTERPRET else {"num_warps": cfg["num_warps"]}
         _combine_kernel[(triton.cdiv(max(P, 1), cfg["BLOCK_P"]),)](
-            w, G, K, G.stride(0), G.stride(1), w2t, Ht, Ht.shape[0], Ht.stride(0), Ht.stride(1),
-            out, out.stride(0), P, HAS_H=has_h, BLOCK_P=cfg["BLOCK_P"], KC=kc, **extra)
+            w,
+            G,
+            K,
+            G.stride(0),
+            G.stride(1),
+            w2t,
+            Ht,
+            Ht.shape[0],
+            Ht.stride(0),
+            Ht.stride(1),
+            out,
+            out.stride(0),
+            P,
+            HAS_H=has_h,
+            BLOCK_P=cfg["BLOCK_P"],
+            KC=kc,
+            **extra,
+        )
 
-    cfg = _config.choose("combine", (G.dtype, out.dtype, K, has_h, _config.bucket(P)), G.device, run,
-                         idempotent=not _config.shares_storage(out, G, H, w, w2))
+    cfg = _config.choose(
+        "combine",
+        (G.dtype, out.dtype, K, has_h, _config.bucket(P)),
+        G.device,
+        run,
+        idempotent=not _config.shares_storage(out, G, H, w, w2),
+    )
     run(cfg)
     return out
 
@@ -127,8 +166,22 @@ def _seg_sums(vals, p, OFF, s_lo, p0, pend, MID, mid_base):
 
 
 @triton.jit
-def _seg_norm_kernel(X, Wt, OFF, HEAD, MID, sxk, sxp, sw, P, S, nblocks,
-                     HAS_W: tl.constexpr, BLOCK_P: tl.constexpr, NSTEPS: tl.constexpr):
+def _seg_norm_kernel(
+    X,
+    Wt,
+    OFF,
+    HEAD,
+    MID,
+    sxk,
+    sxp,
+    sw,
+    P,
+    S,
+    nblocks,
+    HAS_W: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    NSTEPS: tl.constexpr,
+):
     b = tl.program_id(0)
     row = tl.program_id(1)
     p0 = tl.cast(b, tl.int64) * BLOCK_P
@@ -138,13 +191,16 @@ def _seg_norm_kernel(X, Wt, OFF, HEAD, MID, sxk, sxp, sw, P, S, nblocks,
     if HAS_W:
         x = x * tl.load(Wt + p * sw, mask=m, other=0.0).to(tl.float32)
     s_lo = first_segment(OFF, S, p0, NSTEPS)
-    head = _seg_sums(x * x, p, OFF, s_lo, p0, tl.minimum(p0 + BLOCK_P, P), MID, tl.cast(row, tl.int64) * S)
+    head = _seg_sums(
+        x * x, p, OFF, s_lo, p0, tl.minimum(p0 + BLOCK_P, P), MID, tl.cast(row, tl.int64) * S
+    )
     tl.store(HEAD + tl.cast(row, tl.int64) * nblocks + b, head)
 
 
 @triton.jit
-def _seg_finish_kernel(HEAD, MID, OFF, OUT, S, nblocks, BLOCK_P: tl.constexpr, RC: tl.constexpr,
-                       SQRT: tl.constexpr):
+def _seg_finish_kernel(
+    HEAD, MID, OFF, OUT, S, nblocks, BLOCK_P: tl.constexpr, RC: tl.constexpr, SQRT: tl.constexpr
+):
     """OUT[c, s] = the segment's partial in its first block + the head partials of the blocks it
     continues into, summed in block order (deterministic)."""
     s = tl.program_id(0)
@@ -154,8 +210,11 @@ def _seg_finish_kernel(HEAD, MID, OFF, OUT, S, nblocks, BLOCK_P: tl.constexpr, R
     b0 = start // BLOCK_P
     b1 = tl.maximum(end - 1, start) // BLOCK_P
     in_head = start == b0 * BLOCK_P
-    first = tl.where(in_head, tl.load(HEAD + c * nblocks + b0, mask=in_head & (b0 < nblocks), other=0.0),
-                     tl.load(MID + c * S + s, mask=in_head == 0, other=0.0))
+    first = tl.where(
+        in_head,
+        tl.load(HEAD + c * nblocks + b0, mask=in_head & (b0 < nblocks), other=0.0),
+        tl.load(MID + c * S + s, mask=in_head == 0, other=0.0),
+    )
     rc = tl.arange(0, RC)
     acc = tl.zeros((RC,), dtype=tl.float32)
     for j0 in range(b0 + 1, b1 + 1, RC):
@@ -169,8 +228,17 @@ def _seg_finish_kernel(HEAD, MID, OFF, OUT, S, nblocks, BLOCK_P: tl.constexpr, R
 
 def _finish(head, mid, offsets, C: int, S: int, nblocks: int, bp: int, sqrt: bool, device):
     out = torch.empty(C, S, dtype=torch.float32, device=device)
-    _seg_finish_kernel[(S, C)](head, mid, offsets, out, S, nblocks, BLOCK_P=bp, RC=64 if _config.INTERPRET else 256,
-                               SQRT=sqrt)
+    _seg_finish_kernel[(S, C)](
+        head,
+        mid,
+        offsets,
+        out,
+        S,
+        nblocks,
+        BLOCK_P=bp,
+        RC=64 if _config.INTERPRET else 256,
+        SQRT=sqrt,
+    )
     return out
 
 
@@ -187,11 +255,30 @@ def segment_norms(x, offsets, weight):
         head = _workspace.get(x.device, "seg_head", (R, nblocks))
         mid = _workspace.get(x.device, "seg_mid", (R, S))
         extra = {} if _config.INTERPRET else {"num_warps": cfg["num_warps"]}
-        _seg_norm_kernel[(nblocks, R)](X, Wt, offsets, head, mid, X.stride(0), X.stride(1), sw, P, S, nblocks,
-                                       HAS_W=weight is not None, BLOCK_P=bp, NSTEPS=_nsteps(S), **extra)
+        _seg_norm_kernel[(nblocks, R)](
+            X,
+            Wt,
+            offsets,
+            head,
+            mid,
+            X.stride(0),
+            X.stride(1),
+            sw,
+            P,
+            S,
+            nblocks,
+            HAS_W=weight is not None,
+            BLOCK_P=bp,
+            NSTEPS=_nsteps(S),
+            **extra,
+        )
         return _finish(head, mid, offsets, R, S, nblocks, bp, True, x.device)
 
-    out = run(_config.choose("segment", ("norm", x.dtype, R, _config.bucket(S), _config.bucket(P)), x.device, run))
+    out = run(
+        _config.choose(
+            "segment", ("norm", x.dtype, R, _config.bucket(S), _config.bucket(P)), x.device, run
+        )
+    )
     return out if x.dim() == 2 else out.squeeze(0)
 
 
@@ -209,9 +296,28 @@ def _segment_values(VALS, sv, OFF, p, s_lo, pend, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _perturb_kernel(TH, BK, DIR, SC, NS, OFF, sth, sbk, sdir, ssc, sns, P, S, seed, noise_offset,
-                    HAS_DIR: tl.constexpr, ADAPTIVE: tl.constexpr, HAS_NOISE: tl.constexpr,
-                    BLOCK_P: tl.constexpr, NSTEPS: tl.constexpr):
+def _perturb_kernel(
+    TH,
+    BK,
+    DIR,
+    SC,
+    NS,
+    OFF,
+    sth,
+    sbk,
+    sdir,
+    ssc,
+    sns,
+    P,
+    S,
+    seed,
+    noise_offset,
+    HAS_DIR: tl.constexpr,
+    ADAPTIVE: tl.constexpr,
+    HAS_NOISE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    NSTEPS: tl.constexpr,
+):
     """theta <- backup + scale[s] * m(dir) + noise_scale[s] * z for one block of columns."""
     p0 = tl.cast(tl.program_id(0), tl.int64) * BLOCK_P
     p = p0 + tl.arange(0, BLOCK_P)
@@ -236,7 +342,9 @@ def _seg_stride(t, S: int) -> int:
     if t is None or t.numel() == 1:
         return 0
     if t.dim() != 1 or t.numel() != S:
-        raise ValueError(f"per-segment values must be a scalar or have {S} elements, got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"per-segment values must be a scalar or have {S} elements, got shape {tuple(t.shape)}"
+        )
     return t.stride(0)
 
 
@@ -252,23 +360,57 @@ def perturb(theta, backup, direction, scale, offsets, adaptive, noise_scale, see
     def run(cfg):
         extra = {} if _config.INTERPRET else {"num_warps": cfg["num_warps"]}
         _perturb_kernel[(triton.cdiv(P, cfg["BLOCK_P"]),)](
-            theta, backup, direction if has_dir else dummy, scale if has_dir else dummy,
-            noise_scale if has_noise else dummy, offsets,
-            theta.stride(0), backup.stride(0), direction.stride(0) if has_dir else 0, ssc, sns, P, S,
-            seed & ((1 << 64) - 1), noise_offset,
-            HAS_DIR=has_dir, ADAPTIVE=bool(adaptive) and has_dir, HAS_NOISE=has_noise,
-            BLOCK_P=cfg["BLOCK_P"], NSTEPS=_nsteps(S), **extra)
+            theta,
+            backup,
+            direction if has_dir else dummy,
+            scale if has_dir else dummy,
+            noise_scale if has_noise else dummy,
+            offsets,
+            theta.stride(0),
+            backup.stride(0),
+            direction.stride(0) if has_dir else 0,
+            ssc,
+            sns,
+            P,
+            S,
+            seed & ((1 << 64) - 1),
+            noise_offset,
+            HAS_DIR=has_dir,
+            ADAPTIVE=bool(adaptive) and has_dir,
+            HAS_NOISE=has_noise,
+            BLOCK_P=cfg["BLOCK_P"],
+            NSTEPS=_nsteps(S),
+            **extra,
+        )
 
     # idempotent (theta is recomputed from backup) unless theta aliases an input
-    run(_config.choose("segment", ("perturb", theta.dtype, has_dir, has_noise, _config.bucket(S), _config.bucket(P)),
-                       theta.device, run,
-                       idempotent=not _config.shares_storage(theta, backup, direction, scale, noise_scale)))
+    run(
+        _config.choose(
+            "segment",
+            ("perturb", theta.dtype, has_dir, has_noise, _config.bucket(S), _config.bucket(P)),
+            theta.device,
+            run,
+            idempotent=not _config.shares_storage(theta, backup, direction, scale, noise_scale),
+        )
+    )
     return theta
 
 
 @triton.jit
-def _noise_stats_kernel(REF, OFF, HEAD, MID, sref, P, S, nblocks, seed, noise_offset,
-                        BLOCK_P: tl.constexpr, NSTEPS: tl.constexpr):
+def _noise_stats_kernel(
+    REF,
+    OFF,
+    HEAD,
+    MID,
+    sref,
+    P,
+    S,
+    nblocks,
+    seed,
+    noise_offset,
+    BLOCK_P: tl.constexpr,
+    NSTEPS: tl.constexpr,
+):
     b = tl.program_id(0)
     p0 = tl.cast(b, tl.int64) * BLOCK_P
     p = p0 + tl.arange(0, BLOCK_P)
@@ -293,11 +435,31 @@ def noise_stats(seed, offset, ref, offsets):
         head = _workspace.get(ref.device, "seg_head", (2, nblocks))
         mid = _workspace.get(ref.device, "seg_mid", (2, S))
         extra = {} if _config.INTERPRET else {"num_warps": cfg["num_warps"]}
-        _noise_stats_kernel[(nblocks,)](ref, offsets, head, mid, ref.stride(0), P, S, nblocks,
-                                        seed & ((1 << 64) - 1), offset, BLOCK_P=bp, NSTEPS=_nsteps(S), **extra)
+        _noise_stats_kernel[(nblocks,)](
+            ref,
+            offsets,
+            head,
+            mid,
+            ref.stride(0),
+            P,
+            S,
+            nblocks,
+            seed & ((1 << 64) - 1),
+            offset,
+            BLOCK_P=bp,
+            NSTEPS=_nsteps(S),
+            **extra,
+        )
         return _finish(head, mid, offsets, 2, S, nblocks, bp, False, ref.device)
 
-    return run(_config.choose("segment", ("noise_stats", ref.dtype, _config.bucket(S), _config.bucket(P)), ref.device, run))
+    return run(
+        _config.choose(
+            "segment",
+            ("noise_stats", ref.dtype, _config.bucket(S), _config.bucket(P)),
+            ref.device,
+            run,
+        )
+    )
 
 
 @triton.jit
@@ -314,8 +476,9 @@ def gaussian_noise(seed, offset, numel, device):
 
     def run(cfg):
         extra = {} if _config.INTERPRET else {"num_warps": cfg["num_warps"]}
-        _noise_kernel[(triton.cdiv(numel, cfg["BLOCK_P"]),)](out, numel, seed & ((1 << 64) - 1), offset,
-                                                              BLOCK_P=cfg["BLOCK_P"], **extra)
+        _noise_kernel[(triton.cdiv(numel, cfg["BLOCK_P"]),)](
+            out, numel, seed & ((1 << 64) - 1), offset, BLOCK_P=cfg["BLOCK_P"], **extra
+        )
 
     run(_config.choose("noise", (_config.bucket(numel),), device, run))
     return out

@@ -37,7 +37,10 @@ def _reduce_tile(WS, nparts, KP: tl.constexpr):
     rk = tl.arange(0, KP)
     acc = tl.zeros((KP, KP), dtype=tl.float32)
     for j in range(0, nparts):
-        acc += tl.load(WS + tl.cast(j, tl.int64) * (KP * KP) + rk[:, None] * KP + rk[None, :], cache_modifier=".cg")
+        acc += tl.load(
+            WS + tl.cast(j, tl.int64) * (KP * KP) + rk[:, None] * KP + rk[None, :],
+            cache_modifier=".cg",
+        )
     return acc
 
 
@@ -53,17 +56,42 @@ def _finish(WS, nparts, GOUT, WOUT, K, max_iter, tol, KP: tl.constexpr):
 
 
 @triton.jit
-def _gram_qp_kernel(G, sgk, sgp, H, shk, shp, P, K, nblocks, WS, WS2, TICKET, GOUT, WOUT, GOUT2, WOUT2,
-                    max_iter, tol, KP: tl.constexpr, BLOCK_P: tl.constexpr, MODE: tl.constexpr,
-                    HAS_H: tl.constexpr):
+def _gram_qp_kernel(
+    G,
+    sgk,
+    sgp,
+    H,
+    shk,
+    shp,
+    P,
+    K,
+    nblocks,
+    WS,
+    WS2,
+    TICKET,
+    GOUT,
+    WOUT,
+    GOUT2,
+    WOUT2,
+    max_iter,
+    tol,
+    KP: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_H: tl.constexpr,
+):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     rk = tl.arange(0, KP)
     tile = rk[:, None] * KP + rk[None, :]
-    acc = gram_partial_block(G, G, sgk, sgp, sgk, sgp, P, K, pid, nprog, nblocks, KP, BLOCK_P, MODE, False)
+    acc = gram_partial_block(
+        G, G, sgk, sgp, sgk, sgp, P, K, pid, nprog, nblocks, KP, BLOCK_P, MODE, False
+    )
     tl.store(WS + tl.cast(pid, tl.int64) * (KP * KP) + tile, acc)
     if HAS_H:
-        acc2 = gram_partial_block(H, H, shk, shp, shk, shp, P, K, pid, nprog, nblocks, KP, BLOCK_P, MODE, False)
+        acc2 = gram_partial_block(
+            H, H, shk, shp, shk, shp, P, K, pid, nprog, nblocks, KP, BLOCK_P, MODE, False
+        )
         tl.store(WS2 + tl.cast(pid, tl.int64) * (KP * KP) + tile, acc2)
     tl.debug_barrier()
     ticket = tl.atomic_add(TICKET, 1, sem="acq_rel")
@@ -75,9 +103,28 @@ def _gram_qp_kernel(G, sgk, sgp, H, shk, shp, P, K, nblocks, WS, WS2, TICKET, GO
 
 
 @triton.jit
-def _apply_kernel(W1, G, K, sgk, sgp, W2, H, shk, shp, OUT, so, TH, sth, LR, P,
-                  HAS_H: tl.constexpr, WRITE: tl.constexpr, UPDATE: tl.constexpr,
-                  BLOCK_P: tl.constexpr, KC: tl.constexpr):
+def _apply_kernel(
+    W1,
+    G,
+    K,
+    sgk,
+    sgp,
+    W2,
+    H,
+    shk,
+    shp,
+    OUT,
+    so,
+    TH,
+    sth,
+    LR,
+    P,
+    HAS_H: tl.constexpr,
+    WRITE: tl.constexpr,
+    UPDATE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    KC: tl.constexpr,
+):
     p = tl.cast(tl.program_id(0), tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     pmask = p < P
     d = tl.zeros((BLOCK_P,), dtype=tl.float32)
@@ -113,7 +160,11 @@ def _torch_path(G, H, out, theta, lr, max_iter, tol) -> Aggregate:
     w, g = solve(G)
     w2, g2 = solve(H) if H is not None else (None, None)
     if out is not None or theta is not None:
-        d = torch.empty(G.shape[1], dtype=torch.float32 if G.dtype != torch.float64 else torch.float64, device=G.device)
+        d = torch.empty(
+            G.shape[1],
+            dtype=torch.float32 if G.dtype != torch.float64 else torch.float64,
+            device=G.device,
+        )
         tb.combine(w.to(d.dtype), G, None if H is None else w2.to(d.dtype), H, d)
         if out is not None:
             out.copy_(d)
@@ -122,9 +173,16 @@ def _torch_path(G, H, out, theta, lr, max_iter, tol) -> Aggregate:
     return Aggregate(w, g, w2, g2, out)
 
 
-def fused_aggregate(G: torch.Tensor, H: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
-                    theta: torch.Tensor | None = None, lr: torch.Tensor | None = None,
-                    max_iter: int = 60, tol: float = 1e-9) -> Aggregate:
+def fused_aggregate(
+    G: torch.Tensor,
+    H: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    theta: torch.Tensor | None = None,
+    lr: torch.Tensor | None = None,
+    max_iter: int = 60,
+    tol: float = 1e-9,
+) -> Aggregate:
     """MGDA-style aggregation of the rows of ``G`` (and, separately, of ``H``) in two launches.
 
     Contract:
@@ -145,8 +203,10 @@ def fused_aggregate(G: torch.Tensor, H: torch.Tensor | None = None, *, out: torc
     """
     K, P = G.shape
     if H is not None and (H.shape != G.shape or H.device != G.device or H.dtype != G.dtype):
-        raise ValueError(f"H must match G: {tuple(H.shape)} {H.dtype} on {H.device} vs "
-                         f"{tuple(G.shape)} {G.dtype} on {G.device}")
+        raise ValueError(
+            f"H must match G: {tuple(H.shape)} {H.dtype} on {H.device} vs "
+            f"{tuple(G.shape)} {G.dtype} on {G.device}"
+        )
     if (theta is None) != (lr is None):
         raise ValueError("theta and lr must be given together")
     for name, t in (("out", out), ("theta", theta)):
@@ -157,8 +217,13 @@ def fused_aggregate(G: torch.Tensor, H: torch.Tensor | None = None, *, out: torc
 
     dev = G.device
     mode, kp = _mode(G.dtype, K)
-    cfg = _config.choose("gram", ("fused", G.dtype, K, _config.bucket(P)), dev, lambda c: None,
-                         candidates=[_config.CANDIDATES["gram"][0]])
+    cfg = _config.choose(
+        "gram",
+        ("fused", G.dtype, K, _config.bucket(P)),
+        dev,
+        lambda c: None,
+        candidates=[_config.CANDIDATES["gram"][0]],
+    )
     bp = _block_p(cfg, mode, kp)
     nblocks = triton.cdiv(max(P, 1), bp)
     # the last program reduces every partial alone: fewer, fatter programs for big tiles
@@ -176,20 +241,64 @@ def fused_aggregate(G: torch.Tensor, H: torch.Tensor | None = None, *, out: torc
     nw = max(cfg["num_warps"], qp_num_warps(kp))
     extra = {} if _config.INTERPRET else {"num_warps": nw, "num_stages": cfg.get("num_stages", 3)}
     _gram_qp_kernel[(nprog,)](
-        G, G.stride(0), G.stride(1), Ht, Ht.stride(0), Ht.stride(1), P, K, nblocks, ws, ws2, ticket,
-        gram, w, gram if gram2 is None else gram2, w if w2 is None else w2, int(max_iter), float(tol),
-        KP=kp, BLOCK_P=bp, MODE=mode, HAS_H=H is not None, **extra)
+        G,
+        G.stride(0),
+        G.stride(1),
+        Ht,
+        Ht.stride(0),
+        Ht.stride(1),
+        P,
+        K,
+        nblocks,
+        ws,
+        ws2,
+        ticket,
+        gram,
+        w,
+        gram if gram2 is None else gram2,
+        w if w2 is None else w2,
+        int(max_iter),
+        float(tol),
+        KP=kp,
+        BLOCK_P=bp,
+        MODE=mode,
+        HAS_H=H is not None,
+        **extra,
+    )
 
     if out is not None or theta is not None:
-        ccfg = _config.choose("combine", ("fused", G.dtype, K, _config.bucket(P)), dev, lambda c: None,
-                              candidates=[_config.CANDIDATES["combine"][0]])
+        ccfg = _config.choose(
+            "combine",
+            ("fused", G.dtype, K, _config.bucket(P)),
+            dev,
+            lambda c: None,
+            candidates=[_config.CANDIDATES["combine"][0]],
+        )
         kc = min(ccfg["KC"], triton.next_power_of_2(K))
         extra = {} if _config.INTERPRET else {"num_warps": ccfg["num_warps"]}
         o = out if out is not None else G
         th = theta if theta is not None else G
         _apply_kernel[(triton.cdiv(max(P, 1), ccfg["BLOCK_P"]),)](
-            w, G, K, G.stride(0), G.stride(1), w if w2 is None else w2, Ht, Ht.stride(0), Ht.stride(1),
-            o, o.stride(-1), th, th.stride(-1), lr if lr is not None else w, P,
-            HAS_H=H is not None, WRITE=out is not None, UPDATE=theta is not None,
-            BLOCK_P=ccfg["BLOCK_P"], KC=kc, **extra)
+            w,
+            G,
+            K,
+            G.stride(0),
+            G.stride(1),
+            w if w2 is None else w2,
+            Ht,
+            Ht.stride(0),
+            Ht.stride(1),
+            o,
+            o.stride(-1),
+            th,
+            th.stride(-1),
+            lr if lr is not None else w,
+            P,
+            HAS_H=H is not None,
+            WRITE=out is not None,
+            UPDATE=theta is not None,
+            BLOCK_P=ccfg["BLOCK_P"],
+            KC=kc,
+            **extra,
+        )
     return Aggregate(w, gram, w2, gram2, out)

@@ -71,8 +71,23 @@ def _accumulate(acc, comp, x, MODE: tl.constexpr):
 
 
 @triton.jit
-def gram_partial_block(G, B, sgk, sgp, sbk, sbp, P, K, pid, nprog, nblocks,
-                       KP: tl.constexpr, BLOCK_P: tl.constexpr, MODE: tl.constexpr, DIFF: tl.constexpr):
+def gram_partial_block(
+    G,
+    B,
+    sgk,
+    sgp,
+    sbk,
+    sbp,
+    P,
+    K,
+    pid,
+    nprog,
+    nblocks,
+    KP: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    MODE: tl.constexpr,
+    DIFF: tl.constexpr,
+):
     """The symmetrized fp32 partial Gram of the column blocks owned by program ``pid``."""
     rk = tl.arange(0, KP)
     rp = tl.arange(0, BLOCK_P)
@@ -90,11 +105,27 @@ def gram_partial_block(G, B, sgk, sgp, sbk, sbp, P, K, pid, nprog, nblocks,
 
 
 @triton.jit
-def _gram_partial_kernel(G, B, WS, sgk, sgp, sbk, sbp, P, K, nblocks,
-                         KP: tl.constexpr, BLOCK_P: tl.constexpr, MODE: tl.constexpr, DIFF: tl.constexpr):
+def _gram_partial_kernel(
+    G,
+    B,
+    WS,
+    sgk,
+    sgp,
+    sbk,
+    sbp,
+    P,
+    K,
+    nblocks,
+    KP: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    MODE: tl.constexpr,
+    DIFF: tl.constexpr,
+):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    acc = gram_partial_block(G, B, sgk, sgp, sbk, sbp, P, K, pid, nprog, nblocks, KP, BLOCK_P, MODE, DIFF)
+    acc = gram_partial_block(
+        G, B, sgk, sgp, sbk, sbp, P, K, pid, nprog, nblocks, KP, BLOCK_P, MODE, DIFF
+    )
     rk = tl.arange(0, KP)
     tl.store(WS + pid.to(tl.int64) * (KP * KP) + rk[:, None] * KP + rk[None, :], acc)
 
@@ -152,16 +183,36 @@ def launch_params(G: torch.Tensor, cfg: _config.Config) -> tuple[int, int, int, 
     return mode, kp, bp, nprog
 
 
-def _launch(G: torch.Tensor, B: torch.Tensor | None, out: torch.Tensor, cfg: _config.Config) -> torch.Tensor:
+def _launch(
+    G: torch.Tensor, B: torch.Tensor | None, out: torch.Tensor, cfg: _config.Config
+) -> torch.Tensor:
     K, P = G.shape
     mode, kp, bp, nprog = launch_params(G, cfg)
     nblocks = triton.cdiv(max(P, 1), bp)
     ws = _workspace.get(G.device, "gram_partials", (nprog, kp, kp))
     Bt = G if B is None else B
-    extra = {} if _config.INTERPRET else {"num_warps": cfg["num_warps"], "num_stages": cfg.get("num_stages", 3)}
+    extra = (
+        {}
+        if _config.INTERPRET
+        else {"num_warps": cfg["num_warps"], "num_stages": cfg.get("num_stages", 3)}
+    )
     _gram_partial_kernel[(nprog,)](
-        G, Bt, ws, G.stride(0), G.stride(1), Bt.stride(0), Bt.stride(1), P, K, nblocks,
-        KP=kp, BLOCK_P=bp, MODE=mode, DIFF=B is not None, **extra)
+        G,
+        Bt,
+        ws,
+        G.stride(0),
+        G.stride(1),
+        Bt.stride(0),
+        Bt.stride(1),
+        P,
+        K,
+        nblocks,
+        KP=kp,
+        BLOCK_P=bp,
+        MODE=mode,
+        DIFF=B is not None,
+        **extra,
+    )
     _gram_reduce_kernel[(K,)](ws, out, nprog, K, KP=kp, RC=RCHUNK)
     return out
 

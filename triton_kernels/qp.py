@@ -80,16 +80,27 @@ def _grad_hess(H, c, x, r, HAS_R: tl.constexpr):
 
 
 @triton.jit
-def qp_core(H0, q0, lower, r_in, K, max_iter, tol,
-            KP: tl.constexpr, SIMPLEX: tl.constexpr, HAS_R: tl.constexpr):
+def qp_core(
+    H0,
+    q0,
+    lower,
+    r_in,
+    K,
+    max_iter,
+    tol,
+    KP: tl.constexpr,
+    SIMPLEX: tl.constexpr,
+    HAS_R: tl.constexpr,
+):
     """Solve one problem. ``H0`` [KP, KP], ``q0``/``lower`` [KP] fp64 (zero padded), ``r_in`` fp64."""
     rk = tl.arange(0, KP)
     km = rk < K
     kmf = km.to(tl.float64)
     eye = rk[:, None] == rk[None, :]
     H0 = 0.5 * (H0 + tl.trans(H0))
-    nbad = tl.sum(tl.sum((tl.abs(H0) < float("inf")) == 0, axis=1), axis=0) \
-        + tl.sum((tl.abs(q0) < float("inf")) == 0, axis=0)
+    nbad = tl.sum(tl.sum((tl.abs(H0) < float("inf")) == 0, axis=1), axis=0) + tl.sum(
+        (tl.abs(q0) < float("inf")) == 0, axis=0
+    )
     finite = nbad == 0
     H0 = tl.where(finite, H0, 0.0)
     q0 = tl.where(finite, q0, 0.0)
@@ -128,14 +139,20 @@ def qp_core(H0, q0, lower, r_in, K, max_iter, tol,
         mu = tl.sum(tl.where(km, x * z, 0.0), axis=0) / nk
         if SIMPLEX:
             r_p = beta - tl.sum(a * x, axis=0)
-            conv = (tl.max(tl.abs(r_d), axis=0) <= tol * c_scale) & (mu <= tol * tol) & (tl.abs(r_p) <= tol)
+            conv = (
+                (tl.max(tl.abs(r_d), axis=0) <= tol * c_scale)
+                & (mu <= tol * tol)
+                & (tl.abs(r_p) <= tol)
+            )
         else:
             r_p = 0.0
             conv = (tl.max(tl.abs(r_d), axis=0) <= tol * c_scale) & (mu <= tol * tol)
         if conv | (it >= max_iter):
             go = 0
         else:
-            M = tl.where(km[:, None] & km[None, :], hess, 0.0) + tl.where(eye, tl.where(km, z / x, 1.0) + 1e-14, 0.0)
+            M = tl.where(km[:, None] & km[None, :], hess, 0.0) + tl.where(
+                eye, tl.where(km, z / x, 1.0) + 1e-14, 0.0
+            )
             Minv = sweep_inverse(M, K, KP)
             if SIMPLEX:
                 m = tl.where(km, _mv(Minv, a), 0.0)
@@ -150,7 +167,9 @@ def qp_core(H0, q0, lower, r_in, K, max_iter, tol,
                 dx_a = p
             dz_a = tl.where(km, (rc - z * dx_a) / x, 0.0)
             alpha_a = tl.minimum(_max_step(x, dx_a, km), _max_step(z, dz_a, km))
-            mu_aff = tl.sum(tl.where(km, (x + alpha_a * dx_a) * (z + alpha_a * dz_a), 0.0), axis=0) / nk
+            mu_aff = (
+                tl.sum(tl.where(km, (x + alpha_a * dx_a) * (z + alpha_a * dz_a), 0.0), axis=0) / nk
+            )
             sigma = tl.minimum(tl.maximum(mu_aff / tl.maximum(mu, 1e-300), 0.0), 1.0)
             sigma = sigma * sigma * sigma
             # corrector
@@ -179,14 +198,32 @@ def qp_core(H0, q0, lower, r_in, K, max_iter, tol,
 
 
 @triton.jit
-def _qp_kernel(GR, Q, LO, R, OUT, K, sgb, sgi, sgj, max_iter, tol,
-               KP: tl.constexpr, SIMPLEX: tl.constexpr, HAS_Q: tl.constexpr, HAS_LO: tl.constexpr,
-               HAS_R: tl.constexpr):
+def _qp_kernel(
+    GR,
+    Q,
+    LO,
+    R,
+    OUT,
+    K,
+    sgb,
+    sgi,
+    sgj,
+    max_iter,
+    tol,
+    KP: tl.constexpr,
+    SIMPLEX: tl.constexpr,
+    HAS_Q: tl.constexpr,
+    HAS_LO: tl.constexpr,
+    HAS_R: tl.constexpr,
+):
     b = tl.cast(tl.program_id(0), tl.int64)
     rk = tl.arange(0, KP)
     km = rk < K
-    H0 = tl.load(GR + b * sgb + rk[:, None] * sgi + rk[None, :] * sgj,
-                 mask=km[:, None] & km[None, :], other=0.0).to(tl.float64)
+    H0 = tl.load(
+        GR + b * sgb + rk[:, None] * sgi + rk[None, :] * sgj,
+        mask=km[:, None] & km[None, :],
+        other=0.0,
+    ).to(tl.float64)
     if HAS_Q:
         q0 = tl.load(Q + b * K + rk, mask=km, other=0.0).to(tl.float64)
     else:
@@ -227,7 +264,9 @@ def solve_qp(gram, q, lower, constraint, norm_coef, max_iter, tol):
     if K > MAX_K:
         from mtlsam_fast.ops import qp as _ref
 
-        return _ref.solve_qp(gram, q, lower, constraint=constraint, norm_coef=norm_coef, max_iter=max_iter, tol=tol)
+        return _ref.solve_qp(
+            gram, q, lower, constraint=constraint, norm_coef=norm_coef, max_iter=max_iter, tol=tol
+        )
     batch_shape = gram.shape[:-2]
     G3 = gram.reshape(-1, K, K)
     B = G3.shape[0]
@@ -238,13 +277,35 @@ def solve_qp(gram, q, lower, constraint, norm_coef, max_iter, tol):
     qq = q.reshape(B, K).contiguous() if q is not None else out
     lo = lower.reshape(B, K).contiguous() if (lower is not None and not simplex) else out
     rr = norm_coef.reshape(B).contiguous() if norm_coef is not None else out
-    kp = max(4, triton.next_power_of_2(K))  # 2 x 2 tiles gave NaN / diverged weights compiled for an H100
+    kp = max(
+        4, triton.next_power_of_2(K)
+    )  # 2 x 2 tiles gave NaN / diverged weights compiled for an H100
 
     def run(cfg):
         extra = {} if _config.INTERPRET else {"num_warps": cfg["num_warps"]}
-        _qp_kernel[(B,)](G3, qq, lo, rr, out, K, G3.stride(0), G3.stride(1), G3.stride(2), int(max_iter), float(tol),
-                         KP=kp, SIMPLEX=simplex, HAS_Q=q is not None, HAS_LO=lower is not None and not simplex,
-                         HAS_R=norm_coef is not None, **extra)
+        _qp_kernel[(B,)](
+            G3,
+            qq,
+            lo,
+            rr,
+            out,
+            K,
+            G3.stride(0),
+            G3.stride(1),
+            G3.stride(2),
+            int(max_iter),
+            float(tol),
+            KP=kp,
+            SIMPLEX=simplex,
+            HAS_Q=q is not None,
+            HAS_LO=lower is not None and not simplex,
+            HAS_R=norm_coef is not None,
+            **extra,
+        )
 
-    run(_config.choose("qp", (kp, _config.bucket(B), simplex), gram.device, run, candidates=qp_candidates(kp)))
+    run(
+        _config.choose(
+            "qp", (kp, _config.bucket(B), simplex), gram.device, run, candidates=qp_candidates(kp)
+        )
+    )
     return out.reshape(*batch_shape, K)

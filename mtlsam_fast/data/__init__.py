@@ -29,17 +29,23 @@ def names() -> list[str]:
     return list(_NAMES)
 
 
-def load(name: str, *, data_dir: str | None = None, data_dir2: str | None = None, **options: Any) -> MultiTaskData:
+def load(
+    name: str, *, data_dir: str | None = None, data_dir2: str | None = None, **options: Any
+) -> MultiTaskData:
     """Build data set ``name``. ``options`` go to the builder (``n_train``, ``n_test``, ``seed``,
     ``noise_rate``, ``noise_task``, ``low_resource``, ``low_resource_task``; ``image_size`` for CelebA)."""
     key = name.lower() if isinstance(name, str) else name
     if key not in _NAMES:
         raise DataError(f"unknown dataset {name!r}; available: {', '.join(_NAMES)}")
     if key in _FILE_BASED and not data_dir:
-        raise DataError(f"dataset {key!r} is read from files on disk: give their directory (--data-dir)")
+        raise DataError(
+            f"dataset {key!r} is read from files on disk: give their directory (--data-dir)"
+        )
     if key == "multifashion+mnist" and not data_dir2:
-        raise DataError("dataset 'multifashion+mnist' needs the MNIST directory (--data-dir) and the "
-                        "Fashion-MNIST directory (--data-dir2)")
+        raise DataError(
+            "dataset 'multifashion+mnist' needs the MNIST directory (--data-dir) and the "
+            "Fashion-MNIST directory (--data-dir2)"
+        )
     if key != "celeba":
         options.pop("image_size", None)
         options.pop("progress", None)
@@ -51,5 +57,16 @@ def load(name: str, *, data_dir: str | None = None, data_dir2: str | None = None
     return multimnist(data_dir, right_dir=right, name=key, **options)
 
 
-__all__ = ["UNLABELED", "DataError", "MissingDataError", "MultiTaskData", "celeba", "compose_pairs",
-           "load", "multidigits", "multimnist", "names", "read_idx"]
+__all__ = [
+    "UNLABELED",
+    "DataError",
+    "MissingDataError",
+    "MultiTaskData",
+    "celeba",
+    "compose_pairs",
+    "load",
+    "multidigits",
+    "multimnist",
+    "names",
+    "read_idx",
+]

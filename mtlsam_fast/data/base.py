@@ -51,9 +51,13 @@ class MultiTaskData:
         for split in ("train", "test"):
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             if x.dtype != torch.uint8 or x.dim() != 4:
-                raise DataError(f"{self.name}: x_{split} must be uint8 [N, C, H, W], got {x.dtype} {tuple(x.shape)}")
+                raise DataError(
+                    f"{self.name}: x_{split} must be uint8 [N, C, H, W], got {x.dtype} {tuple(x.shape)}"
+                )
             if y.dtype != torch.int64 or y.shape != (x.shape[0], K):
-                raise DataError(f"{self.name}: y_{split} must be int64 [{x.shape[0]}, {K}], got {y.dtype} {tuple(y.shape)}")
+                raise DataError(
+                    f"{self.name}: y_{split} must be int64 [{x.shape[0]}, {K}], got {y.dtype} {tuple(y.shape)}"
+                )
             if x.shape[0] == 0:
                 raise DataError(f"{self.name}: the {split} split is empty")
         pixels = self.x_train.float() / 255.0
@@ -78,19 +82,32 @@ class MultiTaskData:
 
     def summary(self) -> str:
         c, h, w = self.image_shape
-        parts = [f"{self.name}: {len(self.x_train)} train / {len(self.x_test)} test images {c}x{h}x{w}, "
-                 f"{self.num_tasks} tasks"]
+        parts = [
+            f"{self.name}: {len(self.x_train)} train / {len(self.x_test)} test images {c}x{h}x{w}, "
+            f"{self.num_tasks} tasks"
+        ]
         counts = self.labelled_counts()
         if any(n < len(self.x_train) for n in counts):
-            parts.append("labelled train examples per task: " + ", ".join(
-                f"{t}={n}" for t, n in zip(self.task_names, counts)))
+            parts.append(
+                "labelled train examples per task: "
+                + ", ".join(f"{t}={n}" for t, n in zip(self.task_names, counts))
+            )
         if self.info.get("noise_rate"):
-            parts.append(f"label noise {self.info['noise_rate']:.0%} on task {self.info['noise_task']!r}")
+            parts.append(
+                f"label noise {self.info['noise_rate']:.0%} on task {self.info['noise_task']!r}"
+            )
         return "; ".join(parts)
 
 
-def compose_pairs(left: np.ndarray, right: np.ndarray, rng: np.random.Generator, *, n: int,
-                  canvas: int, out_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def compose_pairs(
+    left: np.ndarray,
+    right: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    n: int,
+    canvas: int,
+    out_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """MultiMNIST-style composition: two square images overlapped on a larger canvas.
 
     ``left``/``right`` are ``uint8 [M, s, s]`` pools. Each of the ``n`` composites takes a random
@@ -101,7 +118,9 @@ def compose_pairs(left: np.ndarray, right: np.ndarray, rng: np.random.Generator,
     """
     s = left.shape[-1]
     if left.shape[1:] != (s, s) or right.shape[1:] != (s, s):
-        raise DataError(f"compose_pairs needs square images of one size, got {left.shape[1:]} and {right.shape[1:]}")
+        raise DataError(
+            f"compose_pairs needs square images of one size, got {left.shape[1:]} and {right.shape[1:]}"
+        )
     shift = canvas - s
     if shift < 0:
         raise DataError(f"canvas {canvas} is smaller than the images ({s})")
@@ -113,9 +132,9 @@ def compose_pairs(left: np.ndarray, right: np.ndarray, rng: np.random.Generator,
     out = np.zeros((n, canvas, canvas), dtype=np.uint8)
     for j in range(n):
         r, c = lo[j]
-        out[j, r:r + s, c:c + s] = left[li[j]]
+        out[j, r : r + s, c : c + s] = left[li[j]]
         r, c = ro[j]
-        np.maximum(out[j, r:r + s, c:c + s], right[ri[j]], out=out[j, r:r + s, c:c + s])
+        np.maximum(out[j, r : r + s, c : c + s], right[ri[j]], out=out[j, r : r + s, c : c + s])
     x = torch.from_numpy(out).unsqueeze(1)
     if out_size is not None and out_size != canvas:
         x = torch.nn.functional.interpolate(x.float(), size=(out_size, out_size), mode="area")
@@ -123,7 +142,9 @@ def compose_pairs(left: np.ndarray, right: np.ndarray, rng: np.random.Generator,
     return x, li, ri
 
 
-def add_label_noise(y: Tensor, task: int, rate: float, num_classes: int, rng: np.random.Generator) -> Tensor:
+def add_label_noise(
+    y: Tensor, task: int, rate: float, num_classes: int, rng: np.random.Generator
+) -> Tensor:
     """Replace exactly ``round(rate * n)`` labelled entries of column ``task`` by a different class."""
     if not 0.0 <= rate <= 1.0:
         raise DataError(f"noise rate must be in [0, 1], got {rate}")
@@ -143,7 +164,9 @@ def keep_labels(y: Tensor, task: int, n: int, rng: np.random.Generator) -> Tenso
     """Keep ``n`` random labels of column ``task``; the rest become :data:`UNLABELED`."""
     N = y.shape[0]
     if not 1 <= n <= N:
-        raise DataError(f"low-resource label count must be between 1 and {N} (the training set size), got {n}")
+        raise DataError(
+            f"low-resource label count must be between 1 and {N} (the training set size), got {n}"
+        )
     y = y.clone()
     keep = torch.zeros(N, dtype=torch.bool)
     keep[torch.from_numpy(rng.choice(N, size=n, replace=False))] = True
@@ -165,9 +188,18 @@ def check_task(task: int, names: Sequence[str], what: str) -> int:
     return task - 1
 
 
-def apply_variants(y_train: Tensor, tasks: Sequence[str], classes: Sequence[int], rng: np.random.Generator,
-                   info: dict[str, Any], *, noise_rate: float = 0.0, noise_task: int | str = 2,
-                   low_resource: int | None = None, low_resource_task: int | str = 2) -> Tensor:
+def apply_variants(
+    y_train: Tensor,
+    tasks: Sequence[str],
+    classes: Sequence[int],
+    rng: np.random.Generator,
+    info: dict[str, Any],
+    *,
+    noise_rate: float = 0.0,
+    noise_task: int | str = 2,
+    low_resource: int | None = None,
+    low_resource_task: int | str = 2,
+) -> Tensor:
     """The F-MTL motivating variants on the training labels: label noise on one task (test labels
     stay clean) and/or one low-resource task. Records what it did in ``info``."""
     info.setdefault("noise_rate", 0.0)

@@ -37,13 +37,17 @@ def read_attributes(path: str) -> tuple[list[str], list[str], np.ndarray]:
     try:
         count = int(lines[0][0])
     except ValueError:
-        raise DataError(f"{path!r}: the first line must be the number of images, got {' '.join(lines[0])!r}") from None
+        raise DataError(
+            f"{path!r}: the first line must be the number of images, got {' '.join(lines[0])!r}"
+        ) from None
     if count != len(rows):
         raise DataError(f"{path!r}: header says {count} images but {len(rows)} rows follow")
     names, values = [], []
     for i, row in enumerate(rows):
         if len(row) != len(header) + 1:
-            raise DataError(f"{path!r}, row {i + 3}: expected a file name and {len(header)} values, got {len(row)} fields")
+            raise DataError(
+                f"{path!r}, row {i + 3}: expected a file name and {len(header)} values, got {len(row)} fields"
+            )
         names.append(row[0])
         values.append(row[1:])
     try:
@@ -63,7 +67,9 @@ def read_partition(path: str) -> dict[str, int]:
             if not parts:
                 continue
             if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
-                raise DataError(f"{path!r}, line {i + 1}: expected '<image> <0|1|2>', got {ln.strip()!r}")
+                raise DataError(
+                    f"{path!r}, line {i + 1}: expected '<image> <0|1|2>', got {ln.strip()!r}"
+                )
             out[parts[0]] = int(parts[1])
     return out
 
@@ -86,9 +92,19 @@ def load_image(path: str, size: int) -> np.ndarray:
         raise DataError(f"cannot read image {path!r}: {e}") from None
 
 
-def celeba(data_dir: str, *, image_size: int = 64, n_train: int | None = None, n_test: int | None = None,
-           seed: int = 0, noise_rate: float = 0.0, noise_task: int | str = 1, low_resource: int | None = None,
-           low_resource_task: int | str = 1, progress: bool = False) -> MultiTaskData:
+def celeba(
+    data_dir: str,
+    *,
+    image_size: int = 64,
+    n_train: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+    noise_rate: float = 0.0,
+    noise_task: int | str = 1,
+    low_resource: int | None = None,
+    low_resource_task: int | str = 1,
+    progress: bool = False,
+) -> MultiTaskData:
     """Load CelebA's train (partition 0) and test (partition 2) images with their 40 attributes.
 
     ``n_train`` / ``n_test`` keep the first that many images of each partition (for quick runs).
@@ -101,11 +117,15 @@ def celeba(data_dir: str, *, image_size: int = 64, n_train: int | None = None, n
     partition = read_partition(os.path.join(data_dir, PARTITION_FILE))
     image_dir = os.path.join(data_dir, IMAGE_DIR)
     if not os.path.isdir(image_dir):
-        raise MissingDataError("CelebA", IMAGE_DIR + "/", data_dir, "the folder of aligned images is missing")
+        raise MissingDataError(
+            "CelebA", IMAGE_DIR + "/", data_dir, "the folder of aligned images is missing"
+        )
     missing = [f for f in files if f not in partition]
     if missing:
-        raise DataError(f"{PARTITION_FILE}: no partition for {len(missing)} images listed in {ATTR_FILE} "
-                        f"(first: {missing[0]!r})")
+        raise DataError(
+            f"{PARTITION_FILE}: no partition for {len(missing)} images listed in {ATTR_FILE} "
+            f"(first: {missing[0]!r})"
+        )
     split_idx = {}
     for split, code, n in (("train", 0, n_train), ("test", 2, n_test)):
         idx = [i for i, f in enumerate(files) if partition[f] == code]
@@ -133,7 +153,24 @@ def celeba(data_dir: str, *, image_size: int = 64, n_train: int | None = None, n
     y_train = torch.from_numpy(y[split_idx["train"]])
     info: dict = {"data_dir": os.path.abspath(data_dir), "image_size": image_size}
     rng = np.random.default_rng(seed)
-    y_train = apply_variants(y_train, attrs, [2] * len(attrs), rng, info, noise_rate=noise_rate,
-                             noise_task=noise_task, low_resource=low_resource, low_resource_task=low_resource_task)
-    return MultiTaskData("celeba", attrs, [2] * len(attrs), xs["train"], y_train, xs["test"],
-                         torch.from_numpy(y[split_idx["test"]]), info)
+    y_train = apply_variants(
+        y_train,
+        attrs,
+        [2] * len(attrs),
+        rng,
+        info,
+        noise_rate=noise_rate,
+        noise_task=noise_task,
+        low_resource=low_resource,
+        low_resource_task=low_resource_task,
+    )
+    return MultiTaskData(
+        "celeba",
+        attrs,
+        [2] * len(attrs),
+        xs["train"],
+        y_train,
+        xs["test"],
+        torch.from_numpy(y[split_idx["test"]]),
+        info,
+    )

@@ -20,7 +20,9 @@ TASKS = ["left", "right"]
 CANVAS = 12
 
 
-def source_split(labels: np.ndarray, test_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def source_split(
+    labels: np.ndarray, test_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Stratified split of source indices into disjoint (train, test) pools."""
     if not 0.0 < test_fraction < 1.0:
         raise DataError(f"test fraction must be in (0, 1), got {test_fraction}")
@@ -33,9 +35,17 @@ def source_split(labels: np.ndarray, test_fraction: float, rng: np.random.Genera
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def multidigits(*, n_train: int = 10000, n_test: int = 2000, seed: int = 0, test_fraction: float = 0.3,
-                noise_rate: float = 0.0, noise_task: int | str = 2, low_resource: int | None = None,
-                low_resource_task: int | str = 2) -> MultiTaskData:
+def multidigits(
+    *,
+    n_train: int = 10000,
+    n_test: int = 2000,
+    seed: int = 0,
+    test_fraction: float = 0.3,
+    noise_rate: float = 0.0,
+    noise_task: int | str = 2,
+    low_resource: int | None = None,
+    low_resource_task: int | str = 2,
+) -> MultiTaskData:
     """Build MultiDigits.
 
     ``noise_rate``: fraction of the training labels of ``noise_task`` (1-based number or name)
@@ -49,7 +59,9 @@ def multidigits(*, n_train: int = 10000, n_test: int = 2000, seed: int = 0, test
     if n_train < 1 or n_test < 1:
         raise DataError(f"n_train and n_test must be positive, got {n_train} and {n_test}")
     digits = load_digits()
-    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # [1797, 8, 8], 0..16 -> 0..255
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(
+        np.uint8
+    )  # [1797, 8, 8], 0..16 -> 0..255
     labels = digits.target.astype(np.int64)
     rng = np.random.default_rng(seed)
     train_src, test_src = source_split(labels, test_fraction, rng)
@@ -62,8 +74,24 @@ def multidigits(*, n_train: int = 10000, n_test: int = 2000, seed: int = 0, test
 
     x_train, y_train, used_train = build(train_src, n_train)
     x_test, y_test, used_test = build(test_src, n_test)
-    info: dict = {"seed": seed, "source_train": train_src, "source_test": test_src,
-                  "sources_used_train": used_train, "sources_used_test": used_test}
-    y_train = apply_variants(y_train, TASKS, [10, 10], rng, info, noise_rate=noise_rate, noise_task=noise_task,
-                             low_resource=low_resource, low_resource_task=low_resource_task)
-    return MultiTaskData("multidigits", list(TASKS), [10, 10], x_train, y_train, x_test, y_test, info)
+    info: dict = {
+        "seed": seed,
+        "source_train": train_src,
+        "source_test": test_src,
+        "sources_used_train": used_train,
+        "sources_used_test": used_test,
+    }
+    y_train = apply_variants(
+        y_train,
+        TASKS,
+        [10, 10],
+        rng,
+        info,
+        noise_rate=noise_rate,
+        noise_task=noise_task,
+        low_resource=low_resource,
+        low_resource_task=low_resource_task,
+    )
+    return MultiTaskData(
+        "multidigits", list(TASKS), [10, 10], x_train, y_train, x_test, y_test, info
+    )

@@ -47,9 +47,15 @@ def read_idx(path: str) -> np.ndarray:
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     expected = int(np.prod(dims)) * dtype.itemsize
     if len(data) - header != expected:
-        raise DataError(f"{path!r}: IDX header says {dims} ({expected} bytes of data) but the file holds "
-                        f"{len(data) - header} bytes")
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
+        raise DataError(
+            f"{path!r}: IDX header says {dims} ({expected} bytes of data) but the file holds "
+            f"{len(data) - header} bytes"
+        )
+    return (
+        np.frombuffer(data, dtype=dtype, offset=header)
+        .reshape(dims)
+        .astype(dtype.newbyteorder("="))
+    )
 
 
 def find_file(directory: str, name: str, what: str) -> str:
@@ -66,12 +72,16 @@ def find_file(directory: str, name: str, what: str) -> str:
     raise MissingDataError(what, name, directory, f"looked for {', '.join(candidates)}")
 
 
-def load_idx_split(directory: str, split: str, what: str = "MNIST") -> tuple[np.ndarray, np.ndarray]:
+def load_idx_split(
+    directory: str, split: str, what: str = "MNIST"
+) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, 28, 28], labels int64 [N]) of ``split`` (train | test) from ``directory``."""
     images = read_idx(find_file(directory, FILES[f"{split}_images"], what))
     labels = read_idx(find_file(directory, FILES[f"{split}_labels"], what))
     if images.ndim != 3 or images.dtype != np.uint8:
-        raise DataError(f"{what} {split} images: expected a uint8 [N, H, W] IDX file, got {images.dtype} {images.shape}")
+        raise DataError(
+            f"{what} {split} images: expected a uint8 [N, H, W] IDX file, got {images.dtype} {images.shape}"
+        )
     if labels.ndim != 1 or len(labels) != len(images):
         raise DataError(f"{what} {split}: {len(images)} images but labels of shape {labels.shape}")
     if images.shape[1] != images.shape[2]:
@@ -79,10 +89,19 @@ def load_idx_split(directory: str, split: str, what: str = "MNIST") -> tuple[np.
     return images, labels.astype(np.int64)
 
 
-def multimnist(data_dir: str, *, right_dir: str | None = None, name: str = "multimnist",
-               n_train: int | None = None, n_test: int | None = None, seed: int = 0,
-               noise_rate: float = 0.0, noise_task: int | str = 2, low_resource: int | None = None,
-               low_resource_task: int | str = 2) -> MultiTaskData:
+def multimnist(
+    data_dir: str,
+    *,
+    right_dir: str | None = None,
+    name: str = "multimnist",
+    n_train: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+    noise_rate: float = 0.0,
+    noise_task: int | str = 2,
+    low_resource: int | None = None,
+    low_resource_task: int | str = 2,
+) -> MultiTaskData:
     """Compose a two-task data set from IDX files in ``data_dir`` (left digit) and ``right_dir``
     (right digit; default ``data_dir``). Sizes default to the source splits' sizes."""
     what = name
@@ -90,21 +109,48 @@ def multimnist(data_dir: str, *, right_dir: str | None = None, name: str = "mult
     splits = {}
     for split, n in (("train", n_train), ("test", n_test)):
         left_x, left_y = load_idx_split(data_dir, split, what)
-        right_x, right_y = (left_x, left_y) if right_dir is None else load_idx_split(right_dir, split, what)
+        right_x, right_y = (
+            (left_x, left_y) if right_dir is None else load_idx_split(right_dir, split, what)
+        )
         if left_x.shape[1:] != right_x.shape[1:]:
-            raise DataError(f"{what}: left and right images differ in size ({left_x.shape[1:]} vs {right_x.shape[1:]})")
+            raise DataError(
+                f"{what}: left and right images differ in size ({left_x.shape[1:]} vs {right_x.shape[1:]})"
+            )
         size = left_x.shape[-1]
         n = len(left_x) if n is None else n
         if n < 1:
             raise DataError(f"{what}: the number of {split} images must be positive, got {n}")
-        x, li, ri = compose_pairs(left_x, right_x, rng, n=n, canvas=size + max(2, round(size * 8 / 28)), out_size=size)
+        x, li, ri = compose_pairs(
+            left_x, right_x, rng, n=n, canvas=size + max(2, round(size * 8 / 28)), out_size=size
+        )
         splits[split] = (x, torch.from_numpy(np.stack([left_y[li], right_y[ri]], axis=1)))
     tasks = ["left", "right"]
-    classes = [int(max(splits["train"][1][:, k].max(), splits["test"][1][:, k].max())) + 1 for k in range(2)]
+    classes = [
+        int(max(splits["train"][1][:, k].max(), splits["test"][1][:, k].max())) + 1
+        for k in range(2)
+    ]
     y_train = splits["train"][1]
     info: dict = {"seed": seed, "data_dir": os.path.abspath(data_dir)}
     if right_dir is not None:
         info["right_dir"] = os.path.abspath(right_dir)
-    y_train = apply_variants(y_train, tasks, classes, rng, info, noise_rate=noise_rate, noise_task=noise_task,
-                             low_resource=low_resource, low_resource_task=low_resource_task)
-    return MultiTaskData(name, tasks, classes, splits["train"][0], y_train, splits["test"][0], splits["test"][1], info)
+    y_train = apply_variants(
+        y_train,
+        tasks,
+        classes,
+        rng,
+        info,
+        noise_rate=noise_rate,
+        noise_task=noise_task,
+        low_resource=low_resource,
+        low_resource_task=low_resource_task,
+    )
+    return MultiTaskData(
+        name,
+        tasks,
+        classes,
+        splits["train"][0],
+        y_train,
+        splits["test"][0],
+        splits["test"][1],
+        info,
+    )

@@ -26,10 +26,22 @@ _registry._modules["torch"] = _torch_backend  # the reference is always loaded (
 Tensor = torch.Tensor
 
 __all__ = [
-    "available_backends", "get_backend", "set_backend",
-    "gram", "diff_gram", "segment_norms", "combine", "perturb", "restore",
-    "gaussian_noise", "noise_stats", "perturb_noise_stats", "solve_qp", "kkt_residual",
-    "min_norm_aggregate", "MinNormAggregate",
+    "available_backends",
+    "get_backend",
+    "set_backend",
+    "gram",
+    "diff_gram",
+    "segment_norms",
+    "combine",
+    "perturb",
+    "restore",
+    "gaussian_noise",
+    "noise_stats",
+    "perturb_noise_stats",
+    "solve_qp",
+    "kkt_residual",
+    "min_norm_aggregate",
+    "MinNormAggregate",
 ]
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -40,9 +52,13 @@ def _check_buffer(name: str, t: Tensor, ndim: int | tuple[int, ...] = 2) -> None
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     dims = (ndim,) if isinstance(ndim, int) else ndim
     if t.dim() not in dims:
-        raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {tuple(t.shape)}")
+        raise ValueError(
+            f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {tuple(t.shape)}"
+        )
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} has unsupported dtype {t.dtype}; supported: float32, float64, bfloat16, float16")
+        raise TypeError(
+            f"{name} has unsupported dtype {t.dtype}; supported: float32, float64, bfloat16, float16"
+        )
 
 
 def _check_same_device(**tensors: Tensor | None) -> torch.device:
@@ -63,7 +79,9 @@ def _check_same_device(**tensors: Tensor | None) -> torch.device:
 
 def _check_offsets(offsets: Tensor, P: int) -> None:
     if not isinstance(offsets, torch.Tensor) or offsets.dtype != torch.int64 or offsets.dim() != 1:
-        raise TypeError("offsets must be a 1-D int64 tensor of segment boundaries (FlatLayout.offsets(device))")
+        raise TypeError(
+            "offsets must be a 1-D int64 tensor of segment boundaries (FlatLayout.offsets(device))"
+        )
     if offsets.numel() < 2:
         raise ValueError("offsets must hold at least two boundaries")
 
@@ -85,12 +103,16 @@ def diff_gram(A: Tensor, B: Tensor, *, backend: str | None = None) -> Tensor:
     _check_buffer("A", A)
     _check_buffer("B", B)
     if A.shape != B.shape or A.dtype != B.dtype:
-        raise ValueError(f"A and B must match: {tuple(A.shape)} {A.dtype} vs {tuple(B.shape)} {B.dtype}")
+        raise ValueError(
+            f"A and B must match: {tuple(A.shape)} {A.dtype} vs {tuple(B.shape)} {B.dtype}"
+        )
     dev = _check_same_device(A=A, B=B)
     return resolve(backend, dev, "diff_gram").diff_gram(A, B)
 
 
-def segment_norms(x: Tensor, offsets: Tensor, *, weight: Tensor | None = None, backend: str | None = None) -> Tensor:
+def segment_norms(
+    x: Tensor, offsets: Tensor, *, weight: Tensor | None = None, backend: str | None = None
+) -> Tensor:
     """L2 norm of every segment of ``x`` ([P] -> [S], or each row of [K, P] -> [K, S]), fp32.
 
     With ``weight`` ([P]), the norms are of ``weight * x`` (ASAM's ``||T g||``, ``T = |theta|``).
@@ -136,7 +158,9 @@ def combine(
         if out.shape != (G.shape[1],):
             raise ValueError(f"out must have shape ({G.shape[1]},), got {tuple(out.shape)}")
         one = torch.ones(1, dtype=w.dtype, device=dev)
-        d = resolve(backend, dev, "combine").combine(-w, G, one, out.view(1, -1), torch.empty_like(out))
+        d = resolve(backend, dev, "combine").combine(
+            -w, G, one, out.view(1, -1), torch.empty_like(out)
+        )
         return out.copy_(d)
     if out is None:
         out = torch.empty(G.shape[1], dtype=dtype or G.dtype, device=dev)
@@ -145,8 +169,14 @@ def combine(
     return resolve(backend, dev, "combine").combine(w, G, w2, H, out)
 
 
-def _check_perturb(theta: Tensor, backup: Tensor, offsets: Tensor, direction: Tensor | None, scale: Tensor | None,
-                   noise_scale: Tensor | None) -> torch.device:
+def _check_perturb(
+    theta: Tensor,
+    backup: Tensor,
+    offsets: Tensor,
+    direction: Tensor | None,
+    scale: Tensor | None,
+    noise_scale: Tensor | None,
+) -> torch.device:
     _check_buffer("theta", theta, 1)
     _check_buffer("backup", backup, 1)
     if backup.shape != theta.shape:
@@ -157,9 +187,17 @@ def _check_perturb(theta: Tensor, backup: Tensor, offsets: Tensor, direction: Te
     if direction is not None:
         _check_buffer("direction", direction, 1)
         if direction.shape != theta.shape:
-            raise ValueError(f"direction shape {tuple(direction.shape)} != theta shape {tuple(theta.shape)}")
-    return _check_same_device(theta=theta, backup=backup, direction=direction, scale=scale, noise_scale=noise_scale,
-                              offsets=offsets)
+            raise ValueError(
+                f"direction shape {tuple(direction.shape)} != theta shape {tuple(theta.shape)}"
+            )
+    return _check_same_device(
+        theta=theta,
+        backup=backup,
+        direction=direction,
+        scale=scale,
+        noise_scale=noise_scale,
+        offsets=offsets,
+    )
 
 
 def perturb(
@@ -184,7 +222,15 @@ def perturb(
     """
     dev = _check_perturb(theta, backup, offsets, direction, scale, noise_scale)
     return resolve(backend, dev, "perturb").perturb(
-        theta, backup, direction, scale, offsets, adaptive, noise_scale, int(seed), int(noise_offset)
+        theta,
+        backup,
+        direction,
+        scale,
+        offsets,
+        adaptive,
+        noise_scale,
+        int(seed),
+        int(noise_offset),
     )
 
 
@@ -196,16 +242,25 @@ def restore(theta: Tensor, backup: Tensor) -> Tensor:
 
 
 def gaussian_noise(
-    seed: int, offset: int, numel: int, *, device: torch.device | str = "cpu", backend: str | None = None
+    seed: int,
+    offset: int,
+    numel: int,
+    *,
+    device: torch.device | str = "cpu",
+    backend: str | None = None,
 ) -> Tensor:
     """``numel`` fp32 standard normals of the counter-based stream ``(seed, offset)`` (see ``philox``)."""
     if numel < 0 or offset < 0:
         raise ValueError("numel and offset must be non-negative")
     dev = torch.device(device)
-    return resolve(backend, dev, "gaussian_noise").gaussian_noise(int(seed), int(offset), int(numel), dev)
+    return resolve(backend, dev, "gaussian_noise").gaussian_noise(
+        int(seed), int(offset), int(numel), dev
+    )
 
 
-def noise_stats(seed: int, offset: int, ref: Tensor, offsets: Tensor, *, backend: str | None = None) -> Tensor:
+def noise_stats(
+    seed: int, offset: int, ref: Tensor, offsets: Tensor, *, backend: str | None = None
+) -> Tensor:
     """Per segment, ``[sum z^2, sum ref * z]`` (shape [2, S]) for the noise stream ``(seed, offset)``.
 
     SAMO needs these to normalize its zeroth-order estimates without ever storing ``z``.
@@ -233,7 +288,9 @@ def perturb_noise_stats(
     otherwise (same results).
     SAMO's first zeroth-order probe needs both."""
     if not isinstance(noise_scale, torch.Tensor):
-        raise TypeError(f"noise_scale must be a tensor ([S] or one element), got {type(noise_scale).__name__}")
+        raise TypeError(
+            f"noise_scale must be a tensor ([S] or one element), got {type(noise_scale).__name__}"
+        )
     dev = _check_perturb(theta, backup, offsets, None, None, noise_scale)
     _check_buffer("ref", ref, 1)
     if ref.shape != theta.shape:
@@ -241,11 +298,19 @@ def perturb_noise_stats(
     _check_same_device(ref=ref, theta=theta)
     mod = resolve(backend, dev, "perturb")
     fused = getattr(mod, "perturb_noise_stats", None)
-    stats = fused(theta, backup, offsets, noise_scale, int(seed), int(noise_offset), ref) if fused else None
+    stats = (
+        fused(theta, backup, offsets, noise_scale, int(seed), int(noise_offset), ref)
+        if fused
+        else None
+    )
     if stats is not None:
         return stats
-    mod.perturb(theta, backup, None, None, offsets, False, noise_scale, int(seed), int(noise_offset))
-    return resolve(backend, dev, "noise_stats").noise_stats(int(seed), int(noise_offset), ref, offsets)
+    mod.perturb(
+        theta, backup, None, None, offsets, False, noise_scale, int(seed), int(noise_offset)
+    )
+    return resolve(backend, dev, "noise_stats").noise_stats(
+        int(seed), int(noise_offset), ref, offsets
+    )
 
 
 def _check_qp(gram: Tensor, q: Tensor | None, lower: Tensor | None, constraint: str) -> None:
@@ -258,7 +323,9 @@ def _check_qp(gram: Tensor, q: Tensor | None, lower: Tensor | None, constraint: 
         raise ValueError(f"constraint must be 'simplex' or 'lower', got {constraint!r}")
     for name, t in (("q", q), ("lower", lower)):
         if t is not None and tuple(t.shape) != tuple(gram.shape[:-1]):
-            raise ValueError(f"{name} must have shape {tuple(gram.shape[:-1])}, got {tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must have shape {tuple(gram.shape[:-1])}, got {tuple(t.shape)}"
+            )
     if lower is not None and constraint != "lower":
         raise ValueError("lower is only used with constraint='lower'")
 
@@ -277,7 +344,9 @@ def solve_qp(
     """Batched ``min 1/2 v^T Gamma v + q^T v`` over the simplex or ``v >= lower``; see :mod:`.qp`."""
     _check_qp(gram, q, lower, constraint)
     dev = _check_same_device(gram=gram, q=q, lower=lower, norm_coef=norm_coef)
-    return resolve(backend, dev, "solve_qp").solve_qp(gram, q, lower, constraint, norm_coef, int(max_iter), float(tol))
+    return resolve(backend, dev, "solve_qp").solve_qp(
+        gram, q, lower, constraint, norm_coef, int(max_iter), float(tol)
+    )
 
 
 kkt_residual = _qp.kkt_residual

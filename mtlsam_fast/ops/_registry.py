@@ -38,10 +38,16 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 #: Triton's exact-fp32 dot at K = 64 (1.28x). MGDA's fused path (``min_norm_aggregate``, resolved as
 #: "gram") follows its Gram; the other ops keep AUTO_ORDER (diff_gram: CUDA faster or level at every
 #: measured K).
-_TRITON_GRAM_FROM_K: dict[torch.dtype, int] = {torch.bfloat16: 9, torch.float16: 9, torch.float32: 33}
+_TRITON_GRAM_FROM_K: dict[torch.dtype, int] = {
+    torch.bfloat16: 9,
+    torch.float16: 9,
+    torch.float32: 33,
+}
 
 
-def auto_order(device_type: str, op: str, dtype: torch.dtype | None = None, K: int | None = None) -> tuple[str, ...]:
+def auto_order(
+    device_type: str, op: str, dtype: torch.dtype | None = None, K: int | None = None
+) -> tuple[str, ...]:
     """The backends ``"auto"`` tries for ``op`` on ``device_type``, for a buffer of ``dtype`` with ``K`` rows."""
     order = AUTO_ORDER.get(device_type, ("torch",))
     from_k = _TRITON_GRAM_FROM_K.get(dtype) if device_type == "cuda" and op == "gram" else None
@@ -109,8 +115,13 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     return [n for n in BACKEND_MODULES if any(unavailable_reason(n, t) is None for t in types)]
 
 
-def resolve(backend: str | None, device: torch.device, op: str, dtype: torch.dtype | None = None,
-            K: int | None = None) -> ModuleType:
+def resolve(
+    backend: str | None,
+    device: torch.device,
+    op: str,
+    dtype: torch.dtype | None = None,
+    K: int | None = None,
+) -> ModuleType:
     """The backend module that runs ``op`` for tensors on ``device`` (``"auto"`` also weighs the
     buffer's ``dtype`` and row count ``K`` where given: :func:`auto_order`).
 
@@ -124,8 +135,12 @@ def resolve(backend: str | None, device: torch.device, op: str, dtype: torch.dty
             if compiling and candidate not in _modules:
                 continue  # never import while dynamo traces
             mod = _modules[candidate] if compiling else _module(candidate)
-            if (mod is not None and mod.unavailable_reason(device_type) is None and hasattr(mod, op)
-                    and (not compiling or getattr(mod, "TRACEABLE", False))):
+            if (
+                mod is not None
+                and mod.unavailable_reason(device_type) is None
+                and hasattr(mod, op)
+                and (not compiling or getattr(mod, "TRACEABLE", False))
+            ):
                 return mod
         return _modules["torch"]  # type: ignore[return-value]
     reason = unavailable_reason(name, device_type)

@@ -104,7 +104,9 @@ def combine(w: Tensor, G: Tensor, w2: Tensor | None, H: Tensor | None, out: Tens
         G = G.contiguous()
     if H is not None and not _rows_ok(H):
         H = H.contiguous()
-    target = out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    target = (
+        out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    )
     _C().combine(_f32(w), G, _f32(w2), H, target)
     return out if target is out else out.copy_(target)
 
@@ -129,10 +131,19 @@ def perturb(
         or (scale32 is not None and scale32.numel() not in (1, segments))
         or (noise32 is not None and noise32.numel() not in (1, segments))
     ):
-        return _ref.perturb(theta, backup, direction, scale, offsets, adaptive, noise_scale, seed, noise_offset)
+        return _ref.perturb(
+            theta, backup, direction, scale, offsets, adaptive, noise_scale, seed, noise_offset
+        )
     return _C().perturb(
-        theta, _vec(backup), None if direction is None else _vec(direction), scale32, _vec(offsets),
-        bool(adaptive), noise32, int(seed) & _M64, int(noise_offset) & _M64,
+        theta,
+        _vec(backup),
+        None if direction is None else _vec(direction),
+        scale32,
+        _vec(offsets),
+        bool(adaptive),
+        noise32,
+        int(seed) & _M64,
+        int(noise_offset) & _M64,
     )
 
 
@@ -154,21 +165,43 @@ def noise_stats(seed: int, offset: int, ref: Tensor, offsets: Tensor) -> Tensor:
     return _C().noise_stats(int(seed) & _M64, int(offset) & _M64, _vec(ref), _vec(offsets))
 
 
-def perturb_noise_stats(theta: Tensor, backup: Tensor, offsets: Tensor, noise_scale: Tensor, seed: int,
-                        noise_offset: int, ref: Tensor) -> Tensor | None:
+def perturb_noise_stats(
+    theta: Tensor,
+    backup: Tensor,
+    offsets: Tensor,
+    noise_scale: Tensor,
+    seed: int,
+    noise_offset: int,
+    ref: Tensor,
+) -> Tensor | None:
     """One pass over the noise for ``perturb`` (noise only) and ``noise_stats``; inputs the kernel
     does not take: ``None``, and ops runs the two ops."""
     ns = _f32(noise_scale)
-    if (not _kernel_dtype(theta, ref) or backup.dtype != theta.dtype or not theta.is_contiguous()
-            or ns.numel() not in (1, offsets.numel() - 1)):
+    if (
+        not _kernel_dtype(theta, ref)
+        or backup.dtype != theta.dtype
+        or not theta.is_contiguous()
+        or ns.numel() not in (1, offsets.numel() - 1)
+    ):
         return None
-    return _C().perturb_noise_stats(theta, _vec(backup), _vec(offsets), ns, int(seed) & _M64,
-                                    int(noise_offset) & _M64, _vec(ref))
+    return _C().perturb_noise_stats(
+        theta,
+        _vec(backup),
+        _vec(offsets),
+        ns,
+        int(seed) & _M64,
+        int(noise_offset) & _M64,
+        _vec(ref),
+    )
 
 
-def philox_words(seed: int, offset: int, n: int, device: torch.device | str = _DEVICE_TYPE) -> tuple[Tensor, Tensor]:
+def philox_words(
+    seed: int, offset: int, n: int, device: torch.device | str = _DEVICE_TYPE
+) -> tuple[Tensor, Tensor]:
     """The Philox4x32-10 words ``(r0, r1)`` (as int64) of counters ``offset .. offset + n - 1``."""
-    words = _C().philox_words(int(seed) & _M64, int(offset) & _M64, int(n), torch.empty(0, device=device))
+    words = _C().philox_words(
+        int(seed) & _M64, int(offset) & _M64, int(n), torch.empty(0, device=device)
+    )
     words = words.to(torch.int64) & 0xFFFFFFFF
     return words[:, 0], words[:, 1]
 
@@ -177,7 +210,9 @@ def _qp_kernel_ok(gram: Tensor, norm_coef) -> bool:
     return norm_coef is None and 1 <= gram.shape[-1] <= _C().QP_MAX_K
 
 
-def solve_qp(gram: Tensor, q, lower, constraint: str, norm_coef, max_iter: int, tol: float) -> Tensor:
+def solve_qp(
+    gram: Tensor, q, lower, constraint: str, norm_coef, max_iter: int, tol: float
+) -> Tensor:
     if not _qp_kernel_ok(gram, norm_coef):
         return _ref.solve_qp(gram, q, lower, constraint, norm_coef, max_iter, tol)
     return _solve_qp_kernel(gram, q, lower, constraint, max_iter, tol)[0]
@@ -191,13 +226,20 @@ def _as_kernel_input(t: Tensor, dt: torch.dtype) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def _solve_qp_kernel(gram: Tensor, q, lower, constraint: str, max_iter: int, tol: float,
-                     with_iters: bool = False) -> tuple[Tensor, Tensor | None]:
+def _solve_qp_kernel(
+    gram: Tensor, q, lower, constraint: str, max_iter: int, tol: float, with_iters: bool = False
+) -> tuple[Tensor, Tensor | None]:
     """The kernel's weights ``[..., K]`` and, ``with_iters``, its step counts ``[...]`` (else None)."""
     dt = torch.float64 if gram.dtype == torch.float64 else torch.float32
-    return _C().solve_qp(_as_kernel_input(gram, dt), None if q is None else _as_kernel_input(q, dt),
-                         None if lower is None else _as_kernel_input(lower, dt), constraint == "simplex",
-                         int(max_iter), float(tol), with_iters)
+    return _C().solve_qp(
+        _as_kernel_input(gram, dt),
+        None if q is None else _as_kernel_input(q, dt),
+        None if lower is None else _as_kernel_input(lower, dt),
+        constraint == "simplex",
+        int(max_iter),
+        float(tol),
+        with_iters,
+    )
 
 
 DEFAULT_MAX_ITER = _qp.DEFAULT_MAX_ITER

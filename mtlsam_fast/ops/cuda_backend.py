@@ -64,7 +64,9 @@ noise_stats = _k.noise_stats
 solve_qp = _k.solve_qp
 
 
-def philox_words(seed: int, offset: int, n: int, device: torch.device | str = "cuda") -> tuple[Tensor, Tensor]:
+def philox_words(
+    seed: int, offset: int, n: int, device: torch.device | str = "cuda"
+) -> tuple[Tensor, Tensor]:
     return _k.philox_words(seed, offset, n, device)
 
 
@@ -94,8 +96,15 @@ class FusedAggregator:
     stride.
     """
 
-    def __init__(self, K: int, P: int, device: torch.device | str = "cuda", *,
-                 max_iter: int = _qp.DEFAULT_MAX_ITER, tol: float = _qp.DEFAULT_TOL) -> None:
+    def __init__(
+        self,
+        K: int,
+        P: int,
+        device: torch.device | str = "cuda",
+        *,
+        max_iter: int = _qp.DEFAULT_MAX_ITER,
+        tol: float = _qp.DEFAULT_TOL,
+    ) -> None:
         reason = unavailable_reason(torch.device(device).type)
         if reason is not None:
             raise RuntimeError(f"FusedAggregator needs the CUDA kernels: {reason}")
@@ -107,18 +116,29 @@ class FusedAggregator:
             self.device = torch.device(self.device.type, torch.cuda.current_device())
         C = _ext.get()
         like = torch.empty(0, device=self.device)
-        self._ws = torch.empty(C.fused_workspace_bytes(self.K, self.P, like), dtype=torch.uint8, device=self.device)
+        self._ws = torch.empty(
+            C.fused_workspace_bytes(self.K, self.P, like), dtype=torch.uint8, device=self.device
+        )
         self._ticket = torch.zeros(1, dtype=torch.int32, device=self.device)
         self.gram = torch.zeros(self.K, self.K, dtype=torch.float32, device=self.device)
         self._wbuf = torch.zeros(self.K + 1, dtype=torch.float32, device=self.device)
         self.weights = self._wbuf[: self.K]
         self.dnorm = self._wbuf[self.K]
 
-    def __call__(self, G: Tensor, out: Tensor | None = None, *, mode: str = "direction",
-                 scale: Tensor | None = None, backup: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def __call__(
+        self,
+        G: Tensor,
+        out: Tensor | None = None,
+        *,
+        mode: str = "direction",
+        scale: Tensor | None = None,
+        backup: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Run both launches; returns ``(weights, dnorm)`` (device tensors, overwritten next call)."""
         if G.dim() != 2 or tuple(G.shape) != (self.K, self.P) or G.device != self.device:
-            raise ValueError(f"G must be a [{self.K}, {self.P}] tensor on {self.device}, got {tuple(G.shape)} on {G.device}")
+            raise ValueError(
+                f"G must be a [{self.K}, {self.P}] tensor on {self.device}, got {tuple(G.shape)} on {G.device}"
+            )
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
         if not _k._rows_ok(G):
@@ -132,25 +152,43 @@ class FusedAggregator:
         C = _ext.get()
         C.fused_gram_qp(G, self.gram, self._wbuf, self._ws, self._ticket, self.max_iter, self.tol)
         if out is not None:
-            C.fused_combine_apply(self._wbuf, G, _MODES[mode], None if scale is None else _k._f32(scale),
-                                  backup, out)
+            C.fused_combine_apply(
+                self._wbuf, G, _MODES[mode], None if scale is None else _k._f32(scale), backup, out
+            )
         return self.weights, self.dnorm
 
 
 _aggregators: dict[tuple, FusedAggregator] = {}
 
 
-def fused_aggregate(G: Tensor, out: Tensor | None = None, *, mode: str = "direction", scale: Tensor | None = None,
-                    backup: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def fused_aggregate(
+    G: Tensor,
+    out: Tensor | None = None,
+    *,
+    mode: str = "direction",
+    scale: Tensor | None = None,
+    backup: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """:class:`FusedAggregator` with buffers cached per (device, stream, K, P); see its contract."""
     return _aggregator(G)(G, out, mode=mode, scale=scale, backup=backup)
 
 
-def _aggregator(G: Tensor, max_iter: int = _qp.DEFAULT_MAX_ITER, tol: float = _qp.DEFAULT_TOL) -> FusedAggregator:
-    key = (G.device, torch.cuda.current_stream(G.device).cuda_stream, G.shape[0], G.shape[1], max_iter, tol)
+def _aggregator(
+    G: Tensor, max_iter: int = _qp.DEFAULT_MAX_ITER, tol: float = _qp.DEFAULT_TOL
+) -> FusedAggregator:
+    key = (
+        G.device,
+        torch.cuda.current_stream(G.device).cuda_stream,
+        G.shape[0],
+        G.shape[1],
+        max_iter,
+        tol,
+    )
     agg = _aggregators.get(key)
     if agg is None:
-        agg = _aggregators[key] = FusedAggregator(G.shape[0], G.shape[1], G.device, max_iter=max_iter, tol=tol)
+        agg = _aggregators[key] = FusedAggregator(
+            G.shape[0], G.shape[1], G.device, max_iter=max_iter, tol=tol
+        )
     return agg
 
 
@@ -159,8 +197,13 @@ def min_norm_aggregate(G: Tensor, out: Tensor, subtract: bool, max_iter: int, to
     or ``"update"`` with scale 1 for ``subtract``). Inputs it does not take (fp64, K > 64, rows
     without a unit column stride): ``None``, and ops composes the unfused ops."""
     K, P = G.shape
-    if (G.dtype == torch.float64 or out.dtype == torch.float64 or K > MAX_GRAM_K or not _k._rows_ok(G)
-            or (P > 1 and out.stride(0) != 1)):
+    if (
+        G.dtype == torch.float64
+        or out.dtype == torch.float64
+        or K > MAX_GRAM_K
+        or not _k._rows_ok(G)
+        or (P > 1 and out.stride(0) != 1)
+    ):
         return None
     agg = _aggregator(G, max_iter, tol)
     if subtract:

@@ -109,9 +109,15 @@ def solve_qp(
             raise ValueError("norm_coef is only supported with constraint='simplex'")
         norm_coef = torch.as_tensor(norm_coef, device=H0.device)
         if norm_coef.numel() not in (1, B):
-            raise ValueError(f"norm_coef must hold one coefficient per problem ({B}), got shape {tuple(norm_coef.shape)}")
-        r = norm_coef.to(dt).reshape(-1, 1).expand(B, 1) / ref.sqrt()  # r sqrt(v'Gv) = ref (r/sqrt(ref)) sqrt(u'Hu)
-        finite = finite & torch.isfinite(r).squeeze(-1) & (r >= 0).squeeze(-1)  # negative r: not convex -> NaN
+            raise ValueError(
+                f"norm_coef must hold one coefficient per problem ({B}), got shape {tuple(norm_coef.shape)}"
+            )
+        r = (
+            norm_coef.to(dt).reshape(-1, 1).expand(B, 1) / ref.sqrt()
+        )  # r sqrt(v'Gv) = ref (r/sqrt(ref)) sqrt(u'Hu)
+        finite = (
+            finite & torch.isfinite(r).squeeze(-1) & (r >= 0).squeeze(-1)
+        )  # negative r: not convex -> NaN
 
     eye = torch.eye(K, dtype=dt, device=H.device)
     x = torch.ones(B, K, dtype=dt, device=H.device)
@@ -162,7 +168,11 @@ def solve_qp(
         alpha = torch.minimum(_max_step(x, dx), _max_step(z, dz))
         # past what fp64 resolves (a tol tighter than reachable), the factorization can fail or the
         # step turn non-finite: freeze such a problem at its last iterate instead of spoiling it
-        ok = (info == 0).unsqueeze(-1) & torch.isfinite(dx).all(-1, keepdim=True) & torch.isfinite(dz).all(-1, keepdim=True)
+        ok = (
+            (info == 0).unsqueeze(-1)
+            & torch.isfinite(dx).all(-1, keepdim=True)
+            & torch.isfinite(dz).all(-1, keepdim=True)
+        )
         done = done | ~ok
         keep = done
         x = torch.where(keep, x, x + alpha * dx)
@@ -176,8 +186,17 @@ def solve_qp(
     return _finish(x, lo, lo_v, d, simplex, finite, batch_shape, K, out_dtype)
 
 
-def _finish(x: Tensor, lo: Tensor, lo_v: Tensor, d: Tensor, simplex: bool, finite: Tensor, batch_shape: torch.Size,
-            K: int, out_dtype: torch.dtype) -> Tensor:
+def _finish(
+    x: Tensor,
+    lo: Tensor,
+    lo_v: Tensor,
+    d: Tensor,
+    simplex: bool,
+    finite: Tensor,
+    batch_shape: torch.Size,
+    K: int,
+    out_dtype: torch.dtype,
+) -> Tensor:
     """Undo the scaling, snap onto the feasible set, NaN for non-finite problems."""
     v = (x + lo) * d
     if simplex:
@@ -189,7 +208,9 @@ def _finish(x: Tensor, lo: Tensor, lo_v: Tensor, d: Tensor, simplex: bool, finit
     return v.reshape(*batch_shape, K).to(out_dtype)
 
 
-def _barrier_value(H: Tensor, c: Tensor, r: Tensor, r_safe: Tensor, mu: Tensor, x: Tensor, w2_err: Tensor) -> Tensor:
+def _barrier_value(
+    H: Tensor, c: Tensor, r: Tensor, r_safe: Tensor, mu: Tensor, x: Tensor, w2_err: Tensor
+) -> Tensor:
     """``Phi_mu`` of :func:`_barrier_norm` at candidates ``x`` [B, J, K] (up to a constant in x)."""
     Hx = x @ H  # H symmetric
     w2 = (x * Hx).sum(-1).clamp_min(0.0) + w2_err
@@ -199,8 +220,18 @@ def _barrier_value(H: Tensor, c: Tensor, r: Tensor, r_safe: Tensor, mu: Tensor, 
     return (c.unsqueeze(1) * x).sum(-1) + norm_term - mu * torch.log(x).sum(-1)
 
 
-def _barrier_norm(H: Tensor, c: Tensor, r: Tensor, a: Tensor, beta: Tensor, x: Tensor, eye: Tensor,
-                  max_iter: int, tol: float, check_early: bool) -> Tensor:
+def _barrier_norm(
+    H: Tensor,
+    c: Tensor,
+    r: Tensor,
+    a: Tensor,
+    beta: Tensor,
+    x: Tensor,
+    eye: Tensor,
+    max_iter: int,
+    tol: float,
+    check_early: bool,
+) -> Tensor:
     """``min c^T x + r sqrt(x^T H x)`` s.t. ``x >= 0, a^T x = beta``: path-following barrier method.
 
     The norm is the epigraph ``r t`` with ``t >= ||G x||``, a second-order cone, whose barrier
@@ -242,7 +273,9 @@ def _barrier_norm(H: Tensor, c: Tensor, r: Tensor, a: Tensor, beta: Tensor, x: T
         h = torch.sqrt(rho * rho + w2)
         t = rho + h
         grad = c + r * Hx / t - mu / x
-        hess = r.unsqueeze(-1) * (H / t.unsqueeze(-1) - Hx.unsqueeze(-1) * Hx.unsqueeze(-2) / (t * t * h).unsqueeze(-1))
+        hess = r.unsqueeze(-1) * (
+            H / t.unsqueeze(-1) - Hx.unsqueeze(-1) * Hx.unsqueeze(-2) / (t * t * h).unsqueeze(-1)
+        )
         r_p = beta.unsqueeze(-1) - (a * x).sum(-1, keepdim=True)
         # a a^T gamma is added (and gamma a r_p to the right side): it leaves the constrained step
         # unchanged but keeps M well conditioned when the curvature along a is only the barrier's.
@@ -255,8 +288,13 @@ def _barrier_norm(H: Tensor, c: Tensor, r: Tensor, a: Tensor, beta: Tensor, x: T
         p, m = sol[..., 0], sol[..., 1]
         dy = (r_p - (a * p).sum(-1, keepdim=True)) / (a * m).sum(-1, keepdim=True)
         dx = p + m * dy
-        lam = torch.sqrt(((dx * (hess @ dx.unsqueeze(-1)).squeeze(-1)).sum(-1, keepdim=True)
-                          + (mu * (dx / x) ** 2).sum(-1, keepdim=True)).clamp_min(0.0) / mu)
+        lam = torch.sqrt(
+            (
+                (dx * (hess @ dx.unsqueeze(-1)).squeeze(-1)).sum(-1, keepdim=True)
+                + (mu * (dx / x) ** 2).sum(-1, keepdim=True)
+            ).clamp_min(0.0)
+            / mu
+        )
         # line search over a fixed grid of steps (no host sync): the largest decrease of Phi_mu
         # among alpha_max * 2^-j and the damped step 1 / (1 + lambda), which always decreases it
         a_max = _max_step(x, dx)
@@ -268,7 +306,11 @@ def _barrier_norm(H: Tensor, c: Tensor, r: Tensor, a: Tensor, beta: Tensor, x: T
         alpha = steps.gather(-1, phi.argmin(-1, keepdim=True))
         # a failed factorization (mu so small that the barrier's curvature is lost against the
         # norm's in fp64) freezes the problem at its last, feasible iterate
-        ok = (info == 0).unsqueeze(-1) & torch.isfinite(dx).all(-1, keepdim=True) & torch.isfinite(lam)
+        ok = (
+            (info == 0).unsqueeze(-1)
+            & torch.isfinite(dx).all(-1, keepdim=True)
+            & torch.isfinite(lam)
+        )
         done = done | ~ok
         x = torch.where(done, x, x + alpha * dx)
         centred = lam <= _CENTRED

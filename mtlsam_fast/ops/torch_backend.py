@@ -65,8 +65,12 @@ def _segment_sum(x: Tensor, offsets: Tensor) -> Tensor:
     for lo in range(0, P, _CHUNK):
         hi = min(P, lo + _CHUNK)
         nb = (hi - lo + B - 1) // B + 1  # one zero block past the end: a prefix at the chunk's end
-        blocks = torch.nn.functional.pad(rows[:, lo:hi].double(), (0, nb * B - (hi - lo))).view(R, nb, B)
-        in_block = (blocks.cumsum(-1) - blocks).view(R, nb * B)  # exclusive prefix sums inside blocks
+        blocks = torch.nn.functional.pad(rows[:, lo:hi].double(), (0, nb * B - (hi - lo))).view(
+            R, nb, B
+        )
+        in_block = (blocks.cumsum(-1) - blocks).view(
+            R, nb * B
+        )  # exclusive prefix sums inside blocks
         before_block = torch.nn.functional.pad(blocks.sum(-1).cumsum(-1), (1, 0))  # [R, nb + 1]
         ends = offsets.clamp(lo, hi) - lo
         out += before_block[:, ends // B].diff(dim=-1) + in_block[:, ends].diff(dim=-1)
@@ -129,8 +133,14 @@ def perturb(
 def noise_stats(seed: int, offset: int, ref: Tensor, offsets: Tensor) -> Tensor:
     acc = torch.float64 if ref.dtype == torch.float64 else torch.float32
     z = gaussian_noise(seed, offset, ref.numel(), ref.device).to(acc)
-    return torch.stack([_segment_sum(z * z, offsets), _segment_sum(z * ref.to(acc), offsets)]).to(acc)
+    return torch.stack([_segment_sum(z * z, offsets), _segment_sum(z * ref.to(acc), offsets)]).to(
+        acc
+    )
 
 
-def solve_qp(gram: Tensor, q, lower, constraint: str, norm_coef, max_iter: int, tol: float) -> Tensor:
-    return qp.solve_qp(gram, q, lower, constraint=constraint, norm_coef=norm_coef, max_iter=max_iter, tol=tol)
+def solve_qp(
+    gram: Tensor, q, lower, constraint: str, norm_coef, max_iter: int, tol: float
+) -> Tensor:
+    return qp.solve_qp(
+        gram, q, lower, constraint=constraint, norm_coef=norm_coef, max_iter=max_iter, tol=tol
+    )

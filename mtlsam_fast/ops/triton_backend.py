@@ -23,8 +23,18 @@ from . import torch_backend
 Tensor = torch.Tensor
 
 __all__ = [
-    "unavailable_reason", "gram", "diff_gram", "segment_norms", "combine", "perturb",
-    "gaussian_noise", "noise_stats", "solve_qp", "fused_aggregate", "min_norm_aggregate", "pin_config",
+    "unavailable_reason",
+    "gram",
+    "diff_gram",
+    "segment_norms",
+    "combine",
+    "perturb",
+    "gaussian_noise",
+    "noise_stats",
+    "solve_qp",
+    "fused_aggregate",
+    "min_norm_aggregate",
+    "pin_config",
 ]
 
 #: the kernels keep a K x K tile in registers; larger K (outside the design range) uses torch.
@@ -62,7 +72,9 @@ def unavailable_reason(device_type: str) -> str | None:
         if not _interpreting():
             return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
         if compiled_already:
-            return "TRITON_INTERPRET=1 was set after the Triton kernels were imported in compiled mode"
+            return (
+                "TRITON_INTERPRET=1 was set after the Triton kernels were imported in compiled mode"
+            )
         return None
     return f"Triton does not support {device_type} tensors"
 
@@ -102,8 +114,12 @@ def combine(w: Tensor, G: Tensor, w2: Tensor | None, H: Tensor | None, out: Tens
 
 def perturb(theta, backup, direction, scale, offsets, adaptive, noise_scale, seed, noise_offset):
     if _f64(theta):
-        return torch_backend.perturb(theta, backup, direction, scale, offsets, adaptive, noise_scale, seed, noise_offset)
-    return _kernels().elementwise.perturb(theta, backup, direction, scale, offsets, adaptive, noise_scale, seed, noise_offset)
+        return torch_backend.perturb(
+            theta, backup, direction, scale, offsets, adaptive, noise_scale, seed, noise_offset
+        )
+    return _kernels().elementwise.perturb(
+        theta, backup, direction, scale, offsets, adaptive, noise_scale, seed, noise_offset
+    )
 
 
 def gaussian_noise(seed: int, offset: int, numel: int, device: torch.device) -> Tensor:
@@ -116,17 +132,29 @@ def noise_stats(seed: int, offset: int, ref: Tensor, offsets: Tensor) -> Tensor:
     return _kernels().elementwise.noise_stats(seed, offset, ref, offsets)
 
 
-def solve_qp(gram: Tensor, q, lower, constraint: str, norm_coef, max_iter: int, tol: float) -> Tensor:
+def solve_qp(
+    gram: Tensor, q, lower, constraint: str, norm_coef, max_iter: int, tol: float
+) -> Tensor:
     return _kernels().qp.solve_qp(gram, q, lower, constraint, norm_coef, max_iter, tol)
 
 
-def fused_aggregate(G: Tensor, H: Tensor | None = None, *, out: Tensor | None = None, theta: Tensor | None = None,
-                    lr: Tensor | None = None, max_iter: int = 60, tol: float = 1e-9):
+def fused_aggregate(
+    G: Tensor,
+    H: Tensor | None = None,
+    *,
+    out: Tensor | None = None,
+    theta: Tensor | None = None,
+    lr: Tensor | None = None,
+    max_iter: int = 60,
+    tol: float = 1e-9,
+):
     """The two-launch MGDA aggregation of DESIGN.md section 6; the full contract is in
     :func:`mtlsam_fast.triton_kernels.fused.fused_aggregate`. Returns ``Aggregate(weights, gram, weights2,
     gram2, direction)``: launch 1 = Gram partials -> last-program reduction -> QP, launch 2 =
     ``d = w^T G (+ w2^T H)`` -> ``out <- d`` and/or ``theta <- theta - lr * d``."""
-    return _kernels().fused.fused_aggregate(G, H, out=out, theta=theta, lr=lr, max_iter=max_iter, tol=tol)
+    return _kernels().fused.fused_aggregate(
+        G, H, out=out, theta=theta, lr=lr, max_iter=max_iter, tol=tol
+    )
 
 
 def min_norm_aggregate(G: Tensor, out: Tensor, subtract: bool, max_iter: int, tol: float):

@@ -56,13 +56,21 @@ def frozen_running_stats() -> Iterator[None]:
     saved: dict[int, tuple[_NormBase, list[tuple[Tensor, Tensor]]]] = {}
 
     def pre_hook(module: torch.nn.Module, args: Any) -> None:
-        if not isinstance(module, _NormBase) or not module.training or not module.track_running_stats:
+        if (
+            not isinstance(module, _NormBase)
+            or not module.training
+            or not module.track_running_stats
+        ):
             return
         if isinstance(module, _BatchNorm):
             module.track_running_stats = False
             toggled.append(module)
         elif id(module) not in saved:
-            bufs = [b for b in (module.running_mean, module.running_var, module.num_batches_tracked) if b is not None]
+            bufs = [
+                b
+                for b in (module.running_mean, module.running_var, module.num_batches_tracked)
+                if b is not None
+            ]
             saved[id(module)] = (module, [(b, b.clone()) for b in bufs])
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
@@ -87,7 +95,9 @@ class _FlatParams:
     def __init__(self, params: list[Tensor], what: str):
         dtypes = {p.dtype for p in params}
         if len(dtypes) > 1:
-            raise TypeError(f"{what}: all parameters must share one dtype (one flat buffer), got {sorted(map(str, dtypes))}")
+            raise TypeError(
+                f"{what}: all parameters must share one dtype (one flat buffer), got {sorted(map(str, dtypes))}"
+            )
         self.params = params
         self.layout = FlatLayout(params)
         self.theta = flatten_parameters(params, self.layout)
@@ -95,7 +105,9 @@ class _FlatParams:
         self.grad = torch.zeros_like(self.theta)
         self.grad_views = self.layout.views(self.grad)
         self.offsets = self.layout.offsets()  # per-parameter segments [S + 1]
-        self.whole = torch.tensor([0, self.layout.numel], dtype=torch.int64, device=self.theta.device)
+        self.whole = torch.tensor(
+            [0, self.layout.numel], dtype=torch.int64, device=self.theta.device
+        )
         self._ptrs = [v.data_ptr() for v in self.layout.views(self.theta)]
         self.what = what
 
@@ -126,11 +138,18 @@ class _FlatParams:
 def _safe_scale(rho: Tensor | float, norm: Tensor) -> Tensor:
     """``rho / norm``, 0 where the norm is 0 or not finite (no perturbation instead of NaN)."""
     ok = torch.isfinite(norm) & (norm > 0)
-    return torch.where(ok, rho / torch.where(ok, norm, torch.ones_like(norm)), torch.zeros_like(norm))
+    return torch.where(
+        ok, rho / torch.where(ok, norm, torch.ones_like(norm)), torch.zeros_like(norm)
+    )
 
 
 def _check_rho(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
@@ -183,7 +202,9 @@ class MTLBase(torch.optim.Optimizer):
         **base_kwargs: Any,
     ):
         shared, heads = self._validate_params(shared_params, task_params, num_tasks)
-        if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+        if not (
+            isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)
+        ):
             raise TypeError(
                 f"base_optimizer must be a torch.optim.Optimizer class (e.g. torch.optim.Adam), got {base_optimizer!r}"
             )
@@ -196,20 +217,28 @@ class MTLBase(torch.optim.Optimizer):
         self.backend = backend
 
         groups = [{"params": shared}] + [{"params": h} for h in heads if h]
-        self.base_optimizer = base_optimizer(groups, **base_kwargs)  # may reject its kwargs: nothing moved yet
+        self.base_optimizer = base_optimizer(
+            groups, **base_kwargs
+        )  # may reject its kwargs: nothing moved yet
         # Fused Adam/AdamW skip a step natively from a device found-inf flag (no snapshot needed).
-        self._native_found_inf = type(self.base_optimizer) in (torch.optim.Adam, torch.optim.AdamW) and bool(
-            self.base_optimizer.defaults.get("fused"))
+        self._native_found_inf = type(self.base_optimizer) in (
+            torch.optim.Adam,
+            torch.optim.AdamW,
+        ) and bool(self.base_optimizer.defaults.get("fused"))
 
         # All validation is done: from here on parameters are moved into flat buffers (values kept).
         self._shared = _FlatParams(shared, "shared_params")
         self._heads: list[_FlatParams | None] = [
             _FlatParams(h, f"task_params[{k}]") if h else None for k, h in enumerate(heads)
         ]
-        self._gbuf = GradBuffer(shared, self.num_tasks, dtype=grad_dtype, layout=self._shared.layout)
+        self._gbuf = GradBuffer(
+            shared, self.num_tasks, dtype=grad_dtype, layout=self._shared.layout
+        )
         self.device = self._shared.theta.device
 
-        super().__init__([{"params": list(g["params"])} for g in groups], dict(self.base_optimizer.defaults))
+        super().__init__(
+            [{"params": list(g["params"])} for g in groups], dict(self.base_optimizer.defaults)
+        )
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self._state_has_host_values = False
@@ -218,13 +247,19 @@ class MTLBase(torch.optim.Optimizer):
     # ---------------------------------------------------------------- validation
     @staticmethod
     def _validate_params(
-        shared_params: Iterable[Tensor], task_params: Sequence[Iterable[Tensor]] | None, num_tasks: int | None
+        shared_params: Iterable[Tensor],
+        task_params: Sequence[Iterable[Tensor]] | None,
+        num_tasks: int | None,
     ) -> tuple[list[Tensor], list[list[Tensor]]]:
         if isinstance(shared_params, torch.Tensor):
-            raise TypeError("shared_params must be an iterable of tensors (e.g. model.trunk.parameters()), not a tensor")
+            raise TypeError(
+                "shared_params must be an iterable of tensors (e.g. model.trunk.parameters()), not a tensor"
+            )
         shared = list(shared_params)
         if not shared:
-            raise ValueError("shared_params is empty: a multi-task optimizer needs at least one shared parameter")
+            raise ValueError(
+                "shared_params is empty: a multi-task optimizer needs at least one shared parameter"
+            )
         if task_params is None:
             if num_tasks is None:
                 raise ValueError("give task_params (one iterable per task) or num_tasks")
@@ -233,11 +268,15 @@ class MTLBase(torch.optim.Optimizer):
             heads: list[list[Tensor]] = [[] for _ in range(num_tasks)]
         else:
             if isinstance(task_params, torch.Tensor) or not isinstance(task_params, Sequence):
-                raise TypeError("task_params must be a list with one iterable of parameters per task")
+                raise TypeError(
+                    "task_params must be a list with one iterable of parameters per task"
+                )
             heads = []
             for k, h in enumerate(task_params):
                 if isinstance(h, torch.Tensor):
-                    raise TypeError(f"task_params[{k}] must be an iterable of tensors, not a tensor (wrap it in a list)")
+                    raise TypeError(
+                        f"task_params[{k}] must be an iterable of tensors, not a tensor (wrap it in a list)"
+                    )
                 heads.append(list(h))
             if not heads:
                 raise ValueError("task_params is empty: there must be at least one task")
@@ -246,30 +285,48 @@ class MTLBase(torch.optim.Optimizer):
         owner: dict[int, str] = {}
         devices: dict[str, str] = {}
         named = [(f"shared_params[{i}]", p) for i, p in enumerate(shared)]
-        named += [(f"task_params[{k}][{j}]", p) for k, h in enumerate(heads) for j, p in enumerate(h)]
+        named += [
+            (f"task_params[{k}][{j}]", p) for k, h in enumerate(heads) for j, p in enumerate(h)
+        ]
         for name, p in named:
             if not isinstance(p, torch.Tensor):
-                raise TypeError(f"{name} is a {type(p).__name__}, expected a torch.Tensor (nn.Parameter)")
+                raise TypeError(
+                    f"{name} is a {type(p).__name__}, expected a torch.Tensor (nn.Parameter)"
+                )
             if p.dtype not in FLOAT_DTYPES:
-                raise TypeError(f"{name} has unsupported dtype {p.dtype}; supported: float32, float64, bfloat16, float16")
+                raise TypeError(
+                    f"{name} has unsupported dtype {p.dtype}; supported: float32, float64, bfloat16, float16"
+                )
             if not p.requires_grad:
                 raise ValueError(f"{name} does not require grad")
             if not p.is_leaf:
-                raise ValueError(f"{name} is not a leaf tensor (pass the model's parameters, not results of operations)")
+                raise ValueError(
+                    f"{name} is not a leaf tensor (pass the model's parameters, not results of operations)"
+                )
             if id(p) in owner:
                 prev = owner[id(p)]
-                both = "both shared and task-specific" if prev.startswith("shared") != name.startswith("shared") else "listed twice"
+                both = (
+                    "both shared and task-specific"
+                    if prev.startswith("shared") != name.startswith("shared")
+                    else "listed twice"
+                )
                 raise ValueError(f"a parameter is {both}: {prev} and {name} are the same tensor")
             owner[id(p)] = name
             devices.setdefault(str(p.device), name)
         if len(devices) > 1:
             desc = ", ".join(f"{name} on {dev}" for dev, name in devices.items())
-            raise ValueError(f"parameters are on different devices ({desc}); move the model to one device first")
-        for what, group in [("shared_params", shared)] + [(f"task_params[{k}]", h) for k, h in enumerate(heads)]:
+            raise ValueError(
+                f"parameters are on different devices ({desc}); move the model to one device first"
+            )
+        for what, group in [("shared_params", shared)] + [
+            (f"task_params[{k}]", h) for k, h in enumerate(heads)
+        ]:
             dtypes = {p.dtype for p in group}
             if len(dtypes) > 1:
-                raise TypeError(f"{what}: all parameters must share one dtype (one flat buffer each), "
-                                f"got {sorted(map(str, dtypes))}")
+                raise TypeError(
+                    f"{what}: all parameters must share one dtype (one flat buffer each), "
+                    f"got {sorted(map(str, dtypes))}"
+                )
         return shared, heads
 
     def _check_losses(self, losses: Any, *, need_grad: bool) -> list[Tensor]:
@@ -284,14 +341,20 @@ class MTLBase(torch.optim.Optimizer):
         elif isinstance(losses, Sequence) and not isinstance(losses, str):
             items = list(losses)
             if len(items) != K:
-                raise ValueError(f"closure returned {len(items)} losses, expected one per task (K={K})")
+                raise ValueError(
+                    f"closure returned {len(items)} losses, expected one per task (K={K})"
+                )
             for i, l in enumerate(items):
                 if not isinstance(l, torch.Tensor):
                     raise TypeError(f"loss {i} is a {type(l).__name__}, expected a scalar tensor")
                 if l.dim() != 0:
-                    raise ValueError(f"loss {i} is not a scalar: shape {tuple(l.shape)} (reduce it, e.g. .mean())")
+                    raise ValueError(
+                        f"loss {i} is not a scalar: shape {tuple(l.shape)} (reduce it, e.g. .mean())"
+                    )
         else:
-            raise TypeError(f"closure must return K={K} task losses (sequence or [K] tensor), got {type(losses).__name__}")
+            raise TypeError(
+                f"closure must return K={K} task losses (sequence or [K] tensor), got {type(losses).__name__}"
+            )
         for i, l in enumerate(items):
             if not l.is_floating_point():
                 raise TypeError(f"loss {i} has dtype {l.dtype}; losses must be floating point")
@@ -336,7 +399,9 @@ class MTLBase(torch.optim.Optimizer):
             losses = closure()
         return self._check_losses(losses, need_grad=grad)
 
-    def _backward(self, loss: Tensor, seed: Tensor, task: int | None, *, retain_graph: bool = False) -> None:
+    def _backward(
+        self, loss: Tensor, seed: Tensor, task: int | None, *, retain_graph: bool = False
+    ) -> None:
         """Backward of ``loss`` seeded with ``seed`` into the shared params and head ``task`` (all heads if None)."""
         inputs = list(self._shared.params)
         heads = self._heads if task is None else [self._heads[task]]
@@ -344,8 +409,12 @@ class MTLBase(torch.optim.Optimizer):
             if h is not None:
                 inputs.extend(h.params)
         if loss.dtype not in (torch.float32, torch.float64):
-            loss = loss.float()  # like GradScaler: seed a 16-bit loss's backward in fp32 (no overflow of the scale)
-        torch.autograd.backward(loss, grad_tensors=seed.to(loss.dtype), retain_graph=retain_graph, inputs=inputs)
+            loss = (
+                loss.float()
+            )  # like GradScaler: seed a 16-bit loss's backward in fp32 (no overflow of the scale)
+        torch.autograd.backward(
+            loss, grad_tensors=seed.to(loss.dtype), retain_graph=retain_graph, inputs=inputs
+        )
 
     def _capture_task_gradients(self, closure: Closure, scale: Tensor) -> Tensor:
         """Clean forward, then K backward passes: task i's shared gradient into row i of G and its
@@ -365,7 +434,9 @@ class MTLBase(torch.optim.Optimizer):
         g = gram * (inv_scale * inv_scale).to(gram.dtype)
         return self.weighting(g, losses.to(g.dtype) if self.weighting.needs_losses else None)
 
-    def _aggregate(self, inv_scale: Tensor, losses: Tensor, out: Tensor, *, subtract: bool = False) -> Tensor:
+    def _aggregate(
+        self, inv_scale: Tensor, losses: Tensor, out: Tensor, *, subtract: bool = False
+    ) -> Tensor:
         """``out <- w^T G`` (``subtract``: ``out <- out - w^T G``) with ``w`` the weighting of ``G``'s
         rows; returns ``Gram(G)`` (scaled like ``G``).
 
@@ -376,15 +447,27 @@ class MTLBase(torch.optim.Optimizer):
         """
         G, be, wt = self._gbuf.G, self.backend, self.weighting
         if type(wt) is _MGDA and wt.normalization == "none" and wt.backend in (None, be):
-            return ops.min_norm_aggregate(G, out, subtract=subtract, max_iter=wt.max_iter, tol=wt.tol, backend=be).gram
+            return ops.min_norm_aggregate(
+                G, out, subtract=subtract, max_iter=wt.max_iter, tol=wt.tol, backend=be
+            ).gram
         gram = ops.gram(G, backend=be)
-        ops.combine(self._weights(gram, inv_scale, losses), G, out=out, subtract=subtract, backend=be)
+        ops.combine(
+            self._weights(gram, inv_scale, losses), G, out=out, subtract=subtract, backend=be
+        )
         return gram
 
     def _perturb_head(self, k: int, scale: Tensor, adaptive: bool) -> None:
         h = self._heads[k]
         if h is not None:
-            ops.perturb(h.theta, h.backup, h.whole, direction=h.grad, scale=scale, adaptive=adaptive, backend=self.backend)
+            ops.perturb(
+                h.theta,
+                h.backup,
+                h.whole,
+                direction=h.grad,
+                scale=scale,
+                adaptive=adaptive,
+                backend=self.backend,
+            )
 
     def _restore(self, k: int | None) -> None:
         ops.restore(self._shared.theta, self._shared.backup)
@@ -492,8 +575,10 @@ class MTLBase(torch.optim.Optimizer):
         self._load_extra_state(state_dict.get("extra", {}))
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(K={self.num_tasks}, P={self._shared.numel}, weighting={self.weighting!r}, "
-                f"base_optimizer={self.base_optimizer!r})")
+        return (
+            f"{type(self).__name__}(K={self.num_tasks}, P={self._shared.numel}, weighting={self.weighting!r}, "
+            f"base_optimizer={self.base_optimizer!r})"
+        )
 
 
 def _report_found_inf(scaler: Any, optimizer: torch.optim.Optimizer, found: Tensor) -> None:

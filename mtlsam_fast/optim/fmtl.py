@@ -84,8 +84,15 @@ class FMTL(MTLBase):
         neg = -scale
         for i in range(K):
             try:
-                ops.perturb(sh.theta, sh.backup, sh.whole, direction=G[i], scale=scales[i],
-                            adaptive=self.adaptive, backend=be)
+                ops.perturb(
+                    sh.theta,
+                    sh.backup,
+                    sh.whole,
+                    direction=G[i],
+                    scale=scales[i],
+                    adaptive=self.adaptive,
+                    backend=be,
+                )
                 self._perturb_head(i, head_scales[i], self.adaptive)
                 lp = self._forward(closure, grad=True, perturbed=True)
                 if self._heads[i] is not None:

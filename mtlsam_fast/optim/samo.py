@@ -62,11 +62,22 @@ class SAMO(MTLBase):
         self.rho = _check_rho("rho", rho)
         self.rho_head = self.rho if rho_head is None else _check_rho("rho_head", rho_head)
         if adaptive:
-            raise NotImplementedError("SAMO with adaptive=True (ASAM scaling of the zeroth-order noise) is not supported")
+            raise NotImplementedError(
+                "SAMO with adaptive=True (ASAM scaling of the zeroth-order noise) is not supported"
+            )
         self.adaptive = False
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not 0.0 <= alpha <= 1.0
+        ):
             raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-        if isinstance(zo_eps, bool) or not isinstance(zo_eps, (int, float)) or not zo_eps > 0 or zo_eps == float("inf"):
+        if (
+            isinstance(zo_eps, bool)
+            or not isinstance(zo_eps, (int, float))
+            or not zo_eps > 0
+            or zo_eps == float("inf")
+        ):
             raise ValueError(f"zo_eps must be a finite number > 0, got {zo_eps!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
@@ -102,7 +113,9 @@ class SAMO(MTLBase):
             if h is not None:
                 h.grad.zero_()
         sh.grad.zero_()
-        mean = torch.stack([l if l.dtype in (torch.float32, torch.float64) else l.float() for l in losses]).mean()
+        mean = torch.stack(
+            [l if l.dtype in (torch.float32, torch.float64) else l.float() for l in losses]
+        ).mean()
         self._backward(mean, scale, None)
         del losses, mean
         g0 = sh.grad
@@ -119,10 +132,26 @@ class SAMO(MTLBase):
                 # 2a. forward-only two-point estimate along z_i; the first probe also reduces z_i's
                 # statistics (per segment sum z^2, sum g0 z) from the same generation of the noise
                 with torch.no_grad():
-                    stats = ops.perturb_noise_stats(sh.theta, sh.backup, off, mu, g0, seed=self.seed, noise_offset=noff,
-                                                    backend=be).to(acc)
+                    stats = ops.perturb_noise_stats(
+                        sh.theta,
+                        sh.backup,
+                        off,
+                        mu,
+                        g0,
+                        seed=self.seed,
+                        noise_offset=noff,
+                        backend=be,
+                    ).to(acc)
                     lp = self._forward(closure, grad=False, perturbed=True)[i].detach().to(acc)
-                    ops.perturb(sh.theta, sh.backup, off, noise_scale=-mu, seed=self.seed, noise_offset=noff, backend=be)
+                    ops.perturb(
+                        sh.theta,
+                        sh.backup,
+                        off,
+                        noise_scale=-mu,
+                        seed=self.seed,
+                        noise_offset=noff,
+                        backend=be,
+                    )
                     lm = self._forward(closure, grad=False, perturbed=True)[i].detach().to(acc)
                 c = (lp - lm) / (2 * mu)
                 bad = bad | ~torch.isfinite(c)
@@ -130,15 +159,39 @@ class SAMO(MTLBase):
                 zz, gz = stats[0], stats[1]
                 if self.layerwise:
                     zn = zz.sqrt()
-                    beta = (1 - alpha) * torch.sign(c) * n0 / torch.where(zn > 0, zn, torch.ones_like(zn))
+                    beta = (
+                        (1 - alpha)
+                        * torch.sign(c)
+                        * n0
+                        / torch.where(zn > 0, zn, torch.ones_like(zn))
+                    )
                 else:
                     zn = zz.sum().sqrt()
                     gn = n0.square().sum().sqrt()
-                    beta = ((1 - alpha) * torch.sign(c) * gn / torch.where(zn > 0, zn, torch.ones_like(zn))).expand_as(zz)
-                vnorm = (alpha * alpha * n0.square() + 2 * alpha * beta * gz + beta.square() * zz).sum().clamp_min(0).sqrt()
+                    beta = (
+                        (1 - alpha)
+                        * torch.sign(c)
+                        * gn
+                        / torch.where(zn > 0, zn, torch.ones_like(zn))
+                    ).expand_as(zz)
+                vnorm = (
+                    (alpha * alpha * n0.square() + 2 * alpha * beta * gz + beta.square() * zz)
+                    .sum()
+                    .clamp_min(0)
+                    .sqrt()
+                )
                 k = _safe_scale(self.rho, vnorm)
-                ops.perturb(sh.theta, sh.backup, off, direction=g0, scale=k * alpha, noise_scale=k * beta,
-                            seed=self.seed, noise_offset=noff, backend=be)
+                ops.perturb(
+                    sh.theta,
+                    sh.backup,
+                    off,
+                    direction=g0,
+                    scale=k * alpha,
+                    noise_scale=k * beta,
+                    seed=self.seed,
+                    noise_offset=noff,
+                    backend=be,
+                )
                 self._perturb_head(i, head_scales[i], False)
                 # 2c. G_i at the perturbed point; head i's perturbed-point gradient
                 lg = self._forward(closure, grad=True, perturbed=True)

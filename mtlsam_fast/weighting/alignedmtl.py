@@ -35,7 +35,11 @@ def _round_robin(K: int) -> list[tuple[list[int], list[int]]]:
 def _round_indices(K: int, device: torch.device) -> tuple[tuple[Tensor, Tensor], ...]:
     """:func:`_round_robin` as index tensors on ``device``, built once per (K, device): building
     them is a host-to-device copy, which synchronizes."""
-    return tuple((torch.tensor(p, device=device), torch.tensor(q, device=device)) for p, q in _round_robin(K) if p)
+    return tuple(
+        (torch.tensor(p, device=device), torch.tensor(q, device=device))
+        for p, q in _round_robin(K)
+        if p
+    )
 
 
 def _rotate_rows(X: Tensor, p: Tensor, q: Tensor, c: Tensor, s: Tensor) -> Tensor:
@@ -63,7 +67,11 @@ def jacobi_eigh(A: Tensor, sweeps: int = DEFAULT_SWEEPS) -> tuple[Tensor, Tensor
             nz = apq != 0
             tau = (aqq - app) / (2 * torch.where(nz, apq, torch.ones_like(apq)))
             sgn = torch.where(tau >= 0, torch.ones_like(tau), -torch.ones_like(tau))
-            t = torch.where(nz, sgn / (tau.abs() + torch.hypot(torch.ones_like(tau), tau)), torch.zeros_like(tau))
+            t = torch.where(
+                nz,
+                sgn / (tau.abs() + torch.hypot(torch.ones_like(tau), tau)),
+                torch.zeros_like(tau),
+            )
             c = torch.rsqrt(1 + t * t)
             s = t * c
             # A <- J^T A J and V <- V J for J = I with J[p,p] = J[q,q] = c, J[p,q] = s, J[q,p] = -s,
@@ -101,8 +109,14 @@ class AlignedMTL(Weighting):
 
     name = "alignedmtl"
 
-    def __init__(self, scale_mode: str = "min", rtol: float | None = None, *, solver: str = "auto",
-                 sweeps: int = DEFAULT_SWEEPS):
+    def __init__(
+        self,
+        scale_mode: str = "min",
+        rtol: float | None = None,
+        *,
+        solver: str = "auto",
+        sweeps: int = DEFAULT_SWEEPS,
+    ):
         if scale_mode not in SCALE_MODES:
             raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
         if solver not in SOLVERS:
@@ -111,7 +125,9 @@ class AlignedMTL(Weighting):
             raise ValueError(f"sweeps must be a positive integer, got {sweeps!r}")
         self.solver = solver
         self.sweeps = sweeps
-        if rtol is not None and (not isinstance(rtol, (int, float)) or isinstance(rtol, bool) or not rtol >= 0):
+        if rtol is not None and (
+            not isinstance(rtol, (int, float)) or isinstance(rtol, bool) or not rtol >= 0
+        ):
             raise ValueError(f"rtol must be None or a non-negative number, got {rtol!r}")
         self.scale_mode = scale_mode
         self.rtol = None if rtol is None else float(rtol)
@@ -120,7 +136,9 @@ class AlignedMTL(Weighting):
         K = gram.shape[0]
         g = gram.to(torch.float64)
         finite = torch.isfinite(g).all()
-        g = torch.where(finite, g, torch.zeros_like(g))  # eigh of NaN input may fail; result is NaN anyway
+        g = torch.where(
+            finite, g, torch.zeros_like(g)
+        )  # eigh of NaN input may fail; result is NaN anyway
         use_eigh = self.solver == "eigh" or (self.solver == "auto" and g.device.type == "cpu")
         lam, V = torch.linalg.eigh(g) if use_eigh else jacobi_eigh(0.5 * (g + g.T), self.sweeps)
         rtol = self.rtol if self.rtol is not None else K * torch.finfo(gram.dtype).eps
@@ -137,7 +155,9 @@ class AlignedMTL(Weighting):
         else:
             sigma = torch.where(keep, lam, torch.zeros_like(lam)).sum() / r.clamp(min=1)
         sigma = torch.where(r > 0, sigma, torch.zeros_like(sigma))
-        inv_sqrt = torch.where(keep, torch.where(keep, lam, torch.ones_like(lam)).rsqrt(), torch.zeros_like(lam))
+        inv_sqrt = torch.where(
+            keep, torch.where(keep, lam, torch.ones_like(lam)).rsqrt(), torch.zeros_like(lam)
+        )
         Bmat = (V * (sigma.sqrt() * inv_sqrt)[None, :]) @ V.T
         w = Bmat.sum(dim=1)
         return nan_if_nonfinite(w.to(out_dtype(gram)), gram)

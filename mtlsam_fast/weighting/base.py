@@ -19,7 +19,9 @@ def check_gram(gram: Tensor) -> int:
     if not isinstance(gram, torch.Tensor):
         raise TypeError(f"gram must be a torch.Tensor, got {type(gram).__name__}")
     if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] < 1:
-        raise ValueError(f"gram must be a non-empty square K x K matrix, got shape {tuple(gram.shape)}")
+        raise ValueError(
+            f"gram must be a non-empty square K x K matrix, got shape {tuple(gram.shape)}"
+        )
     if not gram.is_floating_point():
         raise TypeError(f"gram must be floating point, got {gram.dtype}")
     return gram.shape[0]
@@ -43,10 +45,18 @@ class Weighting:
         K = check_gram(gram)
         if self.needs_losses or losses is not None:
             if losses is None:
-                raise ValueError(f"weighting {self.name!r} needs the K task losses: call w(gram, losses)")
+                raise ValueError(
+                    f"weighting {self.name!r} needs the K task losses: call w(gram, losses)"
+                )
             if not isinstance(losses, torch.Tensor) or losses.shape != (K,):
-                shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-                raise ValueError(f"losses must be a tensor of shape ({K},) to match the {K}x{K} gram, got {shape}")
+                shape = (
+                    tuple(losses.shape)
+                    if isinstance(losses, torch.Tensor)
+                    else type(losses).__name__
+                )
+                raise ValueError(
+                    f"losses must be a tensor of shape ({K},) to match the {K}x{K} gram, got {shape}"
+                )
             if losses.device != gram.device:
                 raise ValueError(f"losses are on {losses.device}, gram on {gram.device}")
         return self.weights(gram, losses)
@@ -61,7 +71,9 @@ class Weighting:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:
-            raise ValueError(f"weighting {self.name!r} is stateless but got state keys {sorted(state)}")
+            raise ValueError(
+                f"weighting {self.name!r} is stateless but got state keys {sorted(state)}"
+            )
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

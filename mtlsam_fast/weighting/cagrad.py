@@ -34,8 +34,15 @@ class CAGrad(Weighting):
 
     name = "cagrad"
 
-    def __init__(self, c: float = 0.4, rescale: int = 1, *, max_iter: int = qp.DEFAULT_MAX_ITER,
-                 tol: float = qp.DEFAULT_TOL, backend: str | None = None):
+    def __init__(
+        self,
+        c: float = 0.4,
+        rescale: int = 1,
+        *,
+        max_iter: int = qp.DEFAULT_MAX_ITER,
+        tol: float = qp.DEFAULT_TOL,
+        backend: str | None = None,
+    ):
         check_nonnegative(c=c)
         if rescale not in RESCALES or isinstance(rescale, bool):
             raise ValueError(f"rescale must be one of {RESCALES}, got {rescale!r}")
@@ -54,13 +61,19 @@ class CAGrad(Weighting):
         b = G.mean(1)  # <g_i, g0>
         g0_norm = G.mean().clamp_min(0.0).sqrt()
         coef = self.c * g0_norm  # sqrt(phi)
-        w = ops.solve_qp(G, b, norm_coef=coef, max_iter=self.max_iter, tol=self.tol, backend=self.backend)
+        w = ops.solve_qp(
+            G, b, norm_coef=coef, max_iter=self.max_iter, tol=self.tol, backend=self.backend
+        )
         w = w.to(torch.float64)
         gw2 = (w @ G @ w).clamp_min(0.0)
         # rounding level of ||g_w||^2 given the Gram's precision
         noise = torch.finfo(gram.dtype).eps * (w * G.diagonal().clamp_min(0.0).sqrt()).sum() ** 2
         nonzero = gw2 > noise
-        lmbda = torch.where(nonzero, coef / torch.where(nonzero, gw2, torch.ones_like(gw2)).sqrt(), torch.zeros_like(gw2))
+        lmbda = torch.where(
+            nonzero,
+            coef / torch.where(nonzero, gw2, torch.ones_like(gw2)).sqrt(),
+            torch.zeros_like(gw2),
+        )
         weights = 1.0 / K + lmbda * w
         if self.rescale == 1:
             weights = weights / (1.0 + self.c**2)

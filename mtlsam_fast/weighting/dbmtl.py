@@ -82,9 +82,17 @@ class DBMTL(Weighting):
         check_state_keys(self.name, state, {"sq_norm_ema", "step"})
         sq, step = state["sq_norm_ema"], state["step"]
         if (sq is None) != (step is None):
-            raise ValueError("DBMTL state: 'sq_norm_ema' and 'step' must both be set or both be None")
-        if sq is not None and (not isinstance(sq, torch.Tensor) or sq.dim() != 1
-                               or not isinstance(step, torch.Tensor) or step.dim() != 0):
-            raise ValueError("DBMTL state: 'sq_norm_ema' must be a [K] tensor and 'step' a 0-d tensor")
+            raise ValueError(
+                "DBMTL state: 'sq_norm_ema' and 'step' must both be set or both be None"
+            )
+        if sq is not None and (
+            not isinstance(sq, torch.Tensor)
+            or sq.dim() != 1
+            or not isinstance(step, torch.Tensor)
+            or step.dim() != 0
+        ):
+            raise ValueError(
+                "DBMTL state: 'sq_norm_ema' must be a [K] tensor and 'step' a 0-d tensor"
+            )
         self._sq = None if sq is None else sq.to(torch.float64).clone()
         self._step = None if step is None else step.to(torch.float64).clone()

@@ -27,9 +27,19 @@ class FairGrad(Weighting):
 
     name = "fairgrad"
 
-    def __init__(self, alpha: float = 1.0, normalize: bool = True, *, max_iter: int = DEFAULT_MAX_ITER,
-                 reg: float = DEFAULT_REG):
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < float("inf"):
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        normalize: bool = True,
+        *,
+        max_iter: int = DEFAULT_MAX_ITER,
+        reg: float = DEFAULT_REG,
+    ):
+        if (
+            not isinstance(alpha, (int, float))
+            or isinstance(alpha, bool)
+            or not 0 < alpha < float("inf")
+        ):
             raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
         if not isinstance(normalize, bool):
             raise ValueError(f"normalize must be a bool, got {normalize!r}")
@@ -40,5 +50,7 @@ class FairGrad(Weighting):
         self.reg = float(reg)
 
     def weights(self, gram: Tensor, losses: Tensor | None) -> Tensor:
-        w = solve_power_equation(gram, self.alpha, normalize=self.normalize, max_iter=self.max_iter, reg=self.reg)
+        w = solve_power_equation(
+            gram, self.alpha, normalize=self.normalize, max_iter=self.max_iter, reg=self.reg
+        )
         return nan_if_nonfinite(w.to(out_dtype(gram)), gram)

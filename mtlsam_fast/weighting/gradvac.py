@@ -98,8 +98,11 @@ class GradVac(Weighting):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_state_keys(self.name, state, {"stream", "target"})
         target = state["target"]
-        if target is not None and (not isinstance(target, torch.Tensor) or target.dim() != 2
-                                   or target.shape[0] != target.shape[1]):
+        if target is not None and (
+            not isinstance(target, torch.Tensor)
+            or target.dim() != 2
+            or target.shape[0] != target.shape[1]
+        ):
             raise ValueError("GradVac state 'target' must be None or a K x K tensor")
         self._stream.load_state_dict(state["stream"])
         self._target = None if target is None else target.to(torch.float64).clone()

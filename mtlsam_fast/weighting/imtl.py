@@ -50,7 +50,9 @@ class IMTL(Weighting):
         inv = torch.where(has, 1.0 / torch.where(has, n, torch.ones_like(n)), torch.zeros_like(n))
         eye = torch.eye(K, dtype=torch.float64, device=dev)
         both = has[:, None] & has[None, :]
-        C = torch.where(both, g * inv[:, None] * inv[None, :], eye)  # a zero gradient: a dummy unit row
+        C = torch.where(
+            both, g * inv[:, None] * inv[None, :], eye
+        )  # a zero gradient: a dummy unit row
         lam = LAMBDA.get(gram.dtype, LAMBDA_LOW)
         LU, piv, _ = torch.linalg.lu_factor_ex(C + lam * eye)
         ones = torch.ones(K, 1, dtype=torch.float64, device=dev)
@@ -59,6 +61,9 @@ class IMTL(Weighting):
             y = y + torch.linalg.lu_solve(LU, piv, ones - C @ y)
         v = y[:, 0] * inv
         total = v.sum()
-        w = torch.where(total != 0, v / torch.where(total != 0, total, torch.ones_like(total)),
-                        torch.full_like(v, 1.0 / K))
+        w = torch.where(
+            total != 0,
+            v / torch.where(total != 0, total, torch.ones_like(total)),
+            torch.full_like(v, 1.0 / K),
+        )
         return nan_if_nonfinite(w.to(out_dtype(gram)), gram)

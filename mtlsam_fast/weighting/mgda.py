@@ -27,10 +27,18 @@ class MGDA(Weighting):
 
     name = "mgda"
 
-    def __init__(self, normalization: str = "none", *, max_iter: int = qp.DEFAULT_MAX_ITER,
-                 tol: float = qp.DEFAULT_TOL, backend: str | None = None):
+    def __init__(
+        self,
+        normalization: str = "none",
+        *,
+        max_iter: int = qp.DEFAULT_MAX_ITER,
+        tol: float = qp.DEFAULT_TOL,
+        backend: str | None = None,
+    ):
         if normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+            raise ValueError(
+                f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}"
+            )
         self.normalization = normalization
         self.max_iter = max_iter
         self.tol = tol
@@ -53,5 +61,10 @@ class MGDA(Weighting):
         else:
             n = losses.to(dt) * norms
         n = torch.where(n > 0, n, torch.ones_like(n))
-        v = ops.solve_qp(g / (n[:, None] * n[None, :]), max_iter=self.max_iter, tol=self.tol, backend=self.backend)
+        v = ops.solve_qp(
+            g / (n[:, None] * n[None, :]),
+            max_iter=self.max_iter,
+            tol=self.tol,
+            backend=self.backend,
+        )
         return (v / n).to(dt)

@@ -48,8 +48,14 @@ def _check_solver_options(max_iter: int, reg: float) -> None:
         raise ValueError(f"reg must be a positive number, got {reg!r}")
 
 
-def solve_power_equation(gram: Tensor, alpha: float = 1.0, *, normalize: bool = True,
-                         max_iter: int = DEFAULT_MAX_ITER, reg: float = DEFAULT_REG) -> Tensor:
+def solve_power_equation(
+    gram: Tensor,
+    alpha: float = 1.0,
+    *,
+    normalize: bool = True,
+    max_iter: int = DEFAULT_MAX_ITER,
+    reg: float = DEFAULT_REG,
+) -> Tensor:
     """``w > 0`` with ``Gamma w = w^(-1/alpha)`` (float64, on ``gram.device``); see the module docstring.
 
     ``normalize=True`` solves with ``Gamma / ||Gamma||_F``; the paper's solution for ``Gamma`` itself
@@ -99,8 +105,11 @@ def solve_power_equation(gram: Tensor, alpha: float = 1.0, *, normalize: bool = 
         sol, _ = torch.linalg.solve_ex(s[:, None] * H * s[None, :], (s * grad)[:, None])
         delta = -s * sol[:, 0]
         # fraction-to-boundary: the longest step keeping v > 0, shrunk by 0.99, capped at 1
-        ratio = torch.where(delta < 0, -v / torch.where(delta < 0, delta, -torch.ones_like(delta)),
-                            torch.full_like(v, float("inf")))
+        ratio = torch.where(
+            delta < 0,
+            -v / torch.where(delta < 0, delta, -torch.ones_like(delta)),
+            torch.full_like(v, float("inf")),
+        )
         t_max = (0.99 * ratio.amin()).clamp(max=1.0)
         ts = t_max * steps
         V = v[None, :] + ts[:, None] * delta[None, :]
@@ -136,7 +145,9 @@ class NashMTL(Weighting):
 
     name = "nashmtl"
 
-    def __init__(self, normalize: bool = True, *, max_iter: int = DEFAULT_MAX_ITER, reg: float = DEFAULT_REG):
+    def __init__(
+        self, normalize: bool = True, *, max_iter: int = DEFAULT_MAX_ITER, reg: float = DEFAULT_REG
+    ):
         if not isinstance(normalize, bool):
             raise ValueError(f"normalize must be a bool, got {normalize!r}")
         _check_solver_options(max_iter, reg)
@@ -145,5 +156,7 @@ class NashMTL(Weighting):
         self.reg = float(reg)
 
     def weights(self, gram: Tensor, losses: Tensor | None) -> Tensor:
-        w = solve_power_equation(gram, 1.0, normalize=self.normalize, max_iter=self.max_iter, reg=self.reg)
+        w = solve_power_equation(
+            gram, 1.0, normalize=self.normalize, max_iter=self.max_iter, reg=self.reg
+        )
         return nan_if_nonfinite(w.to(out_dtype(gram)), gram)

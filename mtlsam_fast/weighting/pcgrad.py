@@ -64,7 +64,9 @@ class PCGrad(Weighting):
             onehot = (rows[None, :] == j[:, None]).to(torch.float64)  # [i, k] = [k == j_i]
             ip = (C * g[:, j].T).sum(dim=1)  # <g_i^PC, g_{j_i}>
             gjj = diag[j]
-            coef = torch.where(gjj > 0, ip / torch.where(gjj > 0, gjj, torch.ones_like(gjj)), torch.zeros_like(ip))
+            coef = torch.where(
+                gjj > 0, ip / torch.where(gjj > 0, gjj, torch.ones_like(gjj)), torch.zeros_like(ip)
+            )
             C = C - coef.clamp(max=0)[:, None] * onehot
         w = C.sum(dim=0)
         if self.reduction == "mean":

@@ -24,13 +24,21 @@ def _check_pref(pref_vector: Tensor | None) -> Tensor | None:
     if not isinstance(pref_vector, torch.Tensor):
         pref_vector = torch.as_tensor(pref_vector)
     if pref_vector.dim() != 1 or pref_vector.numel() < 1 or not pref_vector.is_floating_point():
-        raise ValueError(f"pref_vector must be a non-empty 1-D floating-point tensor, got {pref_vector!r}")
+        raise ValueError(
+            f"pref_vector must be a non-empty 1-D floating-point tensor, got {pref_vector!r}"
+        )
     return pref_vector.detach().clone()
 
 
 class _DualConeWeighting(Weighting):
-    def __init__(self, pref_vector: Tensor | None = None, *, max_iter: int = qp.DEFAULT_MAX_ITER,
-                 tol: float = qp.DEFAULT_TOL, backend: str | None = None):
+    def __init__(
+        self,
+        pref_vector: Tensor | None = None,
+        *,
+        max_iter: int = qp.DEFAULT_MAX_ITER,
+        tol: float = qp.DEFAULT_TOL,
+        backend: str | None = None,
+    ):
         self.pref_vector = _check_pref(pref_vector)
         self.max_iter = max_iter
         self.tol = tol
@@ -41,14 +49,22 @@ class _DualConeWeighting(Weighting):
         if self.pref_vector is None:
             return torch.full((K,), 1.0 / K, dtype=torch.float64, device=gram.device)
         if self.pref_vector.shape[0] != K:
-            raise ValueError(f"pref_vector has {self.pref_vector.shape[0]} entries but the gram is {K}x{K}")
+            raise ValueError(
+                f"pref_vector has {self.pref_vector.shape[0]} entries but the gram is {K}x{K}"
+            )
         return self.pref_vector.to(device=gram.device, dtype=torch.float64)
 
     def _solve(self, gram: Tensor, lower: Tensor) -> Tensor:
         G = gram.to(torch.float64)
         G = 0.5 * (G + G.T)
-        return ops.solve_qp(G.expand(*lower.shape[:-1], *G.shape), lower=lower, constraint="lower",
-                            max_iter=self.max_iter, tol=self.tol, backend=self.backend)
+        return ops.solve_qp(
+            G.expand(*lower.shape[:-1], *G.shape),
+            lower=lower,
+            constraint="lower",
+            max_iter=self.max_iter,
+            tol=self.tol,
+            backend=self.backend,
+        )
 
 
 class UPGrad(_DualConeWeighting):

@@ -67,23 +67,42 @@ def test_segment_norms_combine_perturb(dtype):
     w = torch.rand(P, device=DEV)
     for x in (torch.randn(P, device=DEV).to(dtype), _buffer(3, P, dtype, view=True)):
         for weight in (None, w):
-            torch.testing.assert_close(ops.segment_norms(x, offsets, weight=weight, backend="cuda"),
-                                       ref.segment_norms(x, offsets, weight), rtol=5e-5, atol=1e-6)
+            torch.testing.assert_close(
+                ops.segment_norms(x, offsets, weight=weight, backend="cuda"),
+                ref.segment_norms(x, offsets, weight),
+                rtol=5e-5,
+                atol=1e-6,
+            )
     G = _buffer(5, P, dtype, view=False)
     wk = torch.rand(5, device=DEV)
     tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
-    torch.testing.assert_close(ops.combine(wk, G, backend="cuda"),
-                               ref.combine(wk, G, None, None, torch.empty(P, dtype=dtype, device=DEV)),
-                               rtol=tol, atol=tol * 5)
+    torch.testing.assert_close(
+        ops.combine(wk, G, backend="cuda"),
+        ref.combine(wk, G, None, None, torch.empty(P, dtype=dtype, device=DEV)),
+        rtol=tol,
+        atol=tol * 5,
+    )
     backup = torch.randn(P, device=DEV).to(dtype)
     d = torch.randn(P, device=DEV).to(dtype)
     S = len(sizes)
     for adaptive in (False, True):
         theta = torch.empty_like(backup)
         scale, ns = torch.rand(S, device=DEV), torch.tensor(0.01, device=DEV)
-        ops.perturb(theta, backup, offsets, d, scale, adaptive=adaptive, noise_scale=ns, seed=3, noise_offset=11,
-                    backend="cuda")
-        expect = ref.perturb(torch.empty_like(backup), backup, d, scale, offsets, adaptive, ns, 3, 11)
+        ops.perturb(
+            theta,
+            backup,
+            offsets,
+            d,
+            scale,
+            adaptive=adaptive,
+            noise_scale=ns,
+            seed=3,
+            noise_offset=11,
+            backend="cuda",
+        )
+        expect = ref.perturb(
+            torch.empty_like(backup), backup, d, scale, offsets, adaptive, ns, 3, 11
+        )
         ptol = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
         torch.testing.assert_close(theta, expect, rtol=ptol, atol=1e-5)
         ops.restore(theta, backup)
@@ -98,11 +117,17 @@ def test_philox_noise_and_stats():
         e0, e1 = philox.philox4x32(seed, torch.arange(off, off + 1000, device=DEV))
         assert torch.equal(r0, e0) and torch.equal(r1, e1)
     z = ops.gaussian_noise(9, 123, 100_001, device=DEV, backend="cuda")
-    torch.testing.assert_close(z, ref.gaussian_noise(9, 123, 100_001, torch.device(DEV)), rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(
+        z, ref.gaussian_noise(9, 123, 100_001, torch.device(DEV)), rtol=1e-5, atol=2e-6
+    )
     offsets = _offsets([1000, 0, 40_000, 9_001])
     r = torch.randn(50_001, device=DEV)
-    torch.testing.assert_close(ops.noise_stats(9, 5, r, offsets, backend="cuda"), ref.noise_stats(9, 5, r, offsets),
-                               rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(
+        ops.noise_stats(9, 5, r, offsets, backend="cuda"),
+        ref.noise_stats(9, 5, r, offsets),
+        rtol=1e-4,
+        atol=1e-3,
+    )
 
 
 def _grams(K, B=6):
@@ -212,7 +237,9 @@ def test_fused_aggregation_matches_unfused(dtype, K):
     backup = torch.randn(P, device=DEV).to(dtype)
     rho = torch.tensor([0.05], device=DEV)
     agg(G, out, mode="perturb", scale=rho, backup=backup)
-    torch.testing.assert_close(out.float(), backup.float() + 0.05 * d / d.norm(), rtol=tol, atol=tol)
+    torch.testing.assert_close(
+        out.float(), backup.float() + 0.05 * d / d.norm(), rtol=tol, atol=tol
+    )
     p = backup.clone()
     agg(G, p, mode="update", scale=rho)
     torch.testing.assert_close(p.float(), backup.float() - 0.05 * d, rtol=tol, atol=tol)
@@ -249,7 +276,9 @@ def test_cuda_graph_capture_and_replay():
         G.mul_(scale)
         graph.replay()
         torch.cuda.synchronize()
-        _close(gram, G.double() @ G.double().T, 2e-6)  # fp64 truth (cuBLAS's fp32 sum is ~1e-5 off here)
+        _close(
+            gram, G.double() @ G.double().T, 2e-6
+        )  # fp64 truth (cuBLAS's fp32 sum is ~1e-5 off here)
         torch.testing.assert_close(norms, ref.segment_norms(G, offsets), rtol=1e-5, atol=1e-5)
         w = qp.solve_qp(ref.gram(G))
         d = ref.combine(w, G, None, None, torch.empty(P, device=DEV))

@@ -39,11 +39,15 @@ def test_matches_the_oracle_at_large_p(backend, dtype, K, subtract):
     # (much smaller, cancelling) off-diagonal entry itself
     scale = exact.diagonal().sqrt()
     # (1e-5: bf16 tensor-core tiles keep ~1e-6 of truncation bias, see triton_kernels/gram.py)
-    assert float(((res.gram.double() - exact).abs() / (scale[:, None] * scale[None, :])).max()) <= 1e-5
+    assert (
+        float(((res.gram.double() - exact).abs() / (scale[:, None] * scale[None, :])).max()) <= 1e-5
+    )
     assert float(ops.kkt_residual(exact, res.weights.double())) <= 1e-5
     d = res.weights.double() @ G.double()
     expected = out0.double() - d if subtract else d
-    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    torch.testing.assert_close(
+        out.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max())
+    )
 
 
 def test_no_host_sync_and_graph_replay(backend):
@@ -75,7 +79,9 @@ def test_no_host_sync_and_graph_replay(backend):
 
 @pytest.mark.parametrize("cls", ["MTLOptimizer", "FMTL"])
 def test_optimizer_takes_the_fused_path(backend, cls, monkeypatch):
-    mod = {"cuda": "mtlsam_fast.ops.cuda_backend", "triton": "mtlsam_fast.ops.triton_backend"}[backend]
+    mod = {"cuda": "mtlsam_fast.ops.cuda_backend", "triton": "mtlsam_fast.ops.triton_backend"}[
+        backend
+    ]
     import importlib
 
     bmod = importlib.import_module(mod)
@@ -88,12 +94,19 @@ def test_optimizer_takes_the_fused_path(backend, cls, monkeypatch):
         trunk = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU()).to(DEV)
         heads = torch.nn.ModuleList([torch.nn.Linear(64, 1) for _ in range(3)]).to(DEV)
         x, y = torch.randn(64, 32, device=DEV), torch.randn(3, 64, device=DEV)
-        opt = getattr(mtlsam_fast, cls)(trunk.parameters(), [h.parameters() for h in heads],
-                                        weighting="mgda", lr=0.1, backend=be)
+        opt = getattr(mtlsam_fast, cls)(
+            trunk.parameters(),
+            [h.parameters() for h in heads],
+            weighting="mgda",
+            lr=0.1,
+            backend=be,
+        )
 
         def closure():
             f = trunk(x)
-            return [torch.nn.functional.mse_loss(h(f).squeeze(1), y[i]) for i, h in enumerate(heads)]
+            return [
+                torch.nn.functional.mse_loss(h(f).squeeze(1), y[i]) for i, h in enumerate(heads)
+            ]
 
         for _ in range(3):
             opt.step(closure)

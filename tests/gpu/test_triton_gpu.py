@@ -73,15 +73,37 @@ def test_elementwise_ops_large_p(dtype):
     assert _rel_err(norms, ops.segment_norms(A, offsets, backend="torch")) < 1e-4
     theta, backup = torch.empty(P, device="cuda", dtype=dtype), A[0]
     scale = torch.rand(4, device="cuda")
-    ops.perturb(theta, backup, offsets, A[1], scale, adaptive=True, noise_scale=scale, seed=5, noise_offset=2**33,
-                backend="triton")
+    ops.perturb(
+        theta,
+        backup,
+        offsets,
+        A[1],
+        scale,
+        adaptive=True,
+        noise_scale=scale,
+        seed=5,
+        noise_offset=2**33,
+        backend="triton",
+    )
     ref = torch.empty_like(theta)
-    ops.perturb(ref, backup, offsets, A[1], scale, adaptive=True, noise_scale=scale, seed=5, noise_offset=2**33,
-                backend="torch")
+    ops.perturb(
+        ref,
+        backup,
+        offsets,
+        A[1],
+        scale,
+        adaptive=True,
+        noise_scale=scale,
+        seed=5,
+        noise_offset=2**33,
+        backend="torch",
+    )
     tol = 1e-5 if dtype == torch.float32 else 2.0**-7
     torch.testing.assert_close(theta.float(), ref.float(), rtol=tol, atol=1e-4)
     z = ops.gaussian_noise(5, 2**33, P, device="cuda", backend="triton")
-    torch.testing.assert_close(z, ops.gaussian_noise(5, 2**33, P, device="cuda", backend="torch"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        z, ops.gaussian_noise(5, 2**33, P, device="cuda", backend="torch"), rtol=1e-5, atol=1e-5
+    )
     st = ops.noise_stats(5, 2**33, backup, offsets, backend="triton")
     assert _rel_err(st, ops.noise_stats(5, 2**33, backup, offsets, backend="torch")) < 1e-4
 
@@ -108,7 +130,16 @@ def _pipeline(tb, G, offsets, theta, backup, out, lr):
     d = ops.combine(w, G, out=out, backend="triton")
     norms = ops.segment_norms(d, offsets, backend="triton")
     scale = 0.05 / norms.pow(2).sum().sqrt()
-    ops.perturb(theta, backup, offsets, d, scale.reshape(1), noise_scale=scale.reshape(1), seed=3, backend="triton")
+    ops.perturb(
+        theta,
+        backup,
+        offsets,
+        d,
+        scale.reshape(1),
+        noise_scale=scale.reshape(1),
+        seed=3,
+        backend="triton",
+    )
     ops.noise_stats(3, 0, d, offsets, backend="triton")
     agg = tb.fused_aggregate(G, G, out=out, theta=theta, lr=lr)
     return gram, w, d, agg.weights
@@ -120,7 +151,10 @@ def test_no_host_sync():
     G = torch.randn(8, P, device="cuda", dtype=torch.bfloat16)
     offsets = torch.tensor([0, 1000, P], device="cuda")
     theta, backup = torch.empty(P, device="cuda"), torch.randn(P, device="cuda")
-    out, lr = torch.empty(P, device="cuda", dtype=torch.bfloat16), torch.tensor([0.1], device="cuda")
+    out, lr = (
+        torch.empty(P, device="cuda", dtype=torch.bfloat16),
+        torch.tensor([0.1], device="cuda"),
+    )
     _pipeline(tb, G, offsets, theta, backup, out, lr)  # warm-up: compile + autotune (may sync)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
