@@ -143,9 +143,9 @@ def _version(mod: str) -> str | None:
         __import__(mod)
         try:
             return version(mod)
-        except Exception:  # noqa: BLE001 - not installed as a distribution
+        except Exception:
             return getattr(__import__(mod), "__version__", "installed")
-    except Exception:  # noqa: BLE001 - optional package, any import failure means "absent"
+    except Exception:
         return None
 
 

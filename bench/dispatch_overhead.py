@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_cpu_kernels import interleaved_times  # noqa: E402
-from mtlsam_fast import _ext, ops  # noqa: E402
+from bench.bench_cpu_kernels import interleaved_times
+from mtlsam_fast import _ext, ops
 
 
 def cases(K: int = 4, P: int = 64) -> dict[str, tuple[Callable[[], object], ...]]:

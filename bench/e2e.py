@@ -44,8 +44,8 @@ import traceback
 from pathlib import Path
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from . import naive
 from .common import REPO_ROOT, machine_info, sync
@@ -440,8 +440,8 @@ def analytical_bytes(method: str, impl: str, P: int, PH: int, K: int, itemsize: 
 
 def mtlsam_optimizers() -> tuple[dict | None, str | None]:
     try:
-        from mtlsam_fast.optim import FMTL, SAMO, MTLOptimizer  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - the optimizers are being written by another engineer
+        from mtlsam_fast.optim import FMTL, SAMO, MTLOptimizer
+    except Exception as e:
         return None, f"{type(e).__name__}: {e}"
     return {"fmtl": FMTL, "samo": SAMO, "mgda": MTLOptimizer}, None
 
@@ -502,7 +502,7 @@ def run_case(
         head_lists = [list(h.parameters()) for h in heads]
         step = lambda: naive_step(
             method, probe, shared, head_lists, base, args.rho, args.alpha, args.mu
-        )  # noqa: E731
+        )
     else:
         opt = make_mtlsam(method, classes, shared, heads, args.lr, args.rho, args.alpha, args.mu)
         step = lambda: opt.step(probe)  # noqa: E731
@@ -644,7 +644,7 @@ def main(args: argparse.Namespace) -> int:
                 print(f"  e2e {model} {method} {impl} ...", flush=True)
                 try:
                     rows.append(run_case(model, method, impl, args, device, classes))
-                except Exception as e:  # noqa: BLE001 - report and keep going
+                except Exception as e:
                     traceback.print_exc()
                     rows.append({**base, "error": f"{type(e).__name__}: {e}"[:300]})
     for r in rows:

@@ -31,11 +31,12 @@ _TORCHJD_ARGS = {"CAGradWeighting": {"c": 0.5}}
 
 def torchjd_version() -> str | None:
     try:
-        import torchjd  # noqa: F401
         from importlib.metadata import version
 
+        import torchjd  # noqa: F401
+
         return version("torchjd")
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
 
 
@@ -50,7 +51,7 @@ def torchjd_weighting(name: str) -> Callable[[Tensor], Tensor] | None:
         w = getattr(agg, cls_name)(**_TORCHJD_ARGS.get(cls_name, {}))
         w(torch.eye(2, dtype=torch.float64))  # fails here if an optional solver is missing
         return w
-    except Exception:  # noqa: BLE001 - peer absent or incomplete
+    except Exception:
         return None
 
 

@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.bench_triton_gpu import timeit  # noqa: E402
-from mtlsam_fast import ops  # noqa: E402
+from bench.bench_triton_gpu import timeit
+from mtlsam_fast import ops
 
 
 def main() -> int:

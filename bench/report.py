@@ -323,7 +323,7 @@ def weighting_cases(
     for b in backends:
         try:
             w = weighting.get(name)
-        except Exception as e:  # noqa: BLE001 - a weighting still being written
+        except Exception as e:
             cases.append(Case(b, "backend", _raiser(e)))
             continue
 
@@ -430,7 +430,7 @@ def sweep(st: Settings, log=print) -> tuple[list[Row], dict]:
                         cases = p_op_cases(
                             op, K, P, dtype, st.device, st.backends, bounds, st.naive
                         )
-                    except Exception as e:  # noqa: BLE001
+                    except Exception as e:
                         rows.append(
                             Row(
                                 op,
@@ -466,7 +466,7 @@ def sweep(st: Settings, log=print) -> tuple[list[Row], dict]:
                             continue
                         try:
                             _run_case(case, row, st)
-                        except Exception as e:  # noqa: BLE001 - a backend being written must not stop the sweep
+                        except Exception as e:
                             row.error = _fmt_err(e)
                             rows.append(row)
                             continue
@@ -506,7 +506,7 @@ def sweep(st: Settings, log=print) -> tuple[list[Row], dict]:
                             if case.result is not None and out is not None:
                                 v = case.result(out).to(torch.float64).cpu()
                                 row.kkt = float(kkt_residual(gram.double().cpu(), v))
-                        except Exception as e:  # noqa: BLE001
+                        except Exception as e:
                             row.error = _fmt_err(e)
                         rows.append(row)
                 log(f"  {op:15s} {dname} K={K:<3d} done")
@@ -718,7 +718,7 @@ def plot(rows: list[Row], roof: dict, meta: dict, out_dir: Path) -> list[Path]:
             if not ok:
                 ok = [r for r in rows if r.op == op and not r.error]
             Kmax = max(r.K for r in ok)
-            ok = [r for r in ok if r.K == Kmax]
+            ok = [r for r in ok if Kmax == r.K]
             roof_kind = ok[0].roof
             for impl in dict.fromkeys(r.impl for r in ok):
                 pts = sorted((r.P, r.gbps, r.pct_roof) for r in ok if r.impl == impl)

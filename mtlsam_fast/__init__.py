@@ -16,18 +16,18 @@ from .ops import available_backends, get_backend, set_backend
 __version__ = "0.1.0"
 
 __all__ = [
-    "ops",
-    "weighting",
-    "FlatLayout",
-    "GradBuffer",
-    "Segment",
-    "flatten_parameters",
-    "available_backends",
-    "get_backend",
-    "set_backend",
     "FMTL",
     "SAMO",
+    "FlatLayout",
+    "GradBuffer",
     "MTLOptimizer",
+    "Segment",
+    "available_backends",
+    "flatten_parameters",
+    "get_backend",
+    "ops",
+    "set_backend",
+    "weighting",
 ]
 
 _LAZY = {

@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
     # kernels on CPU tensors in the interpreter (set before any test module imports Triton).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])

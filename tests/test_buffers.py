@@ -171,9 +171,8 @@ def test_duplicate_and_mixed_device_parameters_raise():
     with pytest.raises(ValueError, match="num_tasks"):
         GradBuffer([p], 0)
     buf = GradBuffer([p], 2)
-    with pytest.raises(IndexError, match="out of range"):
-        with buf.capture(2):
-            pass
+    with pytest.raises(IndexError, match="out of range"), buf.capture(2):
+        pass
 
 
 def test_capture_on_device(device):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TOLERANCES
 
 import mtlsam_fast
 from mtlsam_fast import ops
-from conftest import TOLERANCES
 
 KS = [1, 2, 3, 8, 17, 64]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

@@ -18,7 +18,8 @@ same configurations are sane on A100 (108 SMs), where the tuner simply picks amo
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

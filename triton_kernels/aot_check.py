@@ -21,12 +21,12 @@ import time
 
 os.environ.pop("TRITON_INTERPRET", None)
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from . import elementwise as ew  # noqa: E402
-from . import fused, gram, qp  # noqa: E402
+from . import elementwise as ew
+from . import fused, gram, qp
 
 
 def _usage(kernel) -> str:
@@ -282,7 +282,7 @@ def main(argv=None) -> int:
     failed = 0
     for name, fn, sig, consts, nw in _cases(args.quick):
         t = time.time()
-        sig = {**sig, **{k: "constexpr" for k in consts}}
+        sig = {**sig, **dict.fromkeys(consts, "constexpr")}
         src = ASTSource(
             fn=fn,
             signature=sig,

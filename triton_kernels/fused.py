@@ -36,7 +36,7 @@ from .qp import MAX_K, qp_core, qp_num_warps
 def _reduce_tile(WS, nparts, KP: tl.constexpr):
     rk = tl.arange(0, KP)
     acc = tl.zeros((KP, KP), dtype=tl.float32)
-    for j in range(0, nparts):
+    for j in range(nparts):
         acc += tl.load(
             WS + tl.cast(j, tl.int64) * (KP * KP) + rk[:, None] * KP + rk[None, :],
             cache_modifier=".cg",

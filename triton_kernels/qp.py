@@ -47,7 +47,7 @@ def sweep_inverse(M, K, KP: tl.constexpr):
     reduction); the row is the same vector laid out along the other axis."""
     rk = tl.arange(0, KP)
     A = M
-    for k in range(0, K):
+    for k in range(K):
         colsel = rk[None, :] == k
         rowsel = rk[:, None] == k
         c = tl.sum(tl.where(colsel, A, 0.0), axis=1)

@@ -26,22 +26,22 @@ _registry._modules["torch"] = _torch_backend  # the reference is always loaded (
 Tensor = torch.Tensor
 
 __all__ = [
+    "MinNormAggregate",
     "available_backends",
-    "get_backend",
-    "set_backend",
-    "gram",
-    "diff_gram",
-    "segment_norms",
     "combine",
-    "perturb",
-    "restore",
+    "diff_gram",
     "gaussian_noise",
-    "noise_stats",
-    "perturb_noise_stats",
-    "solve_qp",
+    "get_backend",
+    "gram",
     "kkt_residual",
     "min_norm_aggregate",
-    "MinNormAggregate",
+    "noise_stats",
+    "perturb",
+    "perturb_noise_stats",
+    "restore",
+    "segment_norms",
+    "set_backend",
+    "solve_qp",
 ]
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)

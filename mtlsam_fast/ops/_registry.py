@@ -51,7 +51,7 @@ def auto_order(
     """The backends ``"auto"`` tries for ``op`` on ``device_type``, for a buffer of ``dtype`` with ``K`` rows."""
     order = AUTO_ORDER.get(device_type, ("torch",))
     from_k = _TRITON_GRAM_FROM_K.get(dtype) if device_type == "cuda" and op == "gram" else None
-    if from_k is not None and K is not None and K >= from_k:
+    if from_k is not None and K is not None and from_k <= K:
         return ("triton", *(b for b in order if b != "triton"))
     return order
 

@@ -23,18 +23,18 @@ from . import torch_backend
 Tensor = torch.Tensor
 
 __all__ = [
-    "unavailable_reason",
-    "gram",
-    "diff_gram",
-    "segment_norms",
     "combine",
-    "perturb",
-    "gaussian_noise",
-    "noise_stats",
-    "solve_qp",
+    "diff_gram",
     "fused_aggregate",
+    "gaussian_noise",
+    "gram",
     "min_norm_aggregate",
+    "noise_stats",
+    "perturb",
     "pin_config",
+    "segment_norms",
+    "solve_qp",
+    "unavailable_reason",
 ]
 
 #: the kernels keep a K x K tile in registers; larger K (outside the design range) uses torch.

@@ -13,4 +13,4 @@ from .base import MTLBase, frozen_running_stats
 from .fmtl import FMTL
 from .samo import SAMO
 
-__all__ = ["MTLBase", "MTLOptimizer", "FMTL", "SAMO", "frozen_running_stats"]
+__all__ = ["FMTL", "SAMO", "MTLBase", "MTLOptimizer", "frozen_running_stats"]

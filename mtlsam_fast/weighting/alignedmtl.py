@@ -31,7 +31,7 @@ def _round_robin(K: int) -> list[tuple[list[int], list[int]]]:
     return rounds
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _round_indices(K: int, device: torch.device) -> tuple[tuple[Tensor, Tensor], ...]:
     """:func:`_round_robin` as index tensors on ``device``, built once per (K, device): building
     them is a host-to-device copy, which synchronizes."""

@@ -116,7 +116,7 @@ def solve_power_equation(
         admissible = (V > 0).all(dim=1)
         F = objective(torch.where(V > 0, V, torch.ones_like(V)))
         f0 = objective(v)
-        ok = admissible & (F <= f0 + _ARMIJO * ts * (grad * delta).sum() + 1e-13 * f0.abs())
+        ok = admissible & (f0 + _ARMIJO * ts * (grad * delta).sum() + 1e-13 * f0.abs() >= F)
         first = torch.argmax(ok.to(torch.int8))  # the largest admissible step (index 0 if none)
         t = torch.where(ok.any(), ts.gather(0, first.reshape(1))[0], torch.zeros_like(ts[0]))
         v = rescale(v + t * delta)
