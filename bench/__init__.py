@@ -1,4 +1,4 @@
-"""mtlsam_fast benchmarks: pytest-benchmark microbenchmarks and the report CLI (``python -m bench``).
+"""mtlsam_fast benchmarks: pytest-benchmark microbenchmarks, the report CLI (``python -m bench``).
 
 * ``python -m bench [--quick]``: the op sweep (:mod:`bench.report`) with roofline and baselines.
 * ``python -m bench e2e``: one optimizer step of F-MTL, SAMO and MGDA on ResNet-18 / a transformer

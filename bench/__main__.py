@@ -1,4 +1,5 @@
-"""``python -m bench``: the op sweep report; ``python -m bench e2e``: the end-to-end step benchmark."""
+"""``python -m bench``: the op sweep report; ``python -m bench e2e``: the end-to-end step
+benchmark."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m bench",
         description="Op sweep: every op x backend x dtype x K x P, with roofline and baselines. "
-        "Subcommand 'e2e' runs the end-to-end optimizer-step benchmark (python -m bench e2e --help).",
+        "Subcommand 'e2e' runs the end-to-end optimizer-step benchmark "
+        "(python -m bench e2e --help).",
     )
     report.add_arguments(ap)
     return report.main(ap.parse_args(argv))

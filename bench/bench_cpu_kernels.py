@@ -1,4 +1,4 @@
-"""CPU kernels of mtlsam_fast._C versus the machine's read bandwidth, torch.mm and quadprog.
+"""CPU kernels of mtlsam_fast._C vs. the machine's read bandwidth, torch.mm and quadprog.
 
 One run measures, on the same buffers:
 
@@ -11,7 +11,8 @@ One run measures, on the same buffers:
   turns within each round, and the KKT residual both reach.
 
 Usage: ``python bench/bench_cpu_kernels.py [--mib 128] [--repeat 7] [--json out.json]``.
-Numbers are wall-clock, best of several windows (same rule for every baseline); nothing here gates CI.
+Numbers are wall-clock, best of several windows (same rule for every baseline); nothing here
+gates CI.
 """
 
 from __future__ import annotations
@@ -54,10 +55,10 @@ def bench_bandwidth(mib: int, repeat: int, rows: list[dict]) -> None:
             P = mib * 2**20 // (K * esz) | 1  # odd P
             G = torch.randn(K, P).to(dtype)
             nbytes = G.numel() * esz
-            t_sum = median_time(lambda: G.sum(), repeat)
+            t_sum = median_time(lambda G=G: G.sum(), repeat)
             bw = nbytes / t_sum / 1e9
-            t_gram = median_time(lambda: ops.gram(G, backend="cpu"), repeat)
-            t_mm = median_time(lambda: ref.gram(G), max(3, repeat // 2))
+            t_gram = median_time(lambda G=G: ops.gram(G, backend="cpu"), repeat)
+            t_mm = median_time(lambda G=G: ref.gram(G), max(3, repeat // 2))
             row = {
                 "op": "gram",
                 "dtype": str(dtype).split(".")[-1],
@@ -73,8 +74,9 @@ def bench_bandwidth(mib: int, repeat: int, rows: list[dict]) -> None:
             row["x_torch_mm"] = t_mm / t_gram
             rows.append(row)
             print(
-                f"gram      {row['dtype']:8s} K={K:2d} P={P:>10d}: {row['GBps']:6.2f} GB/s = {row['pct_of_sum']:5.1f}% of "
-                f"G.sum() {bw:6.2f} GB/s | torch.mm {row['torch_mm_GBps']:6.2f} GB/s ({row['x_torch_mm']:5.1f}x)"
+                f"gram      {row['dtype']:8s} K={K:2d} P={P:>10d}: {row['GBps']:6.2f} GB/s = "
+                f"{row['pct_of_sum']:5.1f}% of G.sum() {bw:6.2f} GB/s | "
+                f"torch.mm {row['torch_mm_GBps']:6.2f} GB/s ({row['x_torch_mm']:5.1f}x)"
             )
             if K == 8:
                 A = G.clone()
@@ -95,14 +97,17 @@ def bench_bandwidth(mib: int, repeat: int, rows: list[dict]) -> None:
                 r["pct_of_sum"] = 100 * r["GBps"] / bw
                 rows.append(r)
                 print(
-                    f"diff_gram {r['dtype']:8s} K={K:2d}: {r['GBps']:6.2f} GB/s (read A, B + write A) = "
+                    f"diff_gram {r['dtype']:8s} K={K:2d}: {r['GBps']:6.2f} GB/s "
+                    "(read A, B + write A) = "
                     f"{r['pct_of_sum']:5.1f}% of G.sum() | {r['x_torch']:5.1f}x torch sub_ + mm"
                 )
                 w = torch.rand(K)
                 out = torch.empty(P, dtype=dtype)
                 moved = nbytes + P * esz
-                t_comb = median_time(lambda: ops.combine(w, G, out=out, backend="cpu"), repeat)
-                t_ref = median_time(lambda: ref.combine(w, G, None, None, out), max(3, repeat // 2))
+                t_comb = median_time(lambda G=G: ops.combine(w, G, out=out, backend="cpu"), repeat)
+                t_ref = median_time(
+                    lambda G=G: ref.combine(w, G, None, None, out), max(3, repeat // 2)
+                )
                 r = {
                     "op": "combine",
                     "dtype": row["dtype"],
@@ -116,7 +121,8 @@ def bench_bandwidth(mib: int, repeat: int, rows: list[dict]) -> None:
                 r["pct_of_sum"] = 100 * r["GBps"] / bw
                 rows.append(r)
                 print(
-                    f"combine   {r['dtype']:8s} K={K:2d}: {r['GBps']:6.2f} GB/s (read G + write d)   = "
+                    f"combine   {r['dtype']:8s} K={K:2d}: {r['GBps']:6.2f} GB/s "
+                    "(read G + write d)   = "
                     f"{r['pct_of_sum']:5.1f}% of G.sum() | {r['x_torch']:5.1f}x torch mv"
                 )
                 del A, B, out
@@ -138,7 +144,8 @@ def qp_family(family: str, K: int, batch: int) -> torch.Tensor:
 
 def interleaved_times(fns: dict, rounds: int, window: float = 0.05) -> dict[str, float]:
     """Seconds per call of each function: the best of ``rounds`` windows, the functions' windows
-    taken in turn within every round -- so that a slow phase of a shared machine hits all of them."""
+    taken in turn within every round -- so that a slow phase of a shared machine hits all
+    of them."""
     calls = {}
     for name, fn in fns.items():
         fn()  # warm-up
@@ -218,13 +225,16 @@ def bench_qp(repeat: int, rows: list[dict], K: int = 64, batch: int = 64) -> Non
             )
         rows.append(row)
         print(
-            f"qp K={K} {family:4s}: one problem {row['ms_one']:.3f} ms, batch of {batch} {row['ms_batch']:.2f} ms "
-            f"({row['ms_per_problem_batched']:.3f} ms/problem), KKT max {kkt:.1e}, <= {row['iters_max']} "
-            f"iterations; torch reference {row['ms_torch_reference_one']:.2f} ms"
+            f"qp K={K} {family:4s}: one problem {row['ms_one']:.3f} ms, "
+            f"batch of {batch} {row['ms_batch']:.2f} ms "
+            f"({row['ms_per_problem_batched']:.3f} ms/problem), KKT max {kkt:.1e}, "
+            f"<= {row['iters_max']} iterations; "
+            f"torch reference {row['ms_torch_reference_one']:.2f} ms"
         )
         if quadprog is not None:
             print(
-                f"   quadprog: one {row['ms_quadprog_one']:.3f} ms ({row['x_quadprog_one']:.2f}x ours), batch "
+                f"   quadprog: one {row['ms_quadprog_one']:.3f} ms "
+                f"({row['x_quadprog_one']:.2f}x ours), batch "
                 f"{row['ms_quadprog_batch']:.2f} ms ({row['x_quadprog_batch']:.2f}x ours), "
                 f"KKT max {row['kkt_quadprog_max']:.1e}"
             )

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""One-command GPU benchmark of the Triton backend and the CUDA extension (H100/H200; any CUDA GPU).
+"""One-command GPU benchmark of the Triton backend and CUDA extension (H100/H200; any CUDA GPU).
 
-    python bench/bench_triton_gpu.py                 # full run, writes bench/results/triton_<gpu>.json
-    python bench/bench_triton_gpu.py --smoke         # tiny sizes; also runs on the CPU under TRITON_INTERPRET=1
+    python bench/bench_triton_gpu.py           # full run, writes bench/results/triton_<gpu>.json
+    python bench/bench_triton_gpu.py --smoke   # tiny sizes; also runs on the CPU
+                                               # under TRITON_INTERPRET=1
 
 For each op it prints time, achieved GB/s (bytes that must move: every input read once, every
 output written once), the percentage of the *measured* device-to-device copy bandwidth (the
@@ -42,7 +43,8 @@ DEV = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
 def timeit(fn, reps: int) -> float:
-    """Median seconds per call (CUDA events on a GPU, wall clock otherwise); one warm-up call first."""
+    """Median seconds per call (CUDA events on a GPU, wall clock otherwise);
+    one warm-up call first."""
     if not HAS_CUDA:  # the interpreter: one call, to show the script works
         t = time.perf_counter()
         fn()
@@ -81,7 +83,8 @@ def row(results, name, t, nbytes, copy_bw, **extra):
     ratios = "  ".join(f"{k}={v:.2f}x" for k, v in extra.items() if k.startswith("vs_"))
     others = "  ".join(f"{k}={v}" for k, v in extra.items() if not k.startswith("vs_"))
     print(
-        f"{name:44s} {t * 1e6:11.1f} us {gbps:9.1f} GB/s {rec['pct_copy_bw']:6.1f} % of copy  {ratios} {others}",
+        f"{name:44s} {t * 1e6:11.1f} us {gbps:9.1f} GB/s {rec['pct_copy_bw']:6.1f} % of copy  "
+        f"{ratios} {others}",
         flush=True,
     )
 
@@ -127,10 +130,10 @@ def main(argv=None) -> int:
                 continue
             G = torch.randn(K, P, device=DEV, dtype=dtype)
             nbytes = K * P * esz
-            t_mm = timeit(lambda: torch.mm(G, G.T), reps)
-            t_ref = timeit(lambda: ops.gram(G, backend="torch"), reps)
+            t_mm = timeit(lambda G=G: torch.mm(G, G.T), reps)
+            t_ref = timeit(lambda G=G: ops.gram(G, backend="torch"), reps)
             for be in backends:
-                t = timeit(lambda: ops.gram(G, backend=be), reps)
+                t = timeit(lambda G=G: ops.gram(G, backend=be), reps)
                 row(
                     results,
                     f"gram K={K} {str(dtype)[6:]}{tag[be]}",
@@ -143,7 +146,7 @@ def main(argv=None) -> int:
             if K in (3, 8, 16):
                 B = torch.randn_like(G)
                 for be in backends:
-                    t = timeit(lambda: ops.diff_gram(G, B, backend=be), reps)
+                    t = timeit(lambda G=G: ops.diff_gram(G, B, backend=be), reps)
                     row(
                         results,
                         f"diff_gram K={K} {str(dtype)[6:]}{tag[be]}",
@@ -153,8 +156,8 @@ def main(argv=None) -> int:
                     )
                 w = torch.rand(K, device=DEV)
                 out = torch.empty(P, device=DEV, dtype=dtype)
-                t = timeit(lambda: ops.combine(w, G, out=out, backend="triton"), reps)
-                t_ref = timeit(lambda: ops.combine(w, G, out=out, backend="torch"), reps)
+                t = timeit(lambda G=G: ops.combine(w, G, out=out, backend="triton"), reps)
+                t_ref = timeit(lambda G=G: ops.combine(w, G, out=out, backend="torch"), reps)
                 row(
                     results,
                     f"combine K={K} {str(dtype)[6:]}",
@@ -165,7 +168,10 @@ def main(argv=None) -> int:
                 )
                 theta = torch.zeros(P, device=DEV, dtype=dtype)
                 t = timeit(
-                    lambda: triton_backend.fused_aggregate(G, out=out, theta=theta, lr=w[:1]), reps
+                    lambda G=G, theta=theta: triton_backend.fused_aggregate(
+                        G, out=out, theta=theta, lr=w[:1]
+                    ),
+                    reps,
                 )
                 row(
                     results,
@@ -179,8 +185,8 @@ def main(argv=None) -> int:
         x = torch.randn(P, device=DEV, dtype=dtype)
         S = 4 if smoke else 200
         offsets = torch.linspace(0, P, S + 1, device=DEV).long()
-        t = timeit(lambda: ops.segment_norms(x, offsets, backend="triton"), reps)
-        t_ref = timeit(lambda: ops.segment_norms(x, offsets, backend="torch"), reps)
+        t = timeit(lambda x=x: ops.segment_norms(x, offsets, backend="triton"), reps)
+        t_ref = timeit(lambda x=x: ops.segment_norms(x, offsets, backend="torch"), reps)
         row(
             results,
             f"segment_norms S={S} {str(dtype)[6:]}",
@@ -191,8 +197,18 @@ def main(argv=None) -> int:
         )
         theta, backup, d = torch.zeros_like(x), torch.randn_like(x), torch.randn_like(x)
         scale = torch.rand(S, device=DEV)
-        t = timeit(lambda: ops.perturb(theta, backup, offsets, d, scale, backend="triton"), reps)
-        t_ref = timeit(lambda: ops.perturb(theta, backup, offsets, d, scale, backend="torch"), reps)
+        t = timeit(
+            lambda theta=theta, backup=backup, d=d: ops.perturb(
+                theta, backup, offsets, d, scale, backend="triton"
+            ),
+            reps,
+        )
+        t_ref = timeit(
+            lambda theta=theta, backup=backup, d=d: ops.perturb(
+                theta, backup, offsets, d, scale, backend="torch"
+            ),
+            reps,
+        )
         row(
             results,
             f"perturb (SAM) {str(dtype)[6:]}",
@@ -202,13 +218,15 @@ def main(argv=None) -> int:
             vs_torch_backend=t_ref / t,
         )
         t = timeit(
-            lambda: ops.perturb(
+            lambda theta=theta, backup=backup: ops.perturb(
                 theta, backup, offsets, noise_scale=scale, seed=1, backend="triton"
             ),
             reps,
         )
         t_ref = timeit(
-            lambda: ops.perturb(theta, backup, offsets, noise_scale=scale, seed=1, backend="torch"),
+            lambda theta=theta, backup=backup: ops.perturb(
+                theta, backup, offsets, noise_scale=scale, seed=1, backend="torch"
+            ),
             reps,
         )
         row(

@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     torch.set_num_threads(1)
     print(
-        f"torch {torch.__version__}, Python {sys.version.split()[0]}, one thread; microseconds per call"
+        f"torch {torch.__version__}, Python {sys.version.split()[0]}, one thread; "
+        "microseconds per call"
     )
     print(f"{'op':14s} {'auto':>7s} {'cpu':>7s} {'_C':>7s} {'auto - _C':>10s}")
     for name, fns in cases().items():

@@ -11,11 +11,12 @@ buffers.
 How the forward/backward share is measured, for any implementation: the closure times every
 forward it runs, and each backward pass through the trunk is timed from the moment its gradient
 reaches the trunk's output (a tensor hook) to the moment the last trunk parameter receives its
-gradient (post-accumulate-grad hooks). Overhead = step - sum(forward) - sum(backward): everything the
-optimizer does itself (gradient capture and clones, norms, perturb/restore, Gram, QP, combine, the
-base optimizer's update). The tiny heads' backward (before the gradient reaches the trunk) counts as
-overhead. If no parameter hook fires (an optimizer using ``torch.autograd.grad``), each backward is
-charged the median single-task backward time calibrated on the same model in the same run.
+gradient (post-accumulate-grad hooks). Overhead = step - sum(forward) - sum(backward): everything
+the optimizer does itself (gradient capture and clones, norms, perturb/restore, Gram, QP, combine,
+the base optimizer's update). The tiny heads' backward (before the gradient reaches the trunk)
+counts as overhead. If no parameter hook fires (an optimizer using ``torch.autograd.grad``), each
+backward is charged the median single-task backward time calibrated on the same model in the same
+run.
 
 The naive baseline (:func:`naive_step`) runs the same passes as the method requires (one clean
 forward, K backward with ``retain_graph``, ...), so the difference is the optimizer side only:
@@ -53,7 +54,7 @@ from .common import REPO_ROOT, machine_info, sync
 Tensor = torch.Tensor
 
 
-# ----------------------------------------------------------------------------------------- models
+# --------------------------------------------------------------------------------- models
 
 
 class BasicBlock(nn.Module):
@@ -76,7 +77,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18Trunk(nn.Module):
-    """ResNet-18 (He et al. 2016), CIFAR stem (3x3 conv, no max-pool): 11.17 M parameters, 512 features."""
+    """ResNet-18 (He et al. 2016), CIFAR stem (3x3 conv, no max-pool): 11.17 M parameters,
+    512 features."""
 
     def __init__(self):
         super().__init__()
@@ -138,11 +140,12 @@ def build(model: str, K: int, batch: int, device: torch.device, seed: int = 0):
     return trunk.to(device), heads.to(device), x.to(device), ys
 
 
-# ----------------------------------------------------------------------------------------- instrumentation
+# --------------------------------------------------------------------------------- instrumentation
 
 
 class Probe:
-    """A closure over the model that times its forwards and counts backward passes through the trunk."""
+    """A closure over the model that times its forwards and counts backward passes through the
+    trunk."""
 
     def __init__(
         self,
@@ -165,8 +168,9 @@ class Probe:
         self._last_param: float | None = None
 
     def watch(self, params: list[Tensor]) -> None:
-        """Time each backward pass through the trunk directly: from the gradient reaching the trunk's
-        output (a tensor hook) to the last trunk parameter receiving its gradient (post-accumulate hooks)."""
+        """Time each backward pass through the trunk directly: from the gradient reaching the
+        trunk's output (a tensor hook) to the last trunk parameter receiving its gradient
+        (post-accumulate hooks)."""
         for p in params:
             p.register_post_accumulate_grad_hook(self._on_param)
 
@@ -174,7 +178,8 @@ class Probe:
         self._last_param = time.perf_counter()
 
     def close(self) -> None:
-        """Account the backward pass in flight (called before each forward and at the end of a step)."""
+        """Account the backward pass in flight (called before each forward and at the end of a
+        step)."""
         if (
             self._open is not None
             and self._last_param is not None
@@ -208,7 +213,7 @@ class Probe:
 def calibrate(probe: Probe, reps: int) -> dict:
     """Median forward (with / without grad) and single-task backward times of this model."""
     fg, fn, bw = [], [], []
-    params = [p for p in list(probe.trunk.parameters()) + list(probe.heads.parameters())]
+    params = list(probe.trunk.parameters()) + list(probe.heads.parameters())
     for _ in range(reps + 1):
         for p in params:
             p.grad = None
@@ -296,7 +301,7 @@ class PeakMemory:
         return False
 
 
-# ----------------------------------------------------------------------------------------- naive steps
+# --------------------------------------------------------------------------------- naive steps
 
 
 def _clone_grads(params: list[Tensor]) -> list[Tensor]:
@@ -318,7 +323,8 @@ def naive_step(
     alpha: float = 0.5,
     mu: float = 1e-3,
 ) -> list[float]:
-    """One step of ``method`` in the style of the papers' official code (see the module docstring)."""
+    """One step of ``method`` in the style of the papers' official code (see the module
+    docstring)."""
     K = len(heads)
     every = shared + [p for h in heads for p in h]
     gen = torch.Generator(device=shared[0].device).manual_seed(0)
@@ -406,7 +412,7 @@ def naive_step(
     return [float(l.detach()) for l in losses]
 
 
-# ----------------------------------------------------------------------------------------- analytical model
+# --------------------------------------------------------------------------------- analytical model
 
 
 def analytical_bytes(method: str, impl: str, P: int, PH: int, K: int, itemsize: int = 4) -> dict:
@@ -435,7 +441,7 @@ def analytical_bytes(method: str, impl: str, P: int, PH: int, K: int, itemsize: 
     return {"bytes": model * b + 2 * PH * K * b, "model": desc}
 
 
-# ----------------------------------------------------------------------------------------- runner
+# --------------------------------------------------------------------------------- runner
 
 
 def mtlsam_optimizers() -> tuple[dict | None, str | None]:
@@ -473,8 +479,8 @@ def run_case(
     probe = Probe(trunk, heads, x, ys, device)
     cal = calibrate(probe, args.calib)
     probe.watch(shared)
-    # memory baseline: model, inputs and nothing else (optimizer buffers are part of what we measure,
-    # whether they are allocated at construction or inside the step)
+    # memory baseline: model, inputs and nothing else (optimizer buffers are part of what we
+    # measure, whether they are allocated at construction or inside the step)
     for p in list(trunk.parameters()) + list(heads.parameters()):
         p.grad = None
     mem_base = PeakMemory.level(device)
@@ -500,12 +506,17 @@ def run_case(
         every = shared + list(heads.parameters())
         base = torch.optim.SGD(every, lr=args.lr)
         head_lists = [list(h.parameters()) for h in heads]
-        step = lambda: naive_step(
-            method, probe, shared, head_lists, base, args.rho, args.alpha, args.mu
-        )
+
+        def step():
+            return naive_step(
+                method, probe, shared, head_lists, base, args.rho, args.alpha, args.mu
+            )
     else:
         opt = make_mtlsam(method, classes, shared, heads, args.lr, args.rho, args.alpha, args.mu)
-        step = lambda: opt.step(probe)  # noqa: E731
+
+        def step():
+            return opt.step(probe)
+
     step()  # warm-up (allocates buffers, first-call costs)
     sync(device)
     times, overheads, counts, peaks, fwd_s, bwd_s = [], [], None, [], [], []
@@ -563,7 +574,8 @@ def _mb(b) -> str:
 
 def format_table(rows: list[dict]) -> str:
     hdr = (
-        f"{'model':11s} {'method':6s} {'impl':11s} {'step':>9s} {'fwd':>8s} {'bwd':>8s} {'overhead':>9s} {'ovh%':>5s} {'fwd/nograd/bwd':>15s} "
+        f"{'model':11s} {'method':6s} {'impl':11s} {'step':>9s} {'fwd':>8s} {'bwd':>8s} "
+        f"{'overhead':>9s} {'ovh%':>5s} {'fwd/nograd/bwd':>15s} "
         f"{'peak MiB':>9s} {'fb MiB':>7s} {'model MiB':>9s}  vs naive"
     )
     lines = [hdr, "-" * len(hdr)]
@@ -576,11 +588,13 @@ def format_table(rows: list[dict]) -> str:
             if "speedup_step" in r
             else ""
         )
+        passes = str(r["n_fwd_grad"]) + "/" + str(r["n_fwd_nograd"]) + "/" + str(r["n_bwd"])
         lines.append(
-            f"{r['model']:11s} {r['method']:6s} {r['impl']:11s} {r['step_s'] * 1e3:7.0f}ms {r['fwd_s'] * 1e3:6.0f}ms "
-            f"{r['bwd_s'] * 1e3:6.0f}ms {r['overhead_s'] * 1e3:7.0f}ms "
-            f"{r['overhead_pct']:5.1f} {str(r['n_fwd_grad']) + '/' + str(r['n_fwd_nograd']) + '/' + str(r['n_bwd']):>15s} "
-            f"{_mb(r['peak_step_bytes']):>9s} {_mb(r['peak_fwd_bwd_bytes']):>7s} {_mb(r['analytical_optimizer_bytes']):>9s}  {vs}"
+            f"{r['model']:11s} {r['method']:6s} {r['impl']:11s} {r['step_s'] * 1e3:7.0f}ms "
+            f"{r['fwd_s'] * 1e3:6.0f}ms {r['bwd_s'] * 1e3:6.0f}ms {r['overhead_s'] * 1e3:7.0f}ms "
+            f"{r['overhead_pct']:5.1f} {passes:>15s} "
+            f"{_mb(r['peak_step_bytes']):>9s} {_mb(r['peak_fwd_bwd_bytes']):>7s} "
+            f"{_mb(r['analytical_optimizer_bytes']):>9s}  {vs}"
         )
     return "\n".join(lines)
 
@@ -627,8 +641,9 @@ def main(args: argparse.Namespace) -> int:
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
     if classes is None and "mtlsam_fast" in impls:
         print(
-            f"NOTE: mtlsam_fast.optim is not importable yet ({why}); the mtlsam_fast rows are reported as "
-            "unavailable and only the naive baseline runs. Re-run `python -m bench e2e` once the optimizers land."
+            f"NOTE: mtlsam_fast.optim is not importable yet ({why}); the mtlsam_fast rows are "
+            "reported as unavailable and only the naive baseline runs. "
+            "Re-run `python -m bench e2e` once the optimizers land."
         )
     meta = machine_info(device)
     rows = []

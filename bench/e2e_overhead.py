@@ -1,6 +1,7 @@
 """Optimizer-side overhead of one F-MTL / SAMO / aggregation step on a ResNet-18-sized model.
 
-``python bench/e2e_overhead.py [--batch 16] [--tasks 2] [--steps 3] [--weighting mgda] [--threads N]``
+``python bench/e2e_overhead.py [--batch 16] [--tasks 2] [--steps 3] [--weighting mgda]
+[--threads N]``
 
 The model is a CIFAR-style ResNet-18 (11.2 M shared parameters, built by hand: no torchvision) with
 K linear heads on 32x32 inputs. Each step is split, by direct instrumentation, into
@@ -141,19 +142,22 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, K={args.tasks}, "
-        f"weighting={args.weighting}, backend={mtlsam_fast.get_backend()}, median of {args.steps} steps"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+        f"K={args.tasks}, weighting={args.weighting}, backend={mtlsam_fast.get_backend()}, "
+        f"median of {args.steps} steps"
     )
     res = {m: measure(m, args) for m in args.methods.split(",")}
     P = next(iter(res.values()))["P"]
     print(f"shared parameters P = {P:,}")
     print(
-        f"{'method':8} {'step s':>8} {'fwd s':>8} {'bwd s':>8} {'base s':>8} {'mach. s':>8} {'overhead':>9} {'machinery':>9}"
+        f"{'method':8} {'step s':>8} {'fwd s':>8} {'bwd s':>8} {'base s':>8} {'mach. s':>8} "
+        f"{'overhead':>9} {'machinery':>9}"
     )
     for r in res.values():
         print(
-            f"{r['method']:8} {r['step_s']:8.3f} {r['fwd_s']:8.3f} {r['bwd_s']:8.3f} {r['base_s']:8.3f} "
-            f"{r['machinery_s']:8.3f} {100 * r['overhead_frac']:8.1f}% {100 * r['machinery_frac']:8.1f}%"
+            f"{r['method']:8} {r['step_s']:8.3f} {r['fwd_s']:8.3f} {r['bwd_s']:8.3f} "
+            f"{r['base_s']:8.3f} {r['machinery_s']:8.3f} {100 * r['overhead_frac']:8.1f}% "
+            f"{100 * r['machinery_frac']:8.1f}%"
         )
     if "samo" in res and "fmtl" in res:
         print(
@@ -163,7 +167,8 @@ def main() -> None:
         for m in ("fmtl", "samo"):
             if m in res:
                 print(
-                    f"{m} / aggregation (mtl) wall time per step: {res[m]['step_s'] / res['mtl']['step_s']:.2f}"
+                    f"{m} / aggregation (mtl) wall time per step: "
+                    f"{res[m]['step_s'] / res['mtl']['step_s']:.2f}"
                 )
 
 

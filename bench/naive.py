@@ -16,6 +16,7 @@ also not sabotaged: every loop below mirrors a published implementation.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,11 +28,11 @@ Vecs = Sequence[Sequence[Tensor]]  # vecs[task][param]
 
 def split(G: Tensor, offsets: Sequence[int]) -> list[list[Tensor]]:
     """Per-task, per-parameter views of a [K, P] buffer (how the naive code holds gradients)."""
-    return [[row[a:b] for a, b in zip(offsets[:-1], offsets[1:])] for row in G]
+    return [[row[a:b] for a, b in itertools.pairwise(offsets)] for row in G]
 
 
 def split_flat(x: Tensor, offsets: Sequence[int]) -> list[Tensor]:
-    return [x[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    return [x[a:b] for a, b in itertools.pairwise(offsets)]
 
 
 class MinNormSolver:
@@ -221,7 +222,8 @@ def restore(params: Sequence[Tensor], olds: Sequence[Tensor]) -> None:
 
 
 def noise_stats(ref: Sequence[Tensor], generator: torch.Generator) -> list[tuple[float, float]]:
-    """SAMO-style zeroth-order bookkeeping, naively: store z per parameter, host scalars per stat."""
+    """SAMO-style zeroth-order bookkeeping, naively: store z per parameter, host scalars per
+    stat."""
     out = []
     for r in ref:
         z = torch.randn(r.shape, generator=generator, dtype=torch.float32, device=r.device)

@@ -41,7 +41,8 @@ def torchjd_version() -> str | None:
 
 
 def torchjd_weighting(name: str) -> Callable[[Tensor], Tensor] | None:
-    """torchjd's weighting for the mtlsam_fast method ``name`` with its default settings, or None."""
+    """torchjd's weighting for the mtlsam_fast method ``name`` with its default settings, or
+    None."""
     cls_name = TORCHJD_WEIGHTINGS.get(name)
     if cls_name is None:
         return None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import inspect
+import itertools
 import json
 import math
 import os
@@ -181,7 +182,7 @@ def p_op_cases(
     elif op == "segment_norms":
         G = rand(K, P)
         backend_cases(lambda b: ops.segment_norms(G, offsets, backend=b), ops.segment_norms)
-        pairs = list(zip(bounds[:-1], bounds[1:]))
+        pairs = list(itertools.pairwise(bounds))
         cases.append(
             Case(
                 "torch.norm-loop",
@@ -262,7 +263,8 @@ def p_op_cases(
 
 
 def make_gram(K: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> torch.Tensor:
-    """A realistic multi-task Gram: correlated task gradients (shared component + noise), varied norms."""
+    """A realistic multi-task Gram: correlated task gradients (shared component + noise), varied
+    norms."""
     g = torch.Generator().manual_seed(seed + K)
     n = max(4 * K, 512)
     shared = torch.randn(1, n, generator=g, dtype=torch.float64)
@@ -402,7 +404,8 @@ def _run_case(case: Case, row: Row, st: Settings) -> object:
 def sweep(st: Settings, log=print) -> tuple[list[Row], dict]:
     roof = measure_roofline(st.device, st.roof_mib << 20, budget_s=max(st.budget_s * 4, 0.1))
     log(
-        f"roofline on {st.device}: read {roof['read_gbps']:.1f} GB/s, copy {roof['copy_gbps']:.1f} GB/s "
+        f"roofline on {st.device}: read {roof['read_gbps']:.1f} GB/s, "
+        f"copy {roof['copy_gbps']:.1f} GB/s "
         f"(buffer {roof['buffer_bytes'] >> 20} MiB)"
     )
     rows: list[Row] = []
@@ -417,7 +420,8 @@ def sweep(st: Settings, log=print) -> tuple[list[Row], dict]:
             )
             samples.append(dict(roof, op=op))
             log(
-                f"roofline before {op}: read {roof['read_gbps']:.1f} GB/s, copy {roof['copy_gbps']:.1f} GB/s"
+                f"roofline before {op}: read {roof['read_gbps']:.1f} GB/s, "
+                f"copy {roof['copy_gbps']:.1f} GB/s"
             )
         for dname in st.dtypes:
             dtype = DTYPES[dname]
@@ -481,7 +485,7 @@ def sweep(st: Settings, log=print) -> tuple[list[Row], dict]:
                     log(f"  {op:15s} {dname} K={K:<3d} P={P:<9d} done")
 
     for op in [o for o in st.ops if o in K_OPS]:
-        qp_dtypes = [d for d in ("fp32", "fp64")]
+        qp_dtypes = ["fp32", "fp64"]
         for dname in qp_dtypes:
             for K in st.qp_Ks:
                 gram = make_gram(K, DTYPES[dname], st.device)
@@ -517,7 +521,8 @@ def sweep(st: Settings, log=print) -> tuple[list[Row], dict]:
 
 
 def add_ratios(rows: list[Row]) -> None:
-    """For every backend row: median(other) / median(this) for each baseline, peer and the torch backend."""
+    """For every backend row: median(other) / median(this) for each baseline, peer and the torch
+    backend."""
     groups: dict[tuple, list[Row]] = {}
     for r in rows:
         groups.setdefault((r.op, r.dtype, r.K, r.P), []).append(r)
@@ -547,7 +552,10 @@ def _fmt_time(s: float) -> str:
 
 def format_table(rows: list[Row]) -> str:
     lines = []
-    hdr = f"{'op':22s} {'dtype':5s} {'K':>3s} {'P':>9s} {'impl':16s} {'median':>9s} {'IQR%':>6s} {'GB/s':>7s} {'%roof':>6s} {'kkt':>8s}  speed-up (x) vs"
+    hdr = (
+        f"{'op':22s} {'dtype':5s} {'K':>3s} {'P':>9s} {'impl':16s} {'median':>9s} {'IQR%':>6s} "
+        f"{'GB/s':>7s} {'%roof':>6s} {'kkt':>8s}  speed-up (x) vs"
+    )
     lines.append(hdr)
     lines.append("-" * len(hdr))
     last = None
@@ -565,7 +573,8 @@ def format_table(rows: list[Row]) -> str:
         kk = f"{r.kkt:8.1e}" if r.kkt is not None else f"{'-':>8s}"
         rat = "  ".join(f"{k}={v:.3g}" for k, v in r.ratios.items())
         lines.append(
-            f"{r.op:22s} {r.dtype:5s} {r.K:>3d} {r.P:>9d} {r.impl:16s} {_fmt_time(r.median_s):>9s} {iqr:6.1f} {gb} {pr} {kk}  {rat}"
+            f"{r.op:22s} {r.dtype:5s} {r.K:>3d} {r.P:>9d} {r.impl:16s} "
+            f"{_fmt_time(r.median_s):>9s} {iqr:6.1f} {gb} {pr} {kk}  {rat}"
         )
     return "\n".join(lines)
 
@@ -620,14 +629,19 @@ NAIVE = ("naive", "naive-fw")
 
 def headline_markdown(head: list[dict], meta: dict, roof: dict) -> str:
     lines = [
-        f"Device: {meta['device_name']} ({meta['device']}, {meta['torch_threads']} torch threads), torch {meta['torch']}, "
-        f"triton {meta['triton']}, torchjd {meta.get('torchjd')}, mtlsam_fast {meta['mtlsam_fast_commit'][:10]}. "
-        f"Roofline measured in the same run: read {_range(roof, 'read_gbps')} GB/s, copy {_range(roof, 'copy_gbps')} GB/s "
-        f"(re-measured before each op; 1-min load average {_load(meta)} on {meta['cpu_count']} CPUs during the run). "
-        "fp32, largest size of the sweep; speed-up = other median / fastest mtlsam_fast backend median "
+        f"Device: {meta['device_name']} ({meta['device']}, {meta['torch_threads']} torch threads), "
+        f"torch {meta['torch']}, triton {meta['triton']}, torchjd {meta.get('torchjd')}, "
+        f"mtlsam_fast {meta['mtlsam_fast_commit'][:10]}. "
+        f"Roofline measured in the same run: read {_range(roof, 'read_gbps')} GB/s, "
+        f"copy {_range(roof, 'copy_gbps')} GB/s "
+        f"(re-measured before each op; 1-min load average {_load(meta)} "
+        f"on {meta['cpu_count']} CPUs during the run). "
+        "fp32, largest size of the sweep; "
+        "speed-up = other median / fastest mtlsam_fast backend median "
         "(> 1: mtlsam_fast is faster).",
         "",
-        "| op | K | P | backend | median | GB/s | % roofline | vs plain torch | vs naive | vs torch backend | vs peers |",
+        "| op | K | P | backend | median | GB/s | % roofline | vs plain torch | vs naive "
+        "| vs torch backend | vs peers |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for h in head:
@@ -642,7 +656,8 @@ def headline_markdown(head: list[dict], meta: dict, roof: dict) -> str:
         )
         P = f"{h['P']:,}" if h["P"] else "-"
         lines.append(
-            f"| {h['op']} | {h['K']} | {P} | {h['backend']} | {_fmt_time(h['median_s'])} | {gb} | {pr} | "
+            f"| {h['op']} | {h['K']} | {P} | {h['backend']} | {_fmt_time(h['median_s'])} | "
+            f"{gb} | {pr} | "
             f"{plain} | {nv} | {tb} | {peer} |"
         )
     return "\n".join(lines) + "\n"
@@ -661,7 +676,7 @@ def _load(meta: dict) -> str:
 def render(out: Path) -> int:
     """Re-render summary.md, ops.csv and the PNGs from a stored ops.json (no new measurement)."""
     doc = json.loads((out / "ops.json").read_text())
-    rows = [Row(**{k: v for k, v in r.items()}) for r in doc["results"]]
+    rows = [Row(**r) for r in doc["results"]]
     (out / "summary.md").write_text(
         headline_markdown(doc["headline"], doc["meta"], doc["roofline"])
     )
@@ -872,8 +887,9 @@ def _warn_if_oversubscribed() -> None:
     load, cpus, threads = os.getloadavg()[0], os.cpu_count() or 1, torch.get_num_threads()
     if threads > 1 and load >= cpus:
         print(
-            f"WARNING: load average {load:.1f} on {cpus} CPUs with {threads} torch threads: parallel ops will wait "
-            "for descheduled threads (tens of ms per call). Consider --threads 1 on a shared machine."
+            f"WARNING: load average {load:.1f} on {cpus} CPUs with {threads} torch threads: "
+            "parallel ops will wait for descheduled threads (tens of ms per call). "
+            "Consider --threads 1 on a shared machine."
         )
 
 
@@ -892,13 +908,15 @@ def main(args: argparse.Namespace) -> int:
     if args.backends is None and device.type == "cpu" and "triton" in backends:
         # TRITON_INTERPRET=1 runs programs serially in Python: a correctness mode, not a speed one
         print(
-            "note: skipping the triton backend on the CPU (interpreter mode); pass --backends to force it"
+            "note: skipping the triton backend on the CPU (interpreter mode); "
+            "pass --backends to force it"
         )
         backends = [b for b in backends if b != "triton"]
     missing = [b for b in backends if b not in available]
     if missing:
         print(
-            f"note: backends {missing} are not available on {device} (available: {available}); skipped"
+            f"note: backends {missing} are not available on {device} "
+            f"(available: {available}); skipped"
         )
         backends = [b for b in backends if b in available]
     ops_sel = args.ops or list(ALL_OPS)
@@ -931,7 +949,8 @@ def main(args: argparse.Namespace) -> int:
     meta = machine_info(device)
     print(
         f"mtlsam_fast bench on {meta['device_name']} ({device}); backends {backends}; "
-        f"torch {meta['torch']}, triton {meta['triton']}, torchjd {meta['torchjd']}, commit {meta['mtlsam_fast_commit'][:10]}"
+        f"torch {meta['torch']}, triton {meta['triton']}, torchjd {meta['torchjd']}, "
+        f"commit {meta['mtlsam_fast_commit'][:10]}"
     )
     _warn_if_oversubscribed()
     t0 = time.perf_counter()

@@ -4,7 +4,8 @@ Run:  ``pytest bench/test_bench_ops.py`` (add ``--benchmark-disable`` for a one-
 ``--benchmark-json out.json`` to save, ``--benchmark-group-by=group`` is the default grouping here).
 Sizes are small by default; override with environment variables::
 
-    BENCH_THREADS=1 BENCH_DEVICE=cuda BENCH_K=4,16 BENCH_P=16384,262144 BENCH_DTYPES=fp32,bf16 BENCH_QP_K=4,16,64
+    export BENCH_THREADS=1 BENCH_DEVICE=cuda BENCH_K=4,16 BENCH_P=16384,262144
+    export BENCH_DTYPES=fp32,bf16 BENCH_QP_K=4,16,64
 
 Each benchmark group is one (op, dtype, K, P); inside it the mtlsam_fast backends sit next to the
 baselines (``torch.mm``, ``naive``, ...) so pytest-benchmark's table shows the ratios directly.
