@@ -1,4 +1,5 @@
-"""CI check of the benchmark report: ``python -m bench --quick`` runs and writes well-formed results.
+"""CI check of the benchmark report: ``python -m bench --quick`` runs and writes well-formed
+results.
 
 Never asserts on a time or a speed-up: only on the structure of the JSON, CSV and PNG files, on the
 baselines being present, and on the naive baseline computing the right numbers.
@@ -7,6 +8,7 @@ baselines being present, and on the naive baseline computing the right numbers.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -26,11 +28,14 @@ from bench.common import make_offsets  # noqa: E402
 
 
 def test_naive_baseline_is_correct():
-    """The naive baseline computes what mtlsam_fast computes (so the speed-ups compare like with like)."""
+    """The naive baseline computes what mtlsam_fast computes (so the speed-ups compare like with
+    like)."""
     torch.manual_seed(0)
     G = torch.randn(5, 1000, dtype=torch.float64)
     bounds = make_offsets(1000, 5)
-    assert bounds[0] == 0 and bounds[-1] == 1000 and all(a < b for a, b in zip(bounds, bounds[1:]))
+    assert (
+        bounds[0] == 0 and bounds[-1] == 1000 and all(a < b for a, b in itertools.pairwise(bounds))
+    )
     vecs = naive.split(G, bounds)
     assert torch.allclose(torch.as_tensor(naive.gram(vecs)), G @ G.T, rtol=1e-10, atol=1e-10)
     w = torch.softmax(torch.randn(5, dtype=torch.float64), 0)
@@ -150,8 +155,8 @@ def test_qp_native_tool_builds_and_solves(tmp_path):
 
 
 def test_dispatch_overhead_times_the_kernel_the_op_ends_in(capsys):
-    """bench/dispatch_overhead.py compares an op call with a bare binding call: both must compute the
-    same thing (else the difference is not the dispatch cost), and the script must run."""
+    """bench/dispatch_overhead.py compares an op call with a bare binding call: both must compute
+    the same thing (else the difference is not the dispatch cost), and the script must run."""
     from mtlsam_fast import _ext
 
     if _ext.get() is None:

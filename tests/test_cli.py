@@ -1,4 +1,5 @@
-"""The ``mtlsam-fast`` CLI: tiny train runs, JSON results, checkpoint/resume, compare, demo, bad input."""
+"""The ``mtlsam-fast`` CLI: tiny train runs, JSON results, checkpoint/resume, compare, demo, bad
+input."""
 
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def test_train_methods_and_seed_reproducible(tmp_path, capsys, method):
 
 def test_train_given_baseline_and_low_resource(tmp_path, capsys):
     out = tmp_path / "r.json"
-    code, stdout, err = run(
+    code, _, err = run(
         [
             "train",
             *TINY,
@@ -244,7 +245,7 @@ def test_bad_input_clear_message(tmp_path, capsys, argv, needle):
         if argv[0] == "train"
         else ["--output", str(out), "--plot", str(tmp_path / "p.png")]
     )
-    code, stdout, err = run([*argv, *extra, "--quiet", "--steps", "1"], capsys)
+    code, _, err = run([*argv, *extra, "--quiet", "--steps", "1"], capsys)
     assert code == 2
     assert needle in err and "error:" in err
     assert "Traceback" not in err
@@ -403,7 +404,8 @@ def test_atomic_write_failure_leaves_nothing(tmp_path):
 
 
 def test_interrupted_training_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
-    """A crash inside torch.save (mid-write) keeps the previous checkpoint intact and no temp file."""
+    """A crash inside torch.save (mid-write) keeps the previous checkpoint intact and no temp
+    file."""
     ck = tmp_path / "c.pt"
     cfg = T.TrainConfig(
         n_train=128, n_test=32, batch_size=32, width=4, optimizer="plain", weighting="ls", steps=4
@@ -461,7 +463,7 @@ def test_compare_table_json_png(tmp_path, capsys):
 
 def test_compare_trains_the_ls_baseline_when_not_listed(tmp_path, capsys):
     out = tmp_path / "c.json"
-    code, stdout, err = run(
+    code, _, err = run(
         [
             "compare",
             *TINY,

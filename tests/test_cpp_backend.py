@@ -6,6 +6,7 @@ toolkit is present it must contain the CUDA kernels (``_C.has_cuda()``).
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -63,7 +64,7 @@ def test_auto_prefers_cpu_backend():
     assert C.cpu_isa() in ("avx2", "generic")
 
 
-# ---- helpers --------------------------------------------------------------------------------------
+# ---- helpers -------------------------------------------------------------------------------------
 def _buffer(K, P, dtype, view):
     """[K, P] buffer; view=True: a slice with a column offset and a row stride > P."""
     if not view:
@@ -78,7 +79,7 @@ def _close(a, b, rtol):
     assert (a.double() - b.double()).abs().max() <= rtol * scale, ((a - b).abs().max(), scale)
 
 
-# ---- Gram / diff_gram ---------------------------------------------------------------------------------
+# ---- Gram / diff_gram ----------------------------------------------------------------------------
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("K", KS)
@@ -128,7 +129,7 @@ def test_diff_gram_matches_oracle(dtype, K):
     _close(out, expect, 2e-6)
 
 
-# ---- segment norms ---------------------------------------------------------------------------------
+# ---- segment norms -------------------------------------------------------------------------------
 def _offsets(sizes):
     return torch.tensor([0, *torch.tensor(sizes).cumsum(0).tolist()], dtype=torch.int64)
 
@@ -149,7 +150,7 @@ def test_segment_norms(dtype, weighted):
         torch.testing.assert_close(out, expect, rtol=5e-5, atol=1e-6)
         v = x.double() * (1.0 if w is None else w.double())
         exact = torch.stack(
-            [(v[..., a:b] ** 2).sum(-1) for a, b in zip(offsets[:-1], offsets[1:])], -1
+            [(v[..., a:b] ** 2).sum(-1) for a, b in itertools.pairwise(offsets)], -1
         ).sqrt()
         torch.testing.assert_close(out.double(), exact, rtol=5e-6, atol=1e-6)
 
@@ -167,7 +168,7 @@ def test_segment_norms_weight_dtype_mix():
     )
 
 
-# ---- combine -------------------------------------------------------------------------------------------
+# ---- combine -------------------------------------------------------------------------------------
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("K", KS)
@@ -191,7 +192,7 @@ def test_combine(dtype, K):
     torch.testing.assert_close(out32, expect32, rtol=1e-5, atol=1e-5 * K)
 
 
-# ---- perturb / restore / noise --------------------------------------------------------------------------
+# ---- perturb / restore / noise -------------------------------------------------------------------
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("adaptive", [False, True])
@@ -294,9 +295,10 @@ def test_gaussian_noise_and_stats():
         torch.testing.assert_close(got, ref.noise_stats(42, 99, r, offsets), rtol=1e-4, atol=1e-3)
 
 
-# ---- QP ------------------------------------------------------------------------------------------------
+# ---- QP ------------------------------------------------------------------------------------------
 def _grams(K, B=6, seed=0):
-    """fp32 Gram matrices: full rank, rank-deficient, badly scaled (1e-12 .. 1e12), zero, identical."""
+    """fp32 Gram matrices: full rank, rank-deficient, badly scaled (1e-12 .. 1e12), zero,
+    identical."""
     gen = torch.Generator().manual_seed(seed)
     A = torch.randn(6, K, max(1, K // 2), generator=gen, dtype=torch.float64)
     g = A @ A.transpose(-1, -2)
@@ -331,8 +333,8 @@ def test_qp_simplex_kkt(K):
 def test_qp_lower_bound_kkt(K):
     g = _grams(K, seed=1)
     gen = torch.Generator().manual_seed(2)
-    # bounded problems: q = 0 (UPGrad / DualProj) for the singular ones, arbitrary q for the full-rank
-    # problem 0 (an arbitrary q makes a singular problem unbounded below)
+    # bounded problems: q = 0 (UPGrad / DualProj) for the singular ones, arbitrary q for the
+    # full-rank problem 0 (an arbitrary q makes a singular problem unbounded below)
     q = torch.zeros(6, K)
     q[0] = torch.randn(K, generator=gen)
     lo = torch.rand(6, K, generator=gen) * 0.1
@@ -383,8 +385,9 @@ def test_qp_is_exact_where_the_kkt_measure_is_blind():
 @pytest.mark.parametrize("K", [8, 17, 64])
 def test_qp_symmetrizes_and_checks_every_entry(K):
     """The scaling pass reads Gamma in 4 x 4 tiles with their mirrors (AVX2) or by pairs: Gamma and
-    Gamma^T give bitwise the same weights, an antisymmetric part changes nothing beyond rounding, and
-    a non-finite entry anywhere (diagonal or off-diagonal tiles, the K % 4 tail) makes its problem NaN."""
+    Gamma^T give bitwise the same weights, an antisymmetric part changes nothing beyond rounding,
+    and a non-finite entry anywhere (diagonal or off-diagonal tiles, the K % 4 tail) makes its
+    problem NaN."""
     g = _grams(K, B=2)  # full rank; badly scaled
     gen = torch.Generator().manual_seed(11)
     n = torch.randn(2, K, K, generator=gen)
@@ -434,7 +437,8 @@ def test_qp_edge_cases():
 
 @needs_ext
 def test_qp_kernel_batch_shapes_and_step_counts():
-    """The binding takes [..., K, K] as it is; step counts only when asked (the benchmark reads them)."""
+    """The binding takes [..., K, K] as it is; step counts only when asked (the benchmark reads
+    them)."""
     g = _grams(5, B=6).reshape(2, 3, 5, 5).contiguous()
     lo = torch.rand(2, 3, 5) * 0.1
     v, iters = C.solve_qp(g, None, lo, False, 60, 1e-9, with_iters=True)
@@ -484,7 +488,7 @@ def test_qp_above_the_kernel_limit_goes_to_the_reference(monkeypatch):
     assert len(calls) == 1
 
 
-# ---- fallbacks and errors ------------------------------------------------------------------------------
+# ---- fallbacks and errors ------------------------------------------------------------------------
 @needs_ext
 def test_float64_falls_back_to_oracle():
     G = torch.randn(3, 101, dtype=torch.float64)
@@ -537,7 +541,8 @@ def test_ops_validation_applies_to_cpu_backend():
 
 
 def test_library_works_without_extension():
-    """With no mtlsam_fast._C (MTLSAM_NO_EXTENSION=1 installs), everything runs on the torch backend."""
+    """With no mtlsam_fast._C (MTLSAM_NO_EXTENSION=1 installs), everything runs on the torch
+    backend."""
     import subprocess
     import sys
 
@@ -561,11 +566,12 @@ def test_library_works_without_extension():
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 
 
-# ---- the generic (pre-AVX2) variant ------------------------------------------------------------------
+# ---- the generic (pre-AVX2) variant --------------------------------------------------------------
 @needs_ext
 def test_generic_variant_passes_every_kernel_test():
     """Machines with AVX2 run the AVX2 variant; MTLSAM_CPU_ISA=generic forces the generic one, and
-    this file's tests run again against it (in a subprocess: the choice is made once per process)."""
+    this file's tests run again against it (in a subprocess: the choice is made once per
+    process)."""
     if os.environ.get("MTLSAM_CPU_ISA") == "generic":
         assert C.cpu_isa() == "generic"
         return
@@ -607,10 +613,10 @@ def _qp_variant_results():
 
 @needs_ext
 def test_qp_variants_take_the_same_steps(tmp_path):
-    """The AVX2 variant's own QP code (the tiled scaling pass, the vector argmin of the pricing) walks
-    the generic variant's path: the same step counts, the same weights up to rounding. (Not bitwise:
-    GCC contracts a * b + c to FMAs in the AVX2 translation unit, which moves ill-conditioned faces --
-    identical gradients, say -- by ~1e-6.)"""
+    """The AVX2 variant's own QP code (the tiled scaling pass, the vector argmin of the pricing)
+    walks the generic variant's path: the same step counts, the same weights up to rounding. (Not
+    bitwise: GCC contracts a * b + c to FMAs in the AVX2 translation unit, which moves
+    ill-conditioned faces -- identical gradients, say -- by ~1e-6.)"""
     if C.cpu_isa() != "avx2":
         pytest.skip("this machine runs the generic variant only")
     out = tmp_path / "generic.pt"

@@ -1,4 +1,5 @@
-"""Data builders and loaders: MultiDigits (+ noisy / low-resource variants), IDX (MultiMNIST), CelebA."""
+"""Data builders and loaders: MultiDigits (+ noisy / low-resource variants), IDX (MultiMNIST),
+CelebA."""
 
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def test_multidigits_no_leakage(digits):
 
 
 def test_multidigits_composition_contains_both_digits(digits):
-    """Each composite is the pixel-wise max of its two source digits (placed somewhere on the canvas)."""
+    """Each composite is the pixel-wise max of its two source digits (placed somewhere on the
+    canvas)."""
     from sklearn.datasets import load_digits
 
     imgs = np.rint(load_digits().images * (255 / 16)).astype(np.uint8)
@@ -269,5 +271,5 @@ def test_celeba_malformed_attr_file(tmp_path):
     root, _ = make_celeba(tmp_path / "celeba")
     with open(os.path.join(root, "list_attr_celeba.txt"), "a") as f:
         f.write("extra.jpg 1 1\n")
-    with pytest.raises(DataError, match="list_attr_celeba.txt"):
+    with pytest.raises(DataError, match=r"list_attr_celeba\.txt"):
         data.load("celeba", data_dir=root, image_size=8)

@@ -221,7 +221,7 @@ def test_mixed_devices_raise_before_work():
 
 
 def test_unknown_backend_lists_known_ones():
-    with pytest.raises(ValueError, match="unknown backend 'fast'.*torch"):
+    with pytest.raises(ValueError, match=r"unknown backend 'fast'.*torch"):
         ops.gram(torch.zeros(2, 2), backend="fast")
     with pytest.raises(ValueError, match="unknown backend"):
         mtlsam_fast.set_backend("nope")
@@ -230,7 +230,7 @@ def test_unknown_backend_lists_known_ones():
 def test_unavailable_backend_names_what_is_available():
     if "cuda" in mtlsam_fast.available_backends("cpu"):
         pytest.skip("cuda backend accepts CPU tensors here")
-    with pytest.raises(RuntimeError, match="not available.*available here: .*torch"):
+    with pytest.raises(RuntimeError, match=r"not available.*available here: .*torch"):
         ops.gram(torch.zeros(2, 2), backend="cuda")
 
 

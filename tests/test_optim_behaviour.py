@@ -1,5 +1,5 @@
-"""Rules of every perturbed pass and of the optimizer protocol: bitwise restore, BatchNorm statistics,
-checkpoint/resume, GradScaler overflow, LR schedulers, autocast, bad input."""
+"""Rules of every perturbed pass and of the optimizer protocol: bitwise restore, BatchNorm
+statistics, checkpoint/resume, GradScaler overflow, LR schedulers, autocast, bad input."""
 
 from __future__ import annotations
 
@@ -76,7 +76,8 @@ def snapshot(net):
 
 
 def params(net):
-    """Parameters only (a skipped step's clean forward still updates BN statistics, as with GradScaler)."""
+    """Parameters only (a skipped step's clean forward still updates BN statistics, as with
+    GradScaler)."""
     return [p.detach().clone() for p in net.parameters()]
 
 
@@ -246,12 +247,12 @@ def test_lr_scheduler_drives_the_base_optimizer():
     assert_bitwise([p.detach() for p in net.parameters()], before)
 
 
-# ---------------------------------------------------------------------------- found-inf / GradScaler
+# --------------------------------------------------------------------------- found-inf / GradScaler
 def _state(net, opt):
     """Parameters and every optimizer-state tensor, cloned."""
     out = params(net)
     for p in net.parameters():
-        for k, v in sorted(opt.state[p].items()):
+        for _k, v in sorted(opt.state[p].items()):
             out.append(torch.as_tensor(v).clone())
     return out
 
@@ -287,7 +288,7 @@ BASES = {
 @pytest.mark.parametrize("method", ["fmtl", "samo", "mtl"])
 def test_grad_scaler_overflow_skips_the_whole_step(method, base):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    net, opt, flags, states = _run(method, BASES[base], 3, poison_at=(1,), scaler=scaler)
+    net, _, flags, states = _run(method, BASES[base], 3, poison_at=(1,), scaler=scaler)
     assert flags == [0.0, 1.0, 0.0]
     assert scaler.get_scale() == 2.0**9  # backed off once, from the optimizer's found-inf report
     # the skipped step left parameters and optimizer state (step counts, moments) untouched
@@ -301,8 +302,9 @@ def test_grad_scaler_overflow_skips_the_whole_step(method, base):
 
 @pytest.mark.parametrize("base", list(BASES))
 def test_nonfinite_first_step_without_scaler_is_skipped(base):
-    """No scaler: a NaN/inf step is still skipped; state created by it is equivalent to fresh state."""
-    net, _, flags, states = _run("fmtl", BASES[base], 3, poison_at=(0,))
+    """No scaler: a NaN/inf step is still skipped; state created by it is equivalent to fresh
+    state."""
+    net, _, flags, _ = _run("fmtl", BASES[base], 3, poison_at=(0,))
     assert flags == [1.0, 0.0, 0.0]
     clean_net, _, _, _ = _run("fmtl", BASES[base], 2)
     assert_bitwise(params(net), params(clean_net))
@@ -318,7 +320,8 @@ def test_grad_scaler_scale_does_not_change_the_step():
 
 
 def test_step_does_not_sync_for_the_found_inf_flag(monkeypatch):
-    """The flag stays on the device: the optimizer's code never converts a tensor to a Python value."""
+    """The flag stays on the device: the optimizer's code never converts a tensor to a Python
+    value."""
     net, data = make()
     opt = METHODS["fmtl"](net, base_optimizer=torch.optim.Adam, lr=1e-2)
     opt.step(lambda: net.losses(*data))
@@ -372,7 +375,7 @@ def _untouched(net, fn, exc, match):
     "bad, exc, match",
     [
         (lambda l: l[:1], ValueError, "returned 1 losses, expected one per task"),
-        (lambda l: l + [l[0]], ValueError, "returned 3 losses"),
+        (lambda l: [*l, l[0]], ValueError, "returned 3 losses"),
         (lambda l: [l[0], l[1] * torch.ones(3)], ValueError, "loss 1 is not a scalar"),
         (lambda l: torch.stack(l).unsqueeze(0), ValueError, r"shape \(1, 2\)"),
         (lambda l: [l[0], l[1].detach()], ValueError, "loss 1 does not require grad"),
@@ -589,7 +592,8 @@ def test_plain_mgda_takes_the_fused_min_norm_path(method, monkeypatch):
 
     if "triton" not in mtlsam_fast.available_backends("cpu"):
         pytest.skip(
-            "Triton runs CPU tensors only interpreted; on a GPU: tests/gpu/test_fused_aggregation_gpu.py"
+            "Triton runs CPU tensors only interpreted; on a GPU: "
+            "tests/gpu/test_fused_aggregation_gpu.py"
         )
     calls = []
     real = triton_backend.min_norm_aggregate

@@ -24,7 +24,8 @@ WEIGHTINGS = ["ls", "mgda", "pcgrad", "cagrad", "imtl"]
 
 
 def make_weighting(name: str):
-    """A fresh weighting (fixed seed where the method is random); skip while a method is not merged."""
+    """A fresh weighting (fixed seed where the method is random); skip while a method is not
+    merged."""
     try:
         if name == "pcgrad":
             try:
@@ -64,9 +65,9 @@ def make_problem(seed: int = 0):
 
 @pytest.fixture(autouse=True)
 def _one_thread_torch_backend():
-    """Tiny models: one intra-op thread is faster and immune to a loaded CI machine. The algorithm is
-    checked on the torch (oracle) backend, whose noise is exactly ``ops.gaussian_noise``; the other
-    backends are compared with it in ``test_every_backend_matches_the_torch_backend``."""
+    """Tiny models: one intra-op thread is faster and immune to a loaded CI machine. The algorithm
+    is checked on the torch (oracle) backend, whose noise is exactly ``ops.gaussian_noise``; the
+    other backends are compared with it in ``test_every_backend_matches_the_torch_backend``."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     mtlsam_fast.set_backend("torch")
@@ -405,7 +406,8 @@ def _step_with_backend(method: str, backend: str):
 )
 def test_every_backend_matches_the_torch_backend(method, backend):
     """The optimizer only uses the ops layer, so it runs unchanged on every backend (fp32 noise and
-    fused reductions differ from the oracle in the last bits: compare with a float32-level tolerance)."""
+    fused reductions differ from the oracle in the last bits: compare with a float32-level
+    tolerance)."""
     if backend == "none":
         pytest.skip("no backend besides torch is available on this machine")
     ref = _step_with_backend(method, "torch")

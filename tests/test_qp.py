@@ -219,7 +219,8 @@ def test_kkt_target_fp32(K, kind, constraint):
 
 
 def test_kkt_target_batch_with_linear_term():
-    """The whole fixed set, with a linear term, in one batched call per K (simplex: always bounded)."""
+    """The whole fixed set, with a linear term, in one batched call per K (simplex: always
+    bounded)."""
     for K in SIZES:
         G = torch.stack([gram_of(make_gradients(k, K), torch.float32) for k in KINDS])
         scale = G.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True).clamp_min(1e-30)

@@ -67,7 +67,7 @@ def test_registry_has_all_thirteen_methods():
 
 
 def test_unknown_name_lists_available():
-    with pytest.raises(ValueError, match="unknown weighting 'nope'.*mgda"):
+    with pytest.raises(ValueError, match=r"unknown weighting 'nope'.*mgda"):
         weighting.get("nope")
     w = weighting.get("mgda")
     assert weighting.get(w) is w
@@ -130,7 +130,7 @@ def test_bad_gram_raises(name):
 
 @pytest.mark.parametrize("name", sorted(DETERMINISTIC))
 def test_permutation_equivariance(name):
-    G, gram = random_gram(5, "cpu", P=12)
+    _, gram = random_gram(5, "cpu", P=12)
     losses = torch.rand(5) + 0.5
     perm = torch.tensor([3, 0, 4, 1, 2])
     w = make(name)

@@ -103,7 +103,8 @@ def ref_imtl(G: torch.Tensor) -> torch.Tensor:
 
 
 def ref_power(G: torch.Tensor, alpha: float, normalize: bool = True) -> np.ndarray:
-    """FairGrad's official solver (scipy least_squares from 1/K, w >= 0), tightened; alpha = 1 is Nash-MTL."""
+    """FairGrad's official solver (scipy least_squares from 1/K, w >= 0), tightened; alpha = 1 is
+    Nash-MTL."""
     A = (G @ G.T).cpu().numpy()
     if normalize:
         A = A / np.linalg.norm(A)
@@ -372,7 +373,8 @@ def test_rlw_is_softmax_of_the_documented_normals(K, device):
     w = RLW(seed=11)
     for step in range(3):
         out = w(torch.eye(K, dtype=F64, device=device))
-        # the normals computed on the same device (CUDA's logf / cosf differ from the CPU's in the last ulp)
+        # the normals computed on the same device (CUDA's logf / cosf differ from the CPU's in the
+        # last ulp)
         z = philox.gaussian_from_counter(
             11, torch.arange(step * K, (step + 1) * K, dtype=torch.int64, device=device)
         )
@@ -432,7 +434,8 @@ def test_scale_equivariance_without_normalization(device):
         torch.testing.assert_close(
             w(gram * 9.0), w(gram) * 9.0 ** (-alpha / (alpha + 1)), rtol=1e-8, atol=0
         )
-    # Nash-MTL is invariant to rescaling a task's loss: g_i -> s_i g_i gives alpha_i -> alpha_i / s_i
+    # Nash-MTL is invariant to rescaling a task's loss: g_i -> s_i g_i gives
+    # alpha_i -> alpha_i / s_i
     G = grads(4, device, seed=93)
     s = torch.tensor([0.1, 1.0, 7.0, 30.0], dtype=F64, device=device)
     a0 = NashMTL(normalize=False)(gram_of(G))

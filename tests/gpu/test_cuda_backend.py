@@ -142,7 +142,7 @@ def _grams(K, B=6):
     return g.float().to(DEV)
 
 
-@pytest.mark.parametrize("K", KS + [73, 74, 100])
+@pytest.mark.parametrize("K", [*KS, 73, 74, 100])
 def test_qp_one_team_per_problem(K):
     """One warp per problem up to K = 64, one CTA above; the workspace in shared memory up to K = 73
     (97 KB, opt-in above 48 KB), in global memory from K = 74."""
