@@ -8,7 +8,8 @@ whenever a CUDA toolkit is found and torch is a CUDA build. Build it against the
 Environment variables:
     MTLSAM_NO_EXTENSION=1   pure-Python install (the library then runs on the torch backend)
     MTLSAM_NO_CUDA=1        CPU kernels only, even when a CUDA toolkit is present
-    CUDA_HOME               the toolkit (default: found even when ``nvcc`` on PATH is a wrapper script)
+    CUDA_HOME               the toolkit (default: found even when ``nvcc`` on PATH is a wrapper
+                            script)
     TORCH_CUDA_ARCH_LIST    GPU architectures (default ``8.0;9.0``)
     MAX_JOBS                parallel compile jobs (ninja)
 """
@@ -69,7 +70,8 @@ def _extension_kwargs():
     if with_cuda:
         compile_args["nvcc"] = helpers.NVCC_FLAGS
     print(
-        f"mtlsam_fast: building mtlsam_fast._C (CPU{' + CUDA from ' + cuda_home if with_cuda else ' only'}"
+        "mtlsam_fast: building mtlsam_fast._C "
+        f"(CPU{' + CUDA from ' + cuda_home if with_cuda else ' only'}"
         f"{', arch ' + os.environ['TORCH_CUDA_ARCH_LIST'] if with_cuda else ''})",
         file=sys.stderr,
     )

@@ -32,7 +32,8 @@ CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 # torch adds its -std (C++20 for torch >= 2.10). -fno-math-errno: sqrt and friends without the errno
 # branch (inlined, vectorizable). -fno-trapping-math: no kernel reads the FP exception flags, so GCC
 # may if-convert and vectorize FP code that could trap; same results (the QP's weights bitwise),
-# the K = 64 QP solve ~3 % faster. (-funroll-loops: QP another ~2 %, but diff_gram bf16 ~5 % slower.)
+# the K = 64 QP solve ~3 % faster. (-funroll-loops: QP another ~2 %, but diff_gram bf16 ~5 %
+# slower.)
 NVCC_FLAGS = ["-O3", "-std=c++17"]
 LINK_FLAGS = ["-fopenmp"]
 DEFAULT_ARCH_LIST = "8.0;9.0"
@@ -43,10 +44,10 @@ _tried = False
 
 
 def _valid_cuda_home(path: str | None) -> bool:
-    return (
-        bool(path)
-        and os.path.isfile(os.path.join(path, "bin", "nvcc"))
-        and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h"))
+    if not path:
+        return False
+    return os.path.isfile(os.path.join(path, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(path, "include", "cuda_runtime.h")
     )
 
 
@@ -84,7 +85,8 @@ def _jit_build(verbose: bool = False) -> ModuleType:
     """Compile the extension from ``csrc/`` with ``torch.utils.cpp_extension.load``."""
     if not os.path.isfile(os.path.join(CSRC, "bindings.cpp")):
         raise ImportError(
-            f"cannot JIT-build mtlsam_fast._C: no sources at {CSRC} (install from a source checkout)"
+            f"cannot JIT-build mtlsam_fast._C: no sources at {CSRC} "
+            "(install from a source checkout)"
         )
     home = None if _env_flag("MTLSAM_NO_CUDA") else find_cuda_home()
     if home:
@@ -112,7 +114,8 @@ def _jit_build(verbose: bool = False) -> ModuleType:
 
 
 def load(jit: bool | None = None, verbose: bool = False) -> ModuleType | None:
-    """Import ``mtlsam_fast._C``; JIT-build it when missing and ``jit`` (default: ``MTLSAM_JIT``)."""
+    """Import ``mtlsam_fast._C``; JIT-build it when missing and ``jit`` (default:
+    ``MTLSAM_JIT``)."""
     global _module, _error, _tried
     if _module is not None:
         return _module
@@ -121,11 +124,14 @@ def load(jit: bool | None = None, verbose: bool = False) -> ModuleType | None:
     if not _tried or jit:
         _tried = True
         try:
-            from . import _C  # type: ignore[attr-defined]
+            from . import _C
 
             _module, _error = _C, None
         except ImportError as e:
-            _error = f"mtlsam_fast._C is not built ({e}); reinstall without MTLSAM_NO_EXTENSION or set MTLSAM_JIT=1"
+            _error = (
+                f"mtlsam_fast._C is not built ({e}); "
+                "reinstall without MTLSAM_NO_EXTENSION or set MTLSAM_JIT=1"
+            )
             if jit:
                 try:
                     _module, _error = _jit_build(verbose), None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -105,7 +106,8 @@ def flatten_parameters(params: Sequence[Tensor], layout: FlatLayout | None = Non
     dtypes = {p.dtype for p in params}
     if len(dtypes) > 1:
         raise TypeError(
-            f"cannot flatten parameters of several dtypes into one buffer: {sorted(map(str, dtypes))}"
+            "cannot flatten parameters of several dtypes into one buffer: "
+            f"{sorted(map(str, dtypes))}"
         )
     layout = layout or FlatLayout(params)
     flat = torch.empty(layout.numel, dtype=params[0].dtype, device=params[0].device)
@@ -120,8 +122,9 @@ class GradBuffer:
     """Per-task gradients of a parameter list in one ``[K, P]`` buffer, captured without copies.
 
     ``dtype`` defaults to the parameters' dtype (fp32 for mixed dtypes). Parameters whose dtype
-    differs from the buffer's cannot have a ``.grad`` view into it (autograd requires the grad's dtype
-    to match); they are captured by one copy each after the backward and listed in ``copied``.
+    differs from the buffer's cannot have a ``.grad`` view into it (autograd requires the grad's
+    dtype to match); they are captured by one copy each after the backward and listed in
+    ``copied``.
     """
 
     def __init__(
@@ -176,7 +179,8 @@ class GradBuffer:
         try:
             yield row
             for i in self.copied:
-                views[i].add_(self.params[i].grad)
+                # set to zeros_like(p) above; the backward accumulated into it
+                views[i].add_(cast(Tensor, self.params[i].grad))
         finally:
             for p, g in zip(self.params, saved):
                 p.grad = g

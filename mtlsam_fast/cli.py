@@ -1,11 +1,11 @@
 """``mtlsam-fast``: train, compare and demo commands (also ``python -m mtlsam_fast``).
 
-    mtlsam-fast train                                   # F-MGDA on the built-in MultiDigits, Δm% vs LS
+    mtlsam-fast train                               # F-MGDA on the built-in MultiDigits, Δm% vs LS
     mtlsam-fast train --method samo-mgda --noise-rate 0.4 --seed 1 --output run.json
     mtlsam-fast train --dataset multimnist --data-dir ~/data/mnist --checkpoint ck.pt
-    mtlsam-fast train --resume ck.pt                    # continues the run stored in ck.pt
+    mtlsam-fast train --resume ck.pt                # continues the run stored in ck.pt
     mtlsam-fast compare --methods ls,fmtl-ls,mgda,fmtl-mgda,samo-mgda --seeds 0,1,2 --noise-rate 0.4
-    mtlsam-fast demo                                    # every weighting on real per-task gradients
+    mtlsam-fast demo                                # every weighting on real per-task gradients
 
 User errors (unknown names, missing files, unreadable checkpoints) print one line on stderr and exit
 with status 2; nothing partial is left on disk.
@@ -55,7 +55,8 @@ def _key_value(s: str) -> tuple[str, Any]:
 
 
 def _add_config_args(p: argparse.ArgumentParser, *, single_run: bool) -> None:
-    """The training configuration options; ``single_run`` adds --method/--optimizer/--weighting/--seed."""
+    """The training configuration options; ``single_run`` adds
+    --method/--optimizer/--weighting/--seed."""
     d = T.TrainConfig()
     g = p.add_argument_group("data")
     g.add_argument(
@@ -147,8 +148,9 @@ def _add_config_args(p: argparse.ArgumentParser, *, single_run: bool) -> None:
         "--threads",
         type=_positive_int,
         default=1,
-        help="CPU threads for torch (default: 1; these models are too small for intra-op parallelism to "
-        "pay, and more threads than free cores slow it down many times; raise it for CelebA)",
+        help="CPU threads for torch (default: 1; these models are too small for intra-op "
+        "parallelism to pay, and more threads than free cores slow it down many times; raise it "
+        "for CelebA)",
     )
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
 
@@ -226,8 +228,8 @@ def _check_baseline_spec(spec: str) -> None:
         return
     if not os.path.isfile(spec):
         raise T.UsageError(
-            f"--baseline: expected none, ls, single, comma-separated accuracies or a result JSON file; "
-            f"{spec!r} is none of these (file not found)"
+            "--baseline: expected none, ls, single, comma-separated accuracies or a result JSON "
+            f"file; {spec!r} is none of these (file not found)"
         )
 
 
@@ -278,8 +280,8 @@ def _print_result(res: dict, baseline: tuple[str, list[float]] | None) -> None:
     env = res["environment"]
     print(
         f"method {res['method']}: {res['steps']} steps, {res['train_time_s']:.1f} s training "
-        f"({res['step_time_ms']:.1f} ms/step wall, {res['step_cpu_ms']:.1f} ms/step CPU), device {env['device']}, backend {env['backend']}, seed "
-        f"{res['config']['seed']}"
+        f"({res['step_time_ms']:.1f} ms/step wall, {res['step_cpu_ms']:.1f} ms/step CPU), "
+        f"device {env['device']}, backend {env['backend']}, seed {res['config']['seed']}"
     )
     tasks = res["test"]["tasks"]
     width = max(8, *(len(t) for t in tasks))
@@ -293,9 +295,11 @@ def _print_result(res: dict, baseline: tuple[str, list[float]] | None) -> None:
             line += f"  {baseline[1][i]:>10.2f}"
         print(line)
     print(
-        f"{'mean':<{width}}  {res['test']['mean_accuracy']:>10.2f}  (mean error {res['test']['mean_error']:.2f} %)"
+        f"{'mean':<{width}}  {res['test']['mean_accuracy']:>10.2f}  "
+        f"(mean error {res['test']['mean_error']:.2f} %)"
     )
     if res.get("delta_m") is not None:
+        assert baseline is not None  # cmd_train sets delta_m only when it computed a baseline
         print(f"Δm% vs {baseline[0]} baseline: {res['delta_m']:+.2f}")
 
 
@@ -434,7 +438,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if spec != "none":
             if spec == "single":
                 raise T.UsageError(
-                    "compare: --baseline single is not supported; use a method name, numbers or a file"
+                    "compare: --baseline single is not supported; "
+                    "use a method name, numbers or a file"
                 )
             _check_baseline_spec(spec)
     first = next(iter(cfgs.values()))
@@ -579,8 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--baseline",
         default="ls",
-        help="Δm%% baseline: ls (train plain LS with the same settings), single (single-task models), "
-        "none, comma-separated accuracies, or a result JSON (default: ls)",
+        help="Δm%% baseline: ls (train plain LS with the same settings), single (single-task "
+        "models), none, comma-separated accuracies, or a result JSON (default: ls)",
     )
     t.add_argument(
         "--output",

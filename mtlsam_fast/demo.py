@@ -45,7 +45,8 @@ def run_demo(
     cos = (gram[0, 1] / (norms[0] * norms[1])).item()
     out(
         f"{data.num_tasks} tasks, P = {G.shape[1]} shared parameters, batch {batch_size}; "
-        f"losses {', '.join(f'{v:.3f}' for v in L.tolist())}; ‖g_k‖ {', '.join(f'{v:.3f}' for v in norms.tolist())}; "
+        f"losses {', '.join(f'{v:.3f}' for v in L.tolist())}; "
+        f"‖g_k‖ {', '.join(f'{v:.3f}' for v in norms.tolist())}; "
         f"cos(g_1, g_2) = {cos:+.3f}"
     )
     out(f"{'weighting':<11} {'weights':<24} {'cos(d, g_k)':<20} {'time/call':>10}")

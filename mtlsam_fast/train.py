@@ -2,11 +2,11 @@
 
 One run: build the data (:mod:`mtlsam_fast.data`), a :class:`~mtlsam_fast.models.MultiTaskNet`, an
 optimizer (F-MTL, SAMO or plain gradient aggregation, any weighting), train for a number of steps
-with ``losses = opt.step(closure)``, evaluate per-task test accuracy, and return a JSON-ready result.
-Checkpoints hold the model, the optimizer (base optimizer and weighting state included), the
+with ``losses = opt.step(closure)``, evaluate per-task test accuracy, and return a JSON-ready
+result. Checkpoints hold the model, the optimizer (base optimizer and weighting state included), the
 batch sampler and the RNG state, so a resumed run continues exactly where it stopped. Every file is
-written to a temporary file in the destination directory and then renamed (``os.replace``), so
-an interrupted or failed run never leaves a partial result or checkpoint behind.
+written to a temporary file in the destination directory and then renamed (``os.replace``), so an
+interrupted or failed run never leaves a partial result or checkpoint behind.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ RESULT_FORMAT = "mtlsam_fast.result/1"
 CHECKPOINT_FORMAT = "mtlsam_fast.checkpoint/1"
 OPTIMIZERS = ("plain", "fmtl", "samo")
 BASE_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-#: method-name prefixes -> optimizer kind (``fmtl-mgda``, ``f-mgda``, ``samo-mgda``; no prefix: plain)
+#: method-name prefixes -> optimizer kind (``fmtl-mgda``, ``f-mgda``, ``samo-mgda``; no prefix:
+#: plain)
 _PREFIXES = {"fmtl": "fmtl", "f": "fmtl", "samo": "samo", "plain": "plain"}
 #: configuration fields a resumed run may change (the training length and the evaluation interval)
 RESUMABLE_CHANGES = ("steps", "epochs", "eval_every")
@@ -155,7 +156,8 @@ def check_backend(name: str, device: torch.device) -> None:
         if reason is not None:
             avail = ", ".join(["auto", *_registry.available_backends(device)])
             raise UsageError(
-                f"backend {name!r} is not available for {device.type} ({reason}); available here: {avail}"
+                f"backend {name!r} is not available for {device.type} ({reason}); "
+                f"available here: {avail}"
             )
 
 
@@ -170,7 +172,8 @@ def validate(cfg: TrainConfig) -> torch.device:
         )
     if cfg.base_optimizer not in BASE_OPTIMIZERS:
         raise UsageError(
-            f"unknown base optimizer {cfg.base_optimizer!r}; available: {', '.join(BASE_OPTIMIZERS)}"
+            f"unknown base optimizer {cfg.base_optimizer!r}; "
+            f"available: {', '.join(BASE_OPTIMIZERS)}"
         )
     for name in ("lr", "batch_size", "epochs"):
         if not getattr(cfg, name) > 0:
@@ -338,7 +341,8 @@ def accuracies(metrics: dict[str, Any]) -> list[float]:
 
 
 def delta_m(acc: Sequence[float], baseline: Sequence[float]) -> float:
-    """Δm% = 100/K · Σ_k (M_k − B_k)/B_k for higher-is-better metrics (accuracy); Maninis et al. 2019."""
+    """Δm% = 100/K · Σ_k (M_k − B_k)/B_k for higher-is-better metrics (accuracy);
+    Maninis et al. 2019."""
     if len(acc) != len(baseline):
         raise UsageError(f"baseline has {len(baseline)} values but the model has {len(acc)} tasks")
     if any(b <= 0 for b in baseline):
@@ -350,7 +354,7 @@ def delta_m(acc: Sequence[float], baseline: Sequence[float]) -> float:
 # atomic files
 
 
-def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
+def atomic_write(path: str, write: Callable[[io.BufferedWriter], object]) -> None:
     """Write ``path`` through a temporary file in the same directory, then ``os.replace`` it."""
     path = os.path.abspath(path)
     directory = os.path.dirname(path)
@@ -426,7 +430,7 @@ def total_steps(cfg: TrainConfig, sampler: BatchSampler) -> int:
     return (
         cfg.steps
         if cfg.steps is not None
-        else max(1, int(math.ceil(cfg.epochs * sampler.steps_per_epoch)))
+        else max(1, math.ceil(cfg.epochs * sampler.steps_per_epoch))
     )
 
 
@@ -449,9 +453,9 @@ def train(
 ) -> dict[str, Any]:
     """Train one model; returns the result dictionary (see :data:`RESULT_FORMAT`).
 
-    ``resume``: a checkpoint from :func:`load_checkpoint` (its configuration must equal ``cfg`` except
-    for ``steps``/``epochs``). ``checkpoint``: path written every ``checkpoint_every`` steps (default:
-    at every evaluation) and at the end.
+    ``resume``: a checkpoint from :func:`load_checkpoint` (its configuration must equal ``cfg``
+    except for ``steps``/``epochs``). ``checkpoint``: path written every ``checkpoint_every`` steps
+    (default: at every evaluation) and at the end.
     """
     import mtlsam_fast
 
@@ -564,7 +568,7 @@ def _train(
             yb = data.y_train[idx].to(device, non_blocking=True)
 
             def closure() -> list[torch.Tensor]:
-                return task_losses(model(xb), yb)
+                return task_losses(model(xb), yb)  # noqa: B023 - only opt.step below calls it
 
             losses = opt.step(closure)
             losses = (

@@ -7,8 +7,9 @@
   fastest. Calls made while a CUDA graph is being captured never tune: they use the cached choice,
   or the first candidate when nothing is cached. Warm up before capturing.
 * Pinning, for reproducible benchmarks: ``pin_config("gram", BLOCK_P=256, num_warps=8, waves=4)``
-  or the environment variable ``MTLSAM_TRITON_PIN="gram:BLOCK_P=256,num_warps=8,waves=4;combine:..."``.
-  A pinned family never tunes. ``clear_cache()`` forgets tuned choices (and cached workspaces).
+  or the environment variable
+  ``MTLSAM_TRITON_PIN="gram:BLOCK_P=256,num_warps=8,waves=4;combine:..."``. A pinned family never
+  tunes. ``clear_cache()`` forgets tuned choices (and cached workspaces).
 
 Candidates target Hopper (H100/H200: 132 SMs, 3.35-4.8 TB/s): enough bytes in flight per SM to
 cover the latency of HBM3 (several 128-bit loads per thread, 2-8 resident programs per SM); the
@@ -30,7 +31,8 @@ Config = dict[str, int]
 #: candidates per kernel family (GPU). Keys: BLOCK_P (columns per tile), num_warps, waves
 #: (persistent programs per SM), KC (rows per chunk for combine), num_stages.
 CANDIDATES: dict[str, list[Config]] = {
-    # Gram, K <= 8 fp32 broadcast path and all tensor-core paths; BLOCK_P shrinks with K (see gram.py)
+    # Gram, K <= 8 fp32 broadcast path and all tensor-core paths; BLOCK_P shrinks with K (see
+    # gram.py)
     "gram": [
         {"BLOCK_P": 512, "num_warps": 8, "waves": 4, "num_stages": 3},
         {"BLOCK_P": 256, "num_warps": 4, "waves": 8, "num_stages": 3},

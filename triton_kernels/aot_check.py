@@ -1,6 +1,7 @@
 """Compile the Triton kernels ahead of time for a GPU target, without a GPU.
 
-    python -m mtlsam_fast.triton_kernels.aot_check            # sm_90 (H100/H200), every kernel variant
+    python -m mtlsam_fast.triton_kernels.aot_check            # sm_90 (H100/H200), every kernel
+                                                              # variant
     python -m mtlsam_fast.triton_kernels.aot_check --quick    # a representative subset (CI)
     python -m mtlsam_fast.triton_kernels.aot_check --arch 80  # A100
 

@@ -1,4 +1,5 @@
-"""Streaming kernels over flat buffers: combine, segmented norms, perturb, Philox noise, noise stats.
+"""Streaming kernels over flat buffers: combine, segmented norms, perturb, Philox noise, noise
+stats.
 
 * ``combine``: one program per ``BLOCK_P`` columns, rows walked in chunks of ``KC`` (any K without
   register blow-up), fp32 accumulation, stored in the output's dtype.

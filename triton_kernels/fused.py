@@ -187,8 +187,8 @@ def fused_aggregate(
 
     Contract:
 
-    * ``G`` (and ``H``, same shape, dtype and device) is a ``[K, P]`` fp32/bf16/fp16 buffer (any strides);
-      ``K <= 64``. fp64 buffers or larger K take the (equivalent, unfused) torch path.
+    * ``G`` (and ``H``, same shape, dtype and device) is a ``[K, P]`` fp32/bf16/fp16 buffer (any
+      strides); ``K <= 64``. fp64 buffers or larger K take the (equivalent, unfused) torch path.
     * Launch 1 computes ``gram = G G^T`` (fp32 accumulation, deterministic) and ``weights`` = the
       min-norm point of the convex hull of the rows: ``argmin_{v in simplex} v^T gram v`` (same
       solver and KKT target as ``ops.solve_qp``); likewise ``gram2``/``weights2`` for ``H``.
@@ -237,7 +237,8 @@ def fused_aggregate(
     gram2 = torch.empty(K, K, dtype=torch.float32, device=dev) if H is not None else None
     w2 = torch.empty(K, dtype=torch.float32, device=dev) if H is not None else None
     Ht = H if H is not None else G
-    # the last program also runs the fp64 QP: give big tiles the warps it needs (see qp.qp_candidates)
+    # the last program also runs the fp64 QP: give big tiles the warps it needs (see
+    # qp.qp_candidates)
     nw = max(cfg["num_warps"], qp_num_warps(kp))
     extra = {} if _config.INTERPRET else {"num_warps": nw, "num_stages": cfg.get("num_stages", 3)}
     _gram_qp_kernel[(nprog,)](

@@ -14,8 +14,8 @@ scaled by 1e-12 ... 1e12 look alike to the solver), in float64 registers:
 * the Newton matrix ``M = Hess + diag(z/x) + 1e-14 I`` (positive definite in the interior) is
   inverted in place with the symmetric *sweep operator* (Goodnight 1979): K pivots, each one
   column extraction (a masked row-wise reduction; symmetry gives the row) and one rank-1 update
-  of the tile, no pivoting needed for SPD matrices; after all pivots the tile holds ``-M^{-1}``. The predictor, the corrector and the
-  simplex constraint's extra solve are then mat-vecs;
+  of the tile, no pivoting needed for SPD matrices; after all pivots the tile holds ``-M^{-1}``. The
+  predictor, the corrector and the simplex constraint's extra solve are then mat-vecs;
 * a ``while`` loop runs at most ``max_iter`` iterations and exits as soon as the scaled KKT
   conditions hold to ``tol`` (dual residual, complementarity, primal residual), checked in the
   kernel: no host round trip;
@@ -92,7 +92,8 @@ def qp_core(
     SIMPLEX: tl.constexpr,
     HAS_R: tl.constexpr,
 ):
-    """Solve one problem. ``H0`` [KP, KP], ``q0``/``lower`` [KP] fp64 (zero padded), ``r_in`` fp64."""
+    """Solve one problem. ``H0`` [KP, KP], ``q0``/``lower`` [KP] fp64 (zero padded), ``r_in``
+    fp64."""
     rk = tl.arange(0, KP)
     km = rk < K
     kmf = km.to(tl.float64)

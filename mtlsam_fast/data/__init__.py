@@ -1,4 +1,5 @@
-"""Multi-task data sets as in-memory tensors: the built-in MultiDigits and loaders for files on disk.
+"""Multi-task data sets as in-memory tensors: the built-in MultiDigits and loaders for files on
+disk.
 
 ``load(name, ...)`` builds one by name (``names()`` lists them). Nothing is ever downloaded: the
 file-based loaders raise :class:`MissingDataError` naming the missing file and the directory.
@@ -10,7 +11,7 @@ file-based loaders raise :class:`MissingDataError` naming the missing file and t
 | ``multifashion`` | 2 x 10 classes | Fashion-MNIST IDX files in ``data_dir`` |
 | ``multifashion+mnist`` | 2 x 10 classes | MNIST in ``data_dir`` (left), Fashion-MNIST in ``data_dir2`` (right) |
 | ``celeba`` | 40 x 2 classes | ``img_align_celeba/``, ``list_attr_celeba.txt``, ``list_eval_partition.txt`` |
-"""
+"""  # noqa: E501 - the rows of a markdown table cannot wrap
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def load(
     name: str, *, data_dir: str | None = None, data_dir2: str | None = None, **options: Any
 ) -> MultiTaskData:
     """Build data set ``name``. ``options`` go to the builder (``n_train``, ``n_test``, ``seed``,
-    ``noise_rate``, ``noise_task``, ``low_resource``, ``low_resource_task``; ``image_size`` for CelebA)."""
+    ``noise_rate``, ``noise_task``, ``low_resource``, ``low_resource_task``; ``image_size`` for
+    CelebA)."""
     key = name.lower() if isinstance(name, str) else name
     if key not in _NAMES:
         raise DataError(f"unknown dataset {name!r}; available: {', '.join(_NAMES)}")
@@ -51,6 +53,7 @@ def load(
         options.pop("progress", None)
     if key == "multidigits":
         return multidigits(**options)
+    assert data_dir is not None  # every other data set is file-based: checked above
     if key == "celeba":
         return celeba(data_dir, **options)
     right = data_dir2 if key == "multifashion+mnist" else None

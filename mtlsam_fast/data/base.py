@@ -52,11 +52,13 @@ class MultiTaskData:
             x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
             if x.dtype != torch.uint8 or x.dim() != 4:
                 raise DataError(
-                    f"{self.name}: x_{split} must be uint8 [N, C, H, W], got {x.dtype} {tuple(x.shape)}"
+                    f"{self.name}: x_{split} must be uint8 [N, C, H, W], "
+                    f"got {x.dtype} {tuple(x.shape)}"
                 )
             if y.dtype != torch.int64 or y.shape != (x.shape[0], K):
                 raise DataError(
-                    f"{self.name}: y_{split} must be int64 [{x.shape[0]}, {K}], got {y.dtype} {tuple(y.shape)}"
+                    f"{self.name}: y_{split} must be int64 [{x.shape[0]}, {K}], "
+                    f"got {y.dtype} {tuple(y.shape)}"
                 )
             if x.shape[0] == 0:
                 raise DataError(f"{self.name}: the {split} split is empty")
@@ -107,7 +109,7 @@ def compose_pairs(
     n: int,
     canvas: int,
     out_size: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[Tensor, np.ndarray, np.ndarray]:
     """MultiMNIST-style composition: two square images overlapped on a larger canvas.
 
     ``left``/``right`` are ``uint8 [M, s, s]`` pools. Each of the ``n`` composites takes a random
@@ -119,7 +121,8 @@ def compose_pairs(
     s = left.shape[-1]
     if left.shape[1:] != (s, s) or right.shape[1:] != (s, s):
         raise DataError(
-            f"compose_pairs needs square images of one size, got {left.shape[1:]} and {right.shape[1:]}"
+            "compose_pairs needs square images of one size, "
+            f"got {left.shape[1:]} and {right.shape[1:]}"
         )
     shift = canvas - s
     if shift < 0:
@@ -145,12 +148,13 @@ def compose_pairs(
 def add_label_noise(
     y: Tensor, task: int, rate: float, num_classes: int, rng: np.random.Generator
 ) -> Tensor:
-    """Replace exactly ``round(rate * n)`` labelled entries of column ``task`` by a different class."""
+    """Replace exactly ``round(rate * n)`` labelled entries of column ``task`` by a different
+    class."""
     if not 0.0 <= rate <= 1.0:
         raise DataError(f"noise rate must be in [0, 1], got {rate}")
     y = y.clone()
     labelled = np.flatnonzero((y[:, task] != UNLABELED).numpy())
-    m = int(round(rate * len(labelled)))
+    m = round(rate * len(labelled))
     if m == 0:
         return y
     idx = rng.choice(labelled, size=m, replace=False)
@@ -174,7 +178,7 @@ def keep_labels(y: Tensor, task: int, n: int, rng: np.random.Generator) -> Tenso
     return y
 
 
-def check_task(task: int, names: Sequence[str], what: str) -> int:
+def check_task(task: int | str, names: Sequence[str], what: str) -> int:
     """0-based index of a 1-based task number or a task name."""
     if isinstance(task, str):
         if task in names:

@@ -46,7 +46,8 @@ def read_attributes(path: str) -> tuple[list[str], list[str], np.ndarray]:
     for i, row in enumerate(rows):
         if len(row) != len(header) + 1:
             raise DataError(
-                f"{path!r}, row {i + 3}: expected a file name and {len(header)} values, got {len(row)} fields"
+                f"{path!r}, row {i + 3}: expected a file name and {len(header)} values, "
+                f"got {len(row)} fields"
             )
         names.append(row[0])
         values.append(row[1:])
@@ -79,12 +80,14 @@ def load_image(path: str, size: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        with Image.open(path) as src:
+            im = src.convert("RGB")
             w, h = im.size
             s = min(w, h)
             left, top = (w - s) // 2, (h - s) // 2
-            im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)
+            # Image.BICUBIC is set at import time (so not in Pillow's types); it works on every
+            # Pillow, Image.Resampling.BICUBIC only from 9.1 on
+            im = im.crop((left, top, left + s, top + s)).resize((size, size), Image.BICUBIC)  # type: ignore[attr-defined]
             return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
     except FileNotFoundError:
         raise MissingDataError("CelebA", os.path.basename(path), os.path.dirname(path)) from None

@@ -2,8 +2,8 @@
 
 scikit-learn ships 1,797 handwritten 8x8 digits (``sklearn.datasets.load_digits``, no download).
 Each MultiDigits image overlaps two of them on a 12x12 canvas, one towards the top-left and one
-towards the bottom-right (random offsets), like MultiMNIST (Sabour et al. 2017; Sener & Koltun 2018).
-Task ``left`` classifies the top-left digit, task ``right`` the bottom-right one.
+towards the bottom-right (random offsets), like MultiMNIST (Sabour et al. 2017; Sener & Koltun
+2018). Task ``left`` classifies the top-left digit, task ``right`` the bottom-right one.
 
 No leakage: the source digits are split (stratified by class) into train and test pools first, and
 the test images are composed from test-pool digits only. Everything is a function of ``seed``.
@@ -29,7 +29,7 @@ def source_split(
     train, test = [], []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        n_test = max(1, int(round(test_fraction * len(idx))))
+        n_test = max(1, round(test_fraction * len(idx)))
         test.append(idx[:n_test])
         train.append(idx[n_test:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))

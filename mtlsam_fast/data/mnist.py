@@ -59,7 +59,8 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def find_file(directory: str, name: str, what: str) -> str:
-    """``directory/name`` or ``directory/name.gz`` (also the ``name`` with ``-idx`` spelled ``.idx``)."""
+    """``directory/name`` or ``directory/name.gz`` (also the ``name`` with ``-idx`` spelled
+    ``.idx``)."""
     if not os.path.isdir(directory):
         raise MissingDataError(what, name, directory, "the directory does not exist")
     candidates = [name, name + ".gz"]
@@ -75,12 +76,14 @@ def find_file(directory: str, name: str, what: str) -> str:
 def load_idx_split(
     directory: str, split: str, what: str = "MNIST"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [N, 28, 28], labels int64 [N]) of ``split`` (train | test) from ``directory``."""
+    """(images uint8 [N, 28, 28], labels int64 [N]) of ``split`` (train | test) from
+    ``directory``."""
     images = read_idx(find_file(directory, FILES[f"{split}_images"], what))
     labels = read_idx(find_file(directory, FILES[f"{split}_labels"], what))
     if images.ndim != 3 or images.dtype != np.uint8:
         raise DataError(
-            f"{what} {split} images: expected a uint8 [N, H, W] IDX file, got {images.dtype} {images.shape}"
+            f"{what} {split} images: expected a uint8 [N, H, W] IDX file, "
+            f"got {images.dtype} {images.shape}"
         )
     if labels.ndim != 1 or len(labels) != len(images):
         raise DataError(f"{what} {split}: {len(images)} images but labels of shape {labels.shape}")
@@ -114,7 +117,8 @@ def multimnist(
         )
         if left_x.shape[1:] != right_x.shape[1:]:
             raise DataError(
-                f"{what}: left and right images differ in size ({left_x.shape[1:]} vs {right_x.shape[1:]})"
+                f"{what}: left and right images differ in size "
+                f"({left_x.shape[1:]} vs {right_x.shape[1:]})"
             )
         size = left_x.shape[-1]
         n = len(left_x) if n is None else n

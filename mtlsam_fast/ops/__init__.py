@@ -57,7 +57,8 @@ def _check_buffer(name: str, t: Tensor, ndim: int | tuple[int, ...] = 2) -> None
         )
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(
-            f"{name} has unsupported dtype {t.dtype}; supported: float32, float64, bfloat16, float16"
+            f"{name} has unsupported dtype {t.dtype}; "
+            "supported: float32, float64, bfloat16, float16"
         )
 
 
@@ -99,7 +100,8 @@ def gram(G: Tensor, *, backend: str | None = None) -> Tensor:
 
 
 def diff_gram(A: Tensor, B: Tensor, *, backend: str | None = None) -> Tensor:
-    """In place ``A <- A - B``, then return ``gram(A)`` (one pass over the bytes in fused backends)."""
+    """In place ``A <- A - B``, then return ``gram(A)`` (one pass over the bytes in fused
+    backends)."""
     _check_buffer("A", A)
     _check_buffer("B", B)
     if A.shape != B.shape or A.dtype != B.dtype:
@@ -150,11 +152,13 @@ def combine(
         _check_buffer("H", H)
         if H.shape[1] != G.shape[1]:
             raise ValueError(f"H has {H.shape[1]} columns, G has {G.shape[1]}")
+        assert w2 is not None  # given together with H: checked above
         _check_weights("w2", w2, H.shape[0])
     if subtract and (out is None or H is not None):
         raise ValueError("subtract needs out and no second set (w2, H)")
     dev = _check_same_device(w=w, G=G, w2=w2, H=H, out=out)
     if subtract:
+        assert out is not None  # subtract without out raised above
         if out.shape != (G.shape[1],):
             raise ValueError(f"out must have shape ({G.shape[1]},), got {tuple(out.shape)}")
         one = torch.ones(1, dtype=w.dtype, device=dev)
@@ -215,10 +219,10 @@ def perturb(
 ) -> Tensor:
     """Write ``theta <- backup + scale[s] * m(direction) + noise_scale[s] * z`` segment by segment.
 
-    ``scale`` / ``noise_scale`` are per-segment ([S]) or scalar device tensors; ``m(d) = d`` (SAM) or
-    ``backup**2 * d`` with ``adaptive=True`` (ASAM, T = |theta|); ``z`` is the counter-based noise
-    stream :func:`gaussian_noise` ``(seed, noise_offset)``. ``theta`` is computed from ``backup``
-    every time, so repeated perturbations never accumulate rounding error.
+    ``scale`` / ``noise_scale`` are per-segment ([S]) or scalar device tensors; ``m(d) = d`` (SAM)
+    or ``backup**2 * d`` with ``adaptive=True`` (ASAM, T = |theta|); ``z`` is the counter-based
+    noise stream :func:`gaussian_noise` ``(seed, noise_offset)``. ``theta`` is computed from
+    ``backup`` every time, so repeated perturbations never accumulate rounding error.
     """
     dev = _check_perturb(theta, backup, offsets, direction, scale, noise_scale)
     return resolve(backend, dev, "perturb").perturb(
@@ -235,7 +239,8 @@ def perturb(
 
 
 def restore(theta: Tensor, backup: Tensor) -> Tensor:
-    """Exact restore: ``theta`` becomes bitwise equal to ``backup`` (a copy, never a subtraction)."""
+    """Exact restore: ``theta`` becomes bitwise equal to ``backup`` (a copy, never a
+    subtraction)."""
     if theta.shape != backup.shape or theta.dtype != backup.dtype:
         raise ValueError("theta and backup must have the same shape and dtype")
     return theta.copy_(backup)
@@ -249,7 +254,8 @@ def gaussian_noise(
     device: torch.device | str = "cpu",
     backend: str | None = None,
 ) -> Tensor:
-    """``numel`` fp32 standard normals of the counter-based stream ``(seed, offset)`` (see ``philox``)."""
+    """``numel`` fp32 standard normals of the counter-based stream ``(seed, offset)`` (see
+    ``philox``)."""
     if numel < 0 or offset < 0:
         raise ValueError("numel and offset must be non-negative")
     dev = torch.device(device)
@@ -261,7 +267,8 @@ def gaussian_noise(
 def noise_stats(
     seed: int, offset: int, ref: Tensor, offsets: Tensor, *, backend: str | None = None
 ) -> Tensor:
-    """Per segment, ``[sum z^2, sum ref * z]`` (shape [2, S]) for the noise stream ``(seed, offset)``.
+    """Per segment, ``[sum z^2, sum ref * z]`` (shape [2, S]) for the noise stream
+    ``(seed, offset)``.
 
     SAMO needs these to normalize its zeroth-order estimates without ever storing ``z``.
     """
@@ -282,10 +289,10 @@ def perturb_noise_stats(
     noise_offset: int = 0,
     backend: str | None = None,
 ) -> Tensor:
-    """``perturb(theta, backup, offsets, noise_scale=noise_scale, seed=seed, noise_offset=noise_offset)``
-    and ``noise_stats(seed, noise_offset, ref, offsets)`` (returned, ``[2, S]``) from one generation
-    of the noise where the backend fuses them (``"cpu"``: fp32/bf16/fp16 buffers); the two ops
-    otherwise (same results).
+    """``perturb(theta, backup, offsets, noise_scale=noise_scale, seed=seed,
+    noise_offset=noise_offset)`` and ``noise_stats(seed, noise_offset, ref, offsets)`` (returned,
+    ``[2, S]``) from one generation of the noise where the backend fuses them (``"cpu"``:
+    fp32/bf16/fp16 buffers); the two ops otherwise (same results).
     SAMO's first zeroth-order probe needs both."""
     if not isinstance(noise_scale, torch.Tensor):
         raise TypeError(
@@ -341,7 +348,8 @@ def solve_qp(
     tol: float = _qp.DEFAULT_TOL,
     backend: str | None = None,
 ) -> Tensor:
-    """Batched ``min 1/2 v^T Gamma v + q^T v`` over the simplex or ``v >= lower``; see :mod:`.qp`."""
+    """Batched ``min 1/2 v^T Gamma v + q^T v`` over the simplex or ``v >= lower``; see
+    :mod:`.qp`."""
     _check_qp(gram, q, lower, constraint)
     dev = _check_same_device(gram=gram, q=q, lower=lower, norm_coef=norm_coef)
     return resolve(backend, dev, "solve_qp").solve_qp(
@@ -353,7 +361,8 @@ kkt_residual = _qp.kkt_residual
 
 
 class MinNormAggregate(NamedTuple):
-    """Result of :func:`min_norm_aggregate` (device tensors; fused backends may reuse them next call)."""
+    """Result of :func:`min_norm_aggregate` (device tensors; fused backends may reuse them next
+    call)."""
 
     weights: Tensor  #: [K] min-norm (MGDA) weights of G's rows, fp32 (fp64 for an fp64 G)
     gram: Tensor  #: [K, K] Gram matrix of G, same dtype

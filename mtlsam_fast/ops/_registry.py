@@ -30,14 +30,14 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu", "torch"),
 }
 
-#: Measured exceptions to AUTO_ORDER on CUDA: from how many rows K the Gram of a buffer of this dtype
-#: goes to Triton first. On an H100 at P = 2**26 (bench/results/NVIDIA_H100_80GB_HBM3/triton.log) the
-#: Triton tensor-core Gram reads bf16 at 86-98 % of the copy bandwidth for K = 16-64, the CUDA
-#: kernel's shared-memory tiles at 6-11 % (8-17x slower); up to K = 8 the CUDA kernel is the faster
-#: one (39-79 % against 7-55 %). In fp32 the CUDA kernel is faster up to K = 32 (1.3-3.8x) and
-#: Triton's exact-fp32 dot at K = 64 (1.28x). MGDA's fused path (``min_norm_aggregate``, resolved as
-#: "gram") follows its Gram; the other ops keep AUTO_ORDER (diff_gram: CUDA faster or level at every
-#: measured K).
+#: Measured exceptions to AUTO_ORDER on CUDA: from how many rows K the Gram of a buffer of this
+#: dtype goes to Triton first. On an H100 at P = 2**26
+#: (bench/results/NVIDIA_H100_80GB_HBM3/triton.log) the Triton tensor-core Gram reads bf16 at
+#: 86-98 % of the copy bandwidth for K = 16-64, the CUDA kernel's shared-memory tiles at 6-11 %
+#: (8-17x slower); up to K = 8 the CUDA kernel is the faster one (39-79 % against 7-55 %). In fp32
+#: the CUDA kernel is faster up to K = 32 (1.3-3.8x) and Triton's exact-fp32 dot at K = 64 (1.28x).
+#: MGDA's fused path (``min_norm_aggregate``, resolved as "gram") follows its Gram; the other ops
+#: keep AUTO_ORDER (diff_gram: CUDA faster or level at every measured K).
 _TRITON_GRAM_FROM_K: dict[torch.dtype, int] = {
     torch.bfloat16: 9,
     torch.float16: 9,
@@ -48,9 +48,14 @@ _TRITON_GRAM_FROM_K: dict[torch.dtype, int] = {
 def auto_order(
     device_type: str, op: str, dtype: torch.dtype | None = None, K: int | None = None
 ) -> tuple[str, ...]:
-    """The backends ``"auto"`` tries for ``op`` on ``device_type``, for a buffer of ``dtype`` with ``K`` rows."""
+    """The backends ``"auto"`` tries for ``op`` on ``device_type``, for a buffer of ``dtype`` with
+    ``K`` rows."""
     order = AUTO_ORDER.get(device_type, ("torch",))
-    from_k = _TRITON_GRAM_FROM_K.get(dtype) if device_type == "cuda" and op == "gram" else None
+    from_k = (
+        _TRITON_GRAM_FROM_K.get(dtype)
+        if device_type == "cuda" and op == "gram" and dtype is not None
+        else None
+    )
     if from_k is not None and K is not None and from_k <= K:
         return ("triton", *(b for b in order if b != "triton"))
     return order

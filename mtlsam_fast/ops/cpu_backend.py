@@ -48,15 +48,12 @@ def _rows_ok(t: Tensor) -> bool:
 
 
 def _kernel_dtype(*ts: Tensor | None) -> bool:
-    for t in ts:
-        if t is not None and t.dtype not in _KERNEL_DTYPES:
-            return False
-    return True
+    return all(t is None or t.dtype in _KERNEL_DTYPES for t in ts)
 
 
 def _f32(t: Tensor | None) -> Tensor | None:
-    """A scalar or weight vector as the kernels take it: 1-D contiguous fp32 (``t`` itself when it is
-    one already: the no-op torch calls cost a microsecond each, on every op call)."""
+    """A scalar or weight vector as the kernels take it: 1-D contiguous fp32 (``t`` itself when it
+    is one already: the no-op torch calls cost a microsecond each, on every op call)."""
     if t is None:
         return None
     if not isinstance(t, torch.Tensor):
@@ -177,6 +174,7 @@ def perturb_noise_stats(
     """One pass over the noise for ``perturb`` (noise only) and ``noise_stats``; inputs the kernel
     does not take: ``None``, and ops runs the two ops."""
     ns = _f32(noise_scale)
+    assert ns is not None  # noise_scale is a tensor
     if (
         not _kernel_dtype(theta, ref)
         or backup.dtype != theta.dtype
@@ -229,7 +227,8 @@ def _as_kernel_input(t: Tensor, dt: torch.dtype) -> Tensor:
 def _solve_qp_kernel(
     gram: Tensor, q, lower, constraint: str, max_iter: int, tol: float, with_iters: bool = False
 ) -> tuple[Tensor, Tensor | None]:
-    """The kernel's weights ``[..., K]`` and, ``with_iters``, its step counts ``[...]`` (else None)."""
+    """The kernel's weights ``[..., K]`` and, ``with_iters``, its step counts ``[...]`` (else
+    None)."""
     dt = torch.float64 if gram.dtype == torch.float64 else torch.float32
     return _C().solve_qp(
         _as_kernel_input(gram, dt),

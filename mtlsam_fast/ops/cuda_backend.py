@@ -37,7 +37,10 @@ def unavailable_reason(device_type: str) -> str | None:
     if mod is None:
         return _ext.error()
     if not mod.has_cuda():
-        return "mtlsam_fast._C was built without CUDA kernels (no CUDA toolkit at build time, or MTLSAM_NO_CUDA=1)"
+        return (
+            "mtlsam_fast._C was built without CUDA kernels "
+            "(no CUDA toolkit at build time, or MTLSAM_NO_CUDA=1)"
+        )
     if not torch.cuda.is_available():
         return "no CUDA device"
     return None
@@ -115,6 +118,7 @@ class FusedAggregator:
         if self.device.index is None:  # "cuda" means the current device; tensors report "cuda:N"
             self.device = torch.device(self.device.type, torch.cuda.current_device())
         C = _ext.get()
+        assert C is not None  # unavailable_reason() above found the extension
         like = torch.empty(0, device=self.device)
         self._ws = torch.empty(
             C.fused_workspace_bytes(self.K, self.P, like), dtype=torch.uint8, device=self.device
@@ -134,10 +138,12 @@ class FusedAggregator:
         scale: Tensor | None = None,
         backup: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Run both launches; returns ``(weights, dnorm)`` (device tensors, overwritten next call)."""
+        """Run both launches; returns ``(weights, dnorm)`` (device tensors, overwritten next
+        call)."""
         if G.dim() != 2 or tuple(G.shape) != (self.K, self.P) or G.device != self.device:
             raise ValueError(
-                f"G must be a [{self.K}, {self.P}] tensor on {self.device}, got {tuple(G.shape)} on {G.device}"
+                f"G must be a [{self.K}, {self.P}] tensor on {self.device}, "
+                f"got {tuple(G.shape)} on {G.device}"
             )
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
@@ -150,6 +156,7 @@ class FusedAggregator:
         if mode == "perturb" and backup is None:
             raise ValueError("mode 'perturb' needs backup")
         C = _ext.get()
+        assert C is not None  # loaded: __init__ checked it
         C.fused_gram_qp(G, self.gram, self._wbuf, self._ws, self._ticket, self.max_iter, self.tol)
         if out is not None:
             C.fused_combine_apply(

@@ -110,7 +110,8 @@ def solve_qp(
         norm_coef = torch.as_tensor(norm_coef, device=H0.device)
         if norm_coef.numel() not in (1, B):
             raise ValueError(
-                f"norm_coef must hold one coefficient per problem ({B}), got shape {tuple(norm_coef.shape)}"
+                f"norm_coef must hold one coefficient per problem ({B}), "
+                f"got shape {tuple(norm_coef.shape)}"
             )
         r = (
             norm_coef.to(dt).reshape(-1, 1).expand(B, 1) / ref.sqrt()
@@ -140,6 +141,7 @@ def solve_qp(
         mu = (x * z).mean(-1, keepdim=True)
         conv = (r_d.abs().amax(-1, keepdim=True) <= tol * c_scale) & (mu <= tol * tol)
         if simplex:
+            assert r_p is not None  # computed above when simplex
             conv &= r_p.abs() <= tol
         done = done | conv
         if check_early and it % 4 == 3 and bool(done.all()):
@@ -147,17 +149,20 @@ def solve_qp(
         M = hess + torch.diag_embed(z / x) + eye * 1e-14
         L, info = torch.linalg.cholesky_ex(M)
 
+        # newton reads the current iteration's loop variables: it only runs below, within the
+        # iteration that defines it
         def newton(rc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            rhs = -r_d + rc / x
+            rhs = -r_d + rc / x  # noqa: B023 - runs in this iteration
             if simplex:
-                sol = torch.cholesky_solve(torch.stack([rhs, a], -1), L)
+                assert r_p is not None  # noqa: B023 - runs in this iteration; set when simplex
+                sol = torch.cholesky_solve(torch.stack([rhs, a], -1), L)  # noqa: B023 - runs in this iteration
                 p, m = sol[..., 0], sol[..., 1]
-                dy = (r_p - (a * p).sum(-1, keepdim=True)) / (a * m).sum(-1, keepdim=True)
+                dy = (r_p - (a * p).sum(-1, keepdim=True)) / (a * m).sum(-1, keepdim=True)  # noqa: B023 - runs in this iteration
                 dx = p + m * dy
             else:
-                dx = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)
-                dy = torch.zeros_like(y)
-            dz = (rc - z * dx) / x
+                dx = torch.cholesky_solve(rhs.unsqueeze(-1), L).squeeze(-1)  # noqa: B023 - runs in this iteration
+                dy = torch.zeros_like(y)  # noqa: B023 - runs in this iteration
+            dz = (rc - z * dx) / x  # noqa: B023 - runs in this iteration
             return dx, dy, dz
 
         dx_a, _, dz_a = newton(-x * z)
@@ -180,8 +185,8 @@ def solve_qp(
         z = torch.where(keep, z, z + alpha * dz)
 
     if not simplex:
-        # a variable with a zero row in Gamma (a zero gradient) and cost >= 0 is optimal at its bound
-        # (with cost 0: anywhere above it; the bound is the defined, minimal answer)
+        # a variable with a zero row in Gamma (a zero gradient) and cost >= 0 is optimal at its
+        # bound (with cost 0: anywhere above it; the bound is the defined, minimal answer)
         x = torch.where((diag_rel <= 1e-300) & (c >= 0), torch.zeros_like(x), x)
     return _finish(x, lo, lo_v, d, simplex, finite, batch_shape, K, out_dtype)
 

@@ -89,6 +89,7 @@ def combine(w: Tensor, G: Tensor, w2: Tensor | None, H: Tensor | None, out: Tens
     acc = _acc_dtype(G)
     d = w.to(acc) @ G.to(acc)
     if w2 is not None:
+        assert H is not None  # given together with w2 (checked by ops.combine)
         d = d + w2.to(acc) @ H.to(acc)
     return out.copy_(d)
 
@@ -120,6 +121,7 @@ def perturb(
     P = theta.numel()
     new = backup.to(acc)
     if direction is not None:
+        assert scale is not None  # given together with direction (checked by ops.perturb)
         step = direction.to(acc) * _expand_segments(scale.to(acc), offsets, P)
         if adaptive:
             step = step * new * new

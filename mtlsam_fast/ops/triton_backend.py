@@ -4,7 +4,8 @@
 Runs on CUDA tensors, and on CPU tensors only under ``TRITON_INTERPRET=1`` (the CPU test mode;
 never chosen by ``"auto"`` on the CPU). Inputs arrive validated by :mod:`mtlsam_fast.ops`.
 fp64 buffers (and Gram matrices / QPs with K > 64) are delegated to the torch backend (fp64
-accumulation is its contract; K <= 64 is the design range of the register-tile kernels). No function here reads a tensor value on the host.
+accumulation is its contract; K <= 64 is the design range of the register-tile kernels). No function
+here reads a tensor value on the host.
 
 Beyond the ops of :mod:`mtlsam_fast.ops`, :func:`fused_aggregate` is the two-launch aggregation
 path of DESIGN.md section 6 for the optimizers.
@@ -46,8 +47,9 @@ def _interpreting() -> bool:
 
 
 def _kernels():
-    """``mtlsam_fast.triton_kernels`` (imported on first use, so importing this module never imports Triton:
-    the registry can ask :func:`unavailable_reason` before ``TRITON_INTERPRET`` is settled)."""
+    """``mtlsam_fast.triton_kernels`` (imported on first use, so importing this module never imports
+    Triton: the registry can ask :func:`unavailable_reason` before ``TRITON_INTERPRET`` is
+    settled)."""
     import mtlsam_fast.triton_kernels.elementwise
     import mtlsam_fast.triton_kernels.fused
     import mtlsam_fast.triton_kernels.gram
@@ -80,7 +82,8 @@ def unavailable_reason(device_type: str) -> str | None:
 
 
 def pin_config(family: str, **cfg: int) -> None:
-    """Pin the launch configuration of a kernel family (see ``mtlsam_fast.triton_kernels._config``)."""
+    """Pin the launch configuration of a kernel family (see
+    ``mtlsam_fast.triton_kernels._config``)."""
     _kernels()._config.pin_config(family, **cfg)
 
 
@@ -149,9 +152,9 @@ def fused_aggregate(
     tol: float = 1e-9,
 ):
     """The two-launch MGDA aggregation of DESIGN.md section 6; the full contract is in
-    :func:`mtlsam_fast.triton_kernels.fused.fused_aggregate`. Returns ``Aggregate(weights, gram, weights2,
-    gram2, direction)``: launch 1 = Gram partials -> last-program reduction -> QP, launch 2 =
-    ``d = w^T G (+ w2^T H)`` -> ``out <- d`` and/or ``theta <- theta - lr * d``."""
+    :func:`mtlsam_fast.triton_kernels.fused.fused_aggregate`. Returns ``Aggregate(weights, gram,
+    weights2, gram2, direction)``: launch 1 = Gram partials -> last-program reduction -> QP,
+    launch 2 = ``d = w^T G (+ w2^T H)`` -> ``out <- d`` and/or ``theta <- theta - lr * d``."""
     return _kernels().fused.fused_aggregate(
         G, H, out=out, theta=theta, lr=lr, max_iter=max_iter, tol=tol
     )

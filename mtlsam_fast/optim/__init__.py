@@ -2,7 +2,8 @@
 
 * :class:`MTLOptimizer` -- gradient aggregation (1 forward, K backwards per step);
 * :class:`FMTL` -- F-MTL, arXiv 2211.13723 (1 + K forwards, 2K backwards);
-* :class:`SAMO` -- SAMO, arXiv 2507.07883 (1 + 3K forwards of which 2K without autograd, 1 + K backwards).
+* :class:`SAMO` -- SAMO, arXiv 2507.07883 (1 + 3K forwards of which 2K without autograd, 1 + K
+  backwards).
 
 ``step(closure)``: ``closure()`` returns the K task losses at the current weights and never calls
 ``backward``; the optimizer runs the backward passes. See :class:`~.base.MTLBase`.

@@ -24,6 +24,7 @@ class MTLOptimizer(MTLBase):
     def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:  # type: ignore[override]
         """One aggregation step; returns the K losses (detached, on the device)."""
         scale, inv_scale = self._begin(closure, grad_scaler)
+        assert closure is not None  # _begin raised otherwise
         det = self._capture_task_gradients(closure, scale)
         self._aggregate(inv_scale, det, self._shared.grad)
         self._finish(torch.zeros((), dtype=torch.bool, device=self.device), inv_scale, grad_scaler)

@@ -11,10 +11,11 @@ treatment at its own (small) size.
 Found-inf without a host sync: every step computes a device flag (non-finite gradients, Gram,
 weights or norms). With ``torch.optim.Adam``/``AdamW(fused=True)`` the flag is handed to the fused
 kernel, which skips natively (as under ``GradScaler.step``). Otherwise the base optimizer always
-steps, and its effect is undone on the device when the flag is set: parameters are put back from ``backup`` with ``torch.where`` and every
-optimizer-state tensor from a snapshot taken just before the step (state created by this very
-step is reset to zeros, the initial value of every built-in ``torch.optim`` state, so a skipped
-first step leaves a state equivalent to a fresh one). No ``.item()``, no Python branch on a tensor.
+steps, and its effect is undone on the device when the flag is set: parameters are put back from
+``backup`` with ``torch.where`` and every optimizer-state tensor from a snapshot taken just before
+the step (state created by this very step is reset to zeros, the initial value of every built-in
+``torch.optim`` state, so a skipped first step leaves a state equivalent to a fresh one). No
+``.item()``, no Python branch on a tensor.
 """
 
 from __future__ import annotations
@@ -90,13 +91,15 @@ def frozen_running_stats() -> Iterator[None]:
 # Flat parameter groups
 # --------------------------------------------------------------------------------------------
 class _FlatParams:
-    """A list of parameters moved into one flat buffer, with a backup and a flat ``.grad`` buffer."""
+    """A list of parameters moved into one flat buffer, with a backup and a flat ``.grad``
+    buffer."""
 
     def __init__(self, params: list[Tensor], what: str):
         dtypes = {p.dtype for p in params}
         if len(dtypes) > 1:
             raise TypeError(
-                f"{what}: all parameters must share one dtype (one flat buffer), got {sorted(map(str, dtypes))}"
+                f"{what}: all parameters must share one dtype (one flat buffer), "
+                f"got {sorted(map(str, dtypes))}"
             )
         self.params = params
         self.layout = FlatLayout(params)
@@ -119,9 +122,10 @@ class _FlatParams:
         for i, (p, ptr) in enumerate(zip(self.params, self._ptrs)):
             if p.data_ptr() != ptr or p.device != self.theta.device:
                 raise RuntimeError(
-                    f"{self.what}[{i}] no longer lives in the optimizer's flat buffer (was the model moved "
-                    "with .to()/.cuda() or a parameter's .data replaced after the optimizer was built?); "
-                    "build the optimizer after moving the model, and change weights in place (copy_)."
+                    f"{self.what}[{i}] no longer lives in the optimizer's flat buffer "
+                    "(was the model moved with .to()/.cuda() or a parameter's .data replaced after "
+                    "the optimizer was built?); build the optimizer after moving the model, and "
+                    "change weights in place (copy_)."
                 )
 
     def attach_grads(self) -> None:
@@ -130,7 +134,8 @@ class _FlatParams:
                 p.grad = v
 
     def norm(self, x: Tensor, adaptive: bool, backend: str | None) -> Tensor:
-        """Global L2 norm of ``x`` ([P]) or, with ``adaptive``, of ``|backup| * x`` (ASAM's ||T x||)."""
+        """Global L2 norm of ``x`` ([P]) or, with ``adaptive``, of ``|backup| * x``
+        (ASAM's ||T x||)."""
         weight = self.backup.abs() if adaptive else None
         return ops.segment_norms(x, self.whole, weight=weight, backend=backend).reshape(())
 
@@ -184,8 +189,8 @@ class MTLBase(torch.optim.Optimizer):
     """
 
     #: makes ``GradScaler.step(opt, closure)`` hand itself over as ``grad_scaler=`` (torch's older
-    #: custom-optimizer protocol) instead of unscaling stale ``.grad`` tensors; the supported call is
-    #: ``opt.step(closure, grad_scaler=scaler)``.
+    #: custom-optimizer protocol) instead of unscaling stale ``.grad`` tensors; the supported call
+    #: is ``opt.step(closure, grad_scaler=scaler)``.
     _step_supports_amp_scaling = True
 
     def __init__(
@@ -206,7 +211,8 @@ class MTLBase(torch.optim.Optimizer):
             isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)
         ):
             raise TypeError(
-                f"base_optimizer must be a torch.optim.Optimizer class (e.g. torch.optim.Adam), got {base_optimizer!r}"
+                "base_optimizer must be a torch.optim.Optimizer class (e.g. torch.optim.Adam), "
+                f"got {base_optimizer!r}"
             )
         if issubclass(base_optimizer, MTLBase):
             raise TypeError("base_optimizer cannot itself be a multi-task optimizer")
@@ -253,7 +259,8 @@ class MTLBase(torch.optim.Optimizer):
     ) -> tuple[list[Tensor], list[list[Tensor]]]:
         if isinstance(shared_params, torch.Tensor):
             raise TypeError(
-                "shared_params must be an iterable of tensors (e.g. model.trunk.parameters()), not a tensor"
+                "shared_params must be an iterable of tensors (e.g. model.trunk.parameters()), "
+                "not a tensor"
             )
         shared = list(shared_params)
         if not shared:
@@ -275,7 +282,8 @@ class MTLBase(torch.optim.Optimizer):
             for k, h in enumerate(task_params):
                 if isinstance(h, torch.Tensor):
                     raise TypeError(
-                        f"task_params[{k}] must be an iterable of tensors, not a tensor (wrap it in a list)"
+                        f"task_params[{k}] must be an iterable of tensors, not a tensor "
+                        "(wrap it in a list)"
                     )
                 heads.append(list(h))
             if not heads:
@@ -295,13 +303,15 @@ class MTLBase(torch.optim.Optimizer):
                 )
             if p.dtype not in FLOAT_DTYPES:
                 raise TypeError(
-                    f"{name} has unsupported dtype {p.dtype}; supported: float32, float64, bfloat16, float16"
+                    f"{name} has unsupported dtype {p.dtype}; "
+                    "supported: float32, float64, bfloat16, float16"
                 )
             if not p.requires_grad:
                 raise ValueError(f"{name} does not require grad")
             if not p.is_leaf:
                 raise ValueError(
-                    f"{name} is not a leaf tensor (pass the model's parameters, not results of operations)"
+                    f"{name} is not a leaf tensor "
+                    "(pass the model's parameters, not results of operations)"
                 )
             if id(p) in owner:
                 prev = owner[id(p)]
@@ -334,7 +344,8 @@ class MTLBase(torch.optim.Optimizer):
         if isinstance(losses, torch.Tensor):
             if losses.dim() != 1 or losses.shape[0] != K:
                 raise ValueError(
-                    f"closure returned a tensor of shape {tuple(losses.shape)}; expected K={K} task losses "
+                    f"closure returned a tensor of shape {tuple(losses.shape)}; "
+                    f"expected K={K} task losses "
                     f"(a [{K}] tensor or a sequence of {K} scalar tensors)"
                 )
             items = list(losses.unbind(0))
@@ -349,11 +360,13 @@ class MTLBase(torch.optim.Optimizer):
                     raise TypeError(f"loss {i} is a {type(l).__name__}, expected a scalar tensor")
                 if l.dim() != 0:
                     raise ValueError(
-                        f"loss {i} is not a scalar: shape {tuple(l.shape)} (reduce it, e.g. .mean())"
+                        f"loss {i} is not a scalar: shape {tuple(l.shape)} "
+                        "(reduce it, e.g. .mean())"
                     )
         else:
             raise TypeError(
-                f"closure must return K={K} task losses (sequence or [K] tensor), got {type(losses).__name__}"
+                f"closure must return K={K} task losses (sequence or [K] tensor), "
+                f"got {type(losses).__name__}"
             )
         for i, l in enumerate(items):
             if not l.is_floating_point():
@@ -362,8 +375,8 @@ class MTLBase(torch.optim.Optimizer):
                 raise ValueError(f"loss {i} is on {l.device}, the parameters on {self.device}")
             if need_grad and not l.requires_grad:
                 raise ValueError(
-                    f"loss {i} does not require grad (computed under torch.no_grad(), from detached tensors, "
-                    "or from no trainable parameter?)"
+                    f"loss {i} does not require grad (computed under torch.no_grad(), "
+                    "from detached tensors, or from no trainable parameter?)"
                 )
         return items
 
@@ -372,7 +385,8 @@ class MTLBase(torch.optim.Optimizer):
         """Checks, backups, grad views; returns (scale, inv_scale) as fp32 device scalars."""
         if closure is None or not callable(closure):
             raise TypeError(
-                f"{type(self).__name__}.step needs a closure that returns the K task losses at the current weights"
+                f"{type(self).__name__}.step needs a closure that returns the K task losses "
+                "at the current weights"
             )
         self._shared.check_intact()
         for h in self._heads:
@@ -402,7 +416,8 @@ class MTLBase(torch.optim.Optimizer):
     def _backward(
         self, loss: Tensor, seed: Tensor, task: int | None, *, retain_graph: bool = False
     ) -> None:
-        """Backward of ``loss`` seeded with ``seed`` into the shared params and head ``task`` (all heads if None)."""
+        """Backward of ``loss`` seeded with ``seed`` into the shared params and head ``task`` (all
+        heads if None)."""
         inputs = list(self._shared.params)
         heads = self._heads if task is None else [self._heads[task]]
         for h in heads:
@@ -423,22 +438,23 @@ class MTLBase(torch.optim.Optimizer):
         det = torch.stack([l.detach() for l in losses])
         K = self.num_tasks
         for i in range(K):
-            if self._heads[i] is not None:
-                self._heads[i].grad.zero_()
+            if (h := self._heads[i]) is not None:
+                h.grad.zero_()
             with self._gbuf.capture(i):
                 self._backward(losses[i], scale, i, retain_graph=i < K - 1)
         return det
 
     def _weights(self, gram: Tensor, inv_scale: Tensor, losses: Tensor) -> Tensor:
-        """Task weights from a Gram of scaled gradients (unscaled first, so every weighting sees true values)."""
+        """Task weights from a Gram of scaled gradients (unscaled first, so every weighting sees
+        true values)."""
         g = gram * (inv_scale * inv_scale).to(gram.dtype)
         return self.weighting(g, losses.to(g.dtype) if self.weighting.needs_losses else None)
 
     def _aggregate(
         self, inv_scale: Tensor, losses: Tensor, out: Tensor, *, subtract: bool = False
     ) -> Tensor:
-        """``out <- w^T G`` (``subtract``: ``out <- out - w^T G``) with ``w`` the weighting of ``G``'s
-        rows; returns ``Gram(G)`` (scaled like ``G``).
+        """``out <- w^T G`` (``subtract``: ``out <- out - w^T G``) with ``w`` the weighting of
+        ``G``'s rows; returns ``Gram(G)`` (scaled like ``G``).
 
         Plain MGDA (``normalization="none"``) takes :func:`mtlsam_fast.ops.min_norm_aggregate`: on
         the fused backends, Gram, QP and combine run in two launches and the weights never leave
@@ -471,11 +487,12 @@ class MTLBase(torch.optim.Optimizer):
 
     def _restore(self, k: int | None) -> None:
         ops.restore(self._shared.theta, self._shared.backup)
-        if k is not None and self._heads[k] is not None:
-            ops.restore(self._heads[k].theta, self._heads[k].backup)
+        if k is not None and (h := self._heads[k]) is not None:
+            ops.restore(h.theta, h.backup)
 
     def _head_scales(self, rho_head: float, adaptive: bool) -> tuple[Tensor, Tensor]:
-        """Per head: rho_head / ||h_k|| (scalar tensors stacked) and a not-finite flag of the norms."""
+        """Per head: rho_head / ||h_k|| (scalar tensors stacked) and a not-finite flag of the
+        norms."""
         scales, bad = [], torch.zeros((), dtype=torch.bool, device=self.device)
         for h in self._heads:
             if h is None:
@@ -487,7 +504,8 @@ class MTLBase(torch.optim.Optimizer):
         return torch.stack(scales), bad
 
     def _finish(self, bad: Tensor, inv_scale: Tensor, grad_scaler: Any) -> None:
-        """Unscale the final gradients, set the found-inf flag, step the base optimizer guarded by it."""
+        """Unscale the final gradients, set the found-inf flag, step the base optimizer guarded by
+        it."""
         grads = [self._shared.grad] + [h.grad for h in self._heads if h is not None]
         found = torch.zeros(1, dtype=torch.float32, device=self.device)
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv_scale.reshape(1))
@@ -509,13 +527,15 @@ class MTLBase(torch.optim.Optimizer):
         if self._native_found_inf:
             # torch's fused Adam/AdamW read these attributes (as set by GradScaler.step): the kernel
             # leaves parameters and moments alone when found_inf is 1, and the step count is
-            # incremented then decremented by the flag, all on the device.
-            self.base_optimizer.grad_scale = None
-            self.base_optimizer.found_inf = skip.reshape(()).to(torch.float32)
+            # incremented then decremented by the flag, all on the device. (Attributes that
+            # torch.optim.Optimizer's type does not declare, hence the untyped alias.)
+            opt: Any = self.base_optimizer
+            opt.grad_scale = None
+            opt.found_inf = skip.reshape(()).to(torch.float32)
             try:
                 self.base_optimizer.step()
             finally:
-                del self.base_optimizer.grad_scale, self.base_optimizer.found_inf
+                del opt.grad_scale, opt.found_inf
             return
         params = [p for g in self.base_optimizer.param_groups for p in g["params"]]
         snapshot: dict[tuple[int, str], Tensor] = {}
@@ -540,7 +560,8 @@ class MTLBase(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------- public API
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear the parameters' ``.grad`` (the optimizer re-attaches its own buffers at each step)."""
+        """Clear the parameters' ``.grad`` (the optimizer re-attaches its own buffers at each
+        step)."""
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     @property
@@ -576,13 +597,14 @@ class MTLBase(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(K={self.num_tasks}, P={self._shared.numel}, weighting={self.weighting!r}, "
-            f"base_optimizer={self.base_optimizer!r})"
+            f"{type(self).__name__}(K={self.num_tasks}, P={self._shared.numel}, "
+            f"weighting={self.weighting!r}, base_optimizer={self.base_optimizer!r})"
         )
 
 
 def _report_found_inf(scaler: Any, optimizer: torch.optim.Optimizer, found: Tensor) -> None:
-    """Record this step's found-inf flag in ``scaler`` so that ``scaler.update()`` backs off / grows.
+    """Record this step's found-inf flag in ``scaler`` so that ``scaler.update()`` backs off /
+    grows.
 
     ``GradScaler`` has no public entry point for an optimizer that runs its own backward passes, so
     this writes the per-optimizer record that ``GradScaler.unscale_``/``step`` would have written.

@@ -64,6 +64,7 @@ class FMTL(MTLBase):
     def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:  # type: ignore[override]
         """One F-MTL step; returns the K clean losses (detached, on the device)."""
         scale, inv_scale = self._begin(closure, grad_scaler)
+        assert closure is not None  # _begin raised otherwise
         K, sh, G, be = self.num_tasks, self._shared, self._gbuf.G, self.backend
 
         # 1. clean forward, K backward passes into the rows of G (heads: their own loss only)
@@ -95,17 +96,18 @@ class FMTL(MTLBase):
                 )
                 self._perturb_head(i, head_scales[i], self.adaptive)
                 lp = self._forward(closure, grad=True, perturbed=True)
-                if self._heads[i] is not None:
-                    self._heads[i].grad.zero_()
+                if (head := self._heads[i]) is not None:
+                    head.grad.zero_()
                 with self._gbuf.capture(i, accumulate=True):
                     self._backward(lp[i], neg, i)
                 del lp
             finally:
                 self._restore(i)
-            if self._heads[i] is not None:
-                self._heads[i].grad.neg_()  # the head's perturbed-point gradient (exact sign flip)
+            if (head := self._heads[i]) is not None:
+                head.grad.neg_()  # the head's perturbed-point gradient (exact sign flip)
 
-        # 3. flat weights on -F (same Gram, same weights as F): d_loss + w_flat^T F = d_loss - w_flat^T (-F)
+        # 3. flat weights on -F (same Gram, same weights as F):
+        #    d_loss + w_flat^T F = d_loss - w_flat^T (-F)
         self._aggregate(inv_scale, det, sh.grad, subtract=True)
 
         self._finish(bad, inv_scale, grad_scaler)

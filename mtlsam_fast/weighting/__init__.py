@@ -1,7 +1,8 @@
 """Gradient weightings: ``weights = w(gram[, losses])``, one module per method family.
 
 ``get(name, **options)`` builds one by name; ``names()`` lists them. Every weighting class is also
-importable from this package (``from mtlsam_fast.weighting import MGDA``); modules load on first use.
+importable from this package (``from mtlsam_fast.weighting import MGDA``); modules load on first
+use.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def names() -> list[str]:
 
 
 def get(name: str | Weighting, **options: Any) -> Weighting:
-    """A weighting by registry name (options go to its constructor), or ``name`` itself if an instance."""
+    """A weighting by registry name (options go to its constructor), or ``name`` itself if an
+    instance."""
     if isinstance(name, Weighting):
         if options:
             raise ValueError("options cannot be applied to an existing weighting object")
@@ -57,4 +59,5 @@ def __getattr__(attr: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
-__all__ = ["Weighting", "check_gram", "get", "names", *_CLASS_TO_NAME]
+__all__ = ["Weighting", "check_gram", "get", "names"]
+__all__ += list(_CLASS_TO_NAME)  # the weighting classes, loaded on first use by __getattr__

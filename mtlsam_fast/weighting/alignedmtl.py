@@ -49,12 +49,13 @@ def _rotate_rows(X: Tensor, p: Tensor, q: Tensor, c: Tensor, s: Tensor) -> Tenso
 
 
 def jacobi_eigh(A: Tensor, sweeps: int = DEFAULT_SWEEPS) -> tuple[Tensor, Tensor]:
-    """Eigen-decomposition of a symmetric matrix by cyclic Jacobi rotations, ascending like ``eigh``.
+    """Eigen-decomposition of a symmetric matrix by cyclic Jacobi rotations, ascending like
+    ``eigh``.
 
     A fixed number of sweeps, each rotating every pair once (disjoint pairs in parallel, one batched
     update per round), with the rotation of Golub & Van Loan (*Matrix Computations*, 8.5.2). Only
-    tensor arithmetic: no LAPACK ``info`` check, hence no host sync on accelerators. Jacobi converges
-    quadratically; 10 sweeps reach float64 round-off for the K <= 64 Grams tested.
+    tensor arithmetic: no LAPACK ``info`` check, hence no host sync on accelerators. Jacobi
+    converges quadratically; 10 sweeps reach float64 round-off for the K <= 64 Grams tested.
     """
     K = A.shape[0]
     dev, dt = A.device, A.dtype
@@ -96,10 +97,10 @@ class AlignedMTL(Weighting):
 
     ``scale_mode``: the scale ``sqrt(sigma)`` with ``sigma`` the smallest kept eigenvalue
     (``"min"``, the paper's default), their (lower) median or their mean (``"rmse"``), as in the
-    official ``ProcrustesSolver``. Rank threshold: eigenvalues ``> rtol * lambda_max`` are kept, with
-    the official ``rtol = K * eps`` (eps of the Gram's dtype) unless given. The decomposition runs
-    in float64 (``torch.linalg.eigh``; masks instead of a data-dependent rank). An all-zero Gram gives
-    zero weights; identical gradients give weight 1 each (``B = 11^T / K``).
+    official ``ProcrustesSolver``. Rank threshold: eigenvalues ``> rtol * lambda_max`` are kept,
+    with the official ``rtol = K * eps`` (eps of the Gram's dtype) unless given. The decomposition
+    runs in float64 (``torch.linalg.eigh``; masks instead of a data-dependent rank). An all-zero
+    Gram gives zero weights; identical gradients give weight 1 each (``B = 11^T / K``).
 
     ``solver``: ``torch.linalg.eigh`` synchronizes with the host on accelerators (it checks
     LAPACK's ``info``), so ``"auto"`` (default) uses it on the CPU only and elsewhere the sync-free

@@ -55,7 +55,8 @@ class Weighting:
                     else type(losses).__name__
                 )
                 raise ValueError(
-                    f"losses must be a tensor of shape ({K},) to match the {K}x{K} gram, got {shape}"
+                    f"losses must be a tensor of shape ({K},) to match the {K}x{K} gram, "
+                    f"got {shape}"
                 )
             if losses.device != gram.device:
                 raise ValueError(f"losses are on {losses.device}, gram on {gram.device}")

@@ -29,7 +29,8 @@ class CAGrad(Weighting):
     official code's ``1e-8`` guard does the same at exactly ``g_w = 0``). ``rescale`` follows the
     official code: 0 none, 1 divide by ``1 + c^2``, 2 divide by ``1 + c``. ``c = 0`` is linear
     scalarization. A single task gets weight 1 (DESIGN.md section 4; the formula would give
-    ``(1 + c)`` before rescaling, a mere step-size change, since one task has nothing to conflict with).
+    ``(1 + c)`` before rescaling, a mere step-size change, since one task has nothing to conflict
+    with).
     """
 
     name = "cagrad"

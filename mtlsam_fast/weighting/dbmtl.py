@@ -15,7 +15,8 @@ from .rlw import check_state_keys
 
 
 class DBMTL(Weighting):
-    """Weights ``max_j u_j / (u_i + eps)`` with ``u_i`` an EMA estimate of task ``i``'s gradient norm.
+    """Weights ``max_j u_j / (u_i + eps)`` with ``u_i`` an EMA estimate of task ``i``'s gradient
+    norm.
 
     The paper balances (1) loss scales, by back-propagating ``log(L_i + 1e-8)`` instead of
     ``L_i``, and (2) gradient magnitudes, by scaling every task's EMA gradient

@@ -17,7 +17,8 @@ class FairGrad(Weighting):
     allocation (``alpha = 1``: proportional fairness, Nash-MTL's equation; ``alpha -> inf``:
     max-min fairness). The official code runs ``scipy.optimize.least_squares`` on the host; here
     the equation is solved exactly on the device as the minimizer of a strictly convex function,
-    damped Newton with a fixed budget (see :func:`~mtlsam_fast.weighting.nashmtl.solve_power_equation`).
+    damped Newton with a fixed budget (see
+    :func:`~mtlsam_fast.weighting.nashmtl.solve_power_equation`).
 
     ``normalize=True`` (default) solves with ``Gamma / ||Gamma||_F`` so that the weights are scale
     invariant and K = 1 gets weight 1 (the library's convention); that is the paper's solution times

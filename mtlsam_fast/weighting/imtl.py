@@ -25,15 +25,15 @@ class IMTL(Weighting):
     ``i = 2..K``), ``alpha = g_1 U^T (D U^T)^{-1}``, ``w = [1 - sum alpha, alpha]``. On the Gram the
     same solution has a symmetric form: ``<u_i, d> = c`` for all ``i`` reads ``Gamma w = c n``
     (``n_i = ||g_i||``), so ``w = Gamma^{-1} n / (1^T Gamma^{-1} n)``; with the cosine matrix
-    ``C = D^{-1} Gamma D^{-1}`` (``D = diag(n)``) this is ``w_i ~ (C^{-1} 1)_i / n_i``, normalized to
-    sum 1. No anchor task, permutation equivariant, scale invariant; float64 inside.
+    ``C = D^{-1} Gamma D^{-1}`` (``D = diag(n)``) this is ``w_i ~ (C^{-1} 1)_i / n_i``, normalized
+    to sum 1. No anchor task, permutation equivariant, scale invariant; float64 inside.
 
     Robustness without a host sync: ``C y = 1`` is solved by LU (``lu_factor_ex``, never raises) of
     ``C + lambda I`` with 3 iterated-Tikhonov sweeps (``lambda`` = 1e-10 for a float64 Gram, 1e-6
     for lower precision, whose Gram is only that accurate): for a well-conditioned ``C`` this is the
-    exact solution up to ``(lambda / sigma_min)^3``; identical gradients give ``1/K`` (up to the Gram's
-    rounding in the singular direction times ``1/lambda``, ~1e-5). A task with a
-    zero gradient has no unit vector: it gets weight 0 and the others are IMTL-G's weights among
+    exact solution up to ``(lambda / sigma_min)^3``; identical gradients give ``1/K`` (up to the
+    Gram's rounding in the singular direction times ``1/lambda``, ~1e-5). A task with a zero
+    gradient has no unit vector: it gets weight 0 and the others are IMTL-G's weights among
     themselves (LibMTL divides by zero); an all-zero Gram gives ``1/K``. Exactly linearly dependent
     gradients (where the paper's inverse does not exist) give large but finite weights.
     """

@@ -57,8 +57,10 @@ class MGDA(Weighting):
         if self.normalization == "l2":
             n = norms
         elif self.normalization == "loss":
+            assert losses is not None  # needs_losses: __call__ checked them
             n = losses.to(dt)
         else:
+            assert losses is not None  # needs_losses: __call__ checked them
             n = losses.to(dt) * norms
         n = torch.where(n > 0, n, torch.ones_like(n))
         v = ops.solve_qp(

@@ -56,10 +56,12 @@ def solve_power_equation(
     max_iter: int = DEFAULT_MAX_ITER,
     reg: float = DEFAULT_REG,
 ) -> Tensor:
-    """``w > 0`` with ``Gamma w = w^(-1/alpha)`` (float64, on ``gram.device``); see the module docstring.
+    """``w > 0`` with ``Gamma w = w^(-1/alpha)`` (float64, on ``gram.device``); see the module
+    docstring.
 
-    ``normalize=True`` solves with ``Gamma / ||Gamma||_F``; the paper's solution for ``Gamma`` itself
-    is the same vector times ``||Gamma||_F^(-alpha / (alpha + 1))`` (``normalize=False`` returns it).
+    ``normalize=True`` solves with ``Gamma / ||Gamma||_F``; the paper's solution for ``Gamma``
+    itself is the same vector times ``||Gamma||_F^(-alpha / (alpha + 1))`` (``normalize=False``
+    returns it).
     """
     K = gram.shape[0]
     dev = gram.device
@@ -89,7 +91,8 @@ def solve_power_equation(
         return 0.5 * ((W @ A) * W).sum(-1) - phi_sum(W)
 
     def rescale(v: Tensor) -> Tensor:
-        # f(t v) = t^2 q / 2 - (log t sum c  or  t^p S / p) is minimized at t = (S / q)^(1 / (2 - p))
+        # f(t v) = t^2 q / 2 - (log t sum c  or  t^p S / p) is minimized at
+        # t = (S / q)^(1 / (2 - p))
         q = (v @ A @ v).clamp(min=1e-300)
         S = c.sum() if log_case else (c * v.pow(p)).sum()
         return v * (S / q).pow(1.0 / (2.0 - p))
@@ -131,14 +134,14 @@ class NashMTL(Weighting):
 
     This is the paper's characterization of the Nash bargaining solution.
 
-    The update ``d = alpha^T G`` is the Nash bargaining solution: ``<g_i, d> = 1 / alpha_i`` for every
-    task. Solved exactly on the device (see :func:`solve_power_equation`) rather than by the
+    The update ``d = alpha^T G`` is the Nash bargaining solution: ``<g_i, d> = 1 / alpha_i`` for
+    every task. Solved exactly on the device (see :func:`solve_power_equation`) rather than by the
     official code's 20 sequential convex (CVXPY) steps with a 1e-3 stopping rule.
 
     ``normalize=True`` (default) solves with ``Gamma / ||Gamma||_F``: the official code normalizes
     the Gram by its Frobenius norm before solving, the weights become scale invariant and K = 1
-    gets weight 1. This is the paper's solution times ``||Gamma||_F^(1/2)``, the same direction up to
-    a positive factor (the official training loop clips the update norm anyway).
+    gets weight 1. This is the paper's solution times ``||Gamma||_F^(1/2)``, the same direction up
+    to a positive factor (the official training loop clips the update norm anyway).
     ``normalize=False`` returns the paper's ``alpha`` for the raw Gram. ``max_iter`` Newton steps
     (default 40), ``reg`` the relative regularization for singular Grams (default 1e-12).
     """

@@ -68,7 +68,8 @@ class _DualConeWeighting(Weighting):
 
 
 class UPGrad(_DualConeWeighting):
-    """Unconflicting projection of gradients: ``d = sum_i u_i Proj(g_i)``, ``Proj`` onto the dual cone.
+    """Unconflicting projection of gradients: ``d = sum_i u_i Proj(g_i)``, ``Proj`` onto the dual
+    cone.
 
     ``u`` is ``pref_vector`` (default ``1/K``: the average of the projected gradients). The K
     projections are K QPs ``min 1/2 v^T Gamma v  s.t.  v >= u_i e_i``, solved as one batched call of
