@@ -27,6 +27,6 @@ class MTLOptimizer(MTLBase):
         assert closure is not None  # _begin raised otherwise
         det = self._capture_task_gradients(closure, scale)
         self._aggregate(inv_scale, det, self._shared.grad)
-        self._finish(torch.zeros((), dtype=torch.bool, device=self.device), inv_scale, grad_scaler)
+        self._finish(torch.zeros((), dtype=torch.bool, device=self.device), grad_scaler)
         self._step_count += 1
         return det

@@ -21,9 +21,10 @@ the step (state created by this very step is reset to zeros, the initial value o
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
@@ -148,7 +149,8 @@ def _safe_scale(rho: Tensor | float, norm: Tensor) -> Tensor:
     )
 
 
-def _check_rho(name: str, value: Any) -> float:
+def nonnegative_float(name: str, value: Any) -> float:
+    """A finite number >= 0 (a perturbation radius)."""
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
@@ -157,6 +159,37 @@ def _check_rho(name: str, value: Any) -> float:
     ):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
+
+
+def positive_float(name: str, value: Any) -> float:
+    """A finite number > 0 (a finite-difference step)."""
+    if nonnegative_float(name, value) == 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def unit_float(name: str, value: Any) -> float:
+    """A number in [0, 1] (a mixing weight)."""
+    if nonnegative_float(name, value) > 1:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return float(value)
+
+
+def flag(name: str, value: Any) -> bool:
+    """A bool (not a number or a string that happens to be truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+#: Key of this library's own state (K, layout, weighting state, counters) inside
+#: ``state_dict()["param_groups"][0]``: the layout stays torch's ``{"state", "param_groups"}``, and
+#: tools that keep only those two entries (``torch.distributed.checkpoint``) keep it too.
+STATE_KEY = "mtlsam_fast"
+#: Version of the entry under :data:`STATE_KEY`. Format 1 (before hyperparameters moved into the
+#: param groups) had the top-level keys ``base_optimizer``, ``weighting``, ``step_count`` and
+#: ``extra``.
+STATE_FORMAT = 2
 
 
 class MTLBase(torch.optim.Optimizer):
@@ -184,14 +217,20 @@ class MTLBase(torch.optim.Optimizer):
     Mixed precision: run the forward under ``torch.autocast`` inside the closure. With fp16 pass a
     ``torch.amp.GradScaler`` to :meth:`step` (``opt.step(closure, grad_scaler=scaler)``), then call
     ``scaler.update()`` yourself; do not call ``scaler.scale``/``scaler.step`` on this optimizer.
-    The optimizer seeds each backward with the scale, unscales, checks for inf/NaN on the device
-    and reports the flag to the scaler.
+    The optimizer seeds each backward with the scale (``scaler.scale``), checks the final gradients
+    and its own inf/NaN triggers on the device, and hands them to ``scaler.unscale_(opt)``, which
+    unscales them and records the flag that ``scaler.update()`` reads.
+
+    Hyperparameters (the subclasses' ``rho``, ``alpha``, ...) live in every param group, next to
+    the base optimizer's ``lr``, so schedulers can change them between steps; they are validated in
+    ``__init__`` and again at each step (an invalid value raises before anything changes).
+    ``state_dict()`` has torch's layout ``{"state", "param_groups"}``; this optimizer's own state
+    (K, the parameter layout, the weighting's state, the step counter) is the entry
+    :data:`STATE_KEY` of ``param_groups[0]``.
     """
 
-    #: makes ``GradScaler.step(opt, closure)`` hand itself over as ``grad_scaler=`` (torch's older
-    #: custom-optimizer protocol) instead of unscaling stale ``.grad`` tensors; the supported call
-    #: is ``opt.step(closure, grad_scaler=scaler)``.
-    _step_supports_amp_scaling = True
+    #: hyperparameter name -> validator ``(where, value) -> value``; subclasses declare theirs
+    HYPERPARAMETERS: ClassVar[dict[str, Callable[[str, Any], Any]]] = {}
 
     def __init__(
         self,
@@ -204,9 +243,19 @@ class MTLBase(torch.optim.Optimizer):
         weighting_options: dict[str, Any] | None = None,
         grad_dtype: torch.dtype | None = None,
         backend: str | None = None,
+        hyperparameters: dict[str, Any] | None = None,
+        head_hyperparameters: dict[str, Any] | None = None,
         **base_kwargs: Any,
     ):
         shared, heads = self._validate_params(shared_params, task_params, num_tasks)
+        # a subclass's hyperparameters: values for the shared group, and where heads differ
+        shared_hyper = dict(hyperparameters or {})
+        head_hyper = {**shared_hyper, **(head_hyperparameters or {})}
+        if set(shared_hyper) != set(self.HYPERPARAMETERS) or set(head_hyper) != set(shared_hyper):
+            raise TypeError(
+                f"{type(self).__name__} takes the hyperparameters {sorted(self.HYPERPARAMETERS)}, "
+                f"got {sorted(shared_hyper)} (head groups: {sorted(head_hyper)})"
+            )
         if not (
             isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)
         ):
@@ -222,10 +271,22 @@ class MTLBase(torch.optim.Optimizer):
         self.num_tasks = len(heads)
         self.backend = backend
 
-        groups = [{"params": shared}] + [{"params": h} for h in heads if h]
-        self.base_optimizer = base_optimizer(
-            groups, **base_kwargs
-        )  # may reject its kwargs: nothing moved yet
+        # constructor arguments are named as the user wrote them (head overrides: "<name>_head")
+        for name, check in self.HYPERPARAMETERS.items():
+            shared_hyper[name] = check(name, shared_hyper[name])
+            head_hyper[name] = check(
+                f"{name}_head" if name in (head_hyperparameters or {}) else name, head_hyper[name]
+            )
+        groups = [{"params": shared, **shared_hyper}]
+        groups += [{"params": h, **head_hyper} for h in heads if h]
+        # may reject its kwargs: nothing moved yet
+        self.base_optimizer = base_optimizer(groups, **base_kwargs)
+        #: head k -> index of its param group (None: no task-specific parameters)
+        self._head_group: list[int | None] = []
+        next_group = 1
+        for h in heads:
+            self._head_group.append(next_group if h else None)
+            next_group += bool(h)
         # Fused Adam/AdamW skip a step natively from a device found-inf flag (no snapshot needed).
         self._native_found_inf = type(self.base_optimizer) in (
             torch.optim.Adam,
@@ -243,12 +304,40 @@ class MTLBase(torch.optim.Optimizer):
         self.device = self._shared.theta.device
 
         super().__init__(
-            [{"params": list(g["params"])} for g in groups], dict(self.base_optimizer.defaults)
+            [{"params": list(g["params"])} for g in groups],
+            {**self.base_optimizer.defaults, **shared_hyper},
         )
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self._state_has_host_values = False
         self._step_count = 0  # host counter (SAMO's noise offsets); part of state_dict
+        self._built = True
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Refused once built: the shared and task-specific parameters are fixed at construction
+        (they live in flat buffers, with one gradient row per task); build a new optimizer."""
+        if getattr(self, "_built", False):
+            raise NotImplementedError(
+                f"{type(self).__name__}.add_param_group: the parameters of a multi-task optimizer "
+                "are fixed when it is built (shared ones in one flat buffer, one group per head); "
+                "build a new optimizer over the new parameter lists instead"
+            )
+        super().add_param_group(param_group)
+
+    # ---------------------------------------------------------------- hyperparameters
+    def _check_hyperparameters(self, index: int, group: dict[str, Any]) -> None:
+        """Validate (and normalize in place) this optimizer's hyperparameters in one param group."""
+        for name, check in self.HYPERPARAMETERS.items():
+            where = f"param_groups[{index}][{name!r}]"
+            if name not in group:
+                raise KeyError(f"{where} is missing ({type(self).__name__} reads it at every step)")
+            group[name] = check(where, group[name])
+
+    def _hyper(self, name: str, task: int | None = None) -> Any:
+        """Hyperparameter ``name`` of the shared group, or of head ``task``'s group (the shared
+        group's value when that head has no parameters)."""
+        index = 0 if task is None else self._head_group[task]
+        return self.param_groups[0 if index is None else index][name]
 
     # ---------------------------------------------------------------- validation
     @staticmethod
@@ -388,6 +477,9 @@ class MTLBase(torch.optim.Optimizer):
                 f"{type(self).__name__}.step needs a closure that returns the K task losses "
                 "at the current weights"
             )
+        for i, group in enumerate(self.param_groups):  # a scheduler may have changed them
+            self._check_hyperparameters(i, group)
+        self._check_grad_scaler(grad_scaler)
         self._shared.check_intact()
         for h in self._heads:
             if h is not None:
@@ -402,10 +494,27 @@ class MTLBase(torch.optim.Optimizer):
             if h is not None:
                 h.attach_grads()
         one = torch.ones((), dtype=torch.float32, device=self.device)
-        if grad_scaler is None or not getattr(grad_scaler, "is_enabled", lambda: False)():
+        if grad_scaler is None or not grad_scaler.is_enabled():
             return one, one
         scale = grad_scaler.scale(one)  # the scaler's current scale, on the device, no sync
         return scale, 1.0 / scale
+
+    def _check_grad_scaler(self, grad_scaler: Any) -> None:
+        if grad_scaler is None:
+            return
+        if not all(
+            callable(getattr(grad_scaler, m, None)) for m in ("is_enabled", "scale", "unscale_")
+        ):
+            raise TypeError(
+                f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
+            )
+        if grad_scaler.is_enabled() and any(
+            p.dtype == torch.float16 for g in self.param_groups for p in g["params"]
+        ):
+            raise ValueError(
+                "GradScaler does not unscale float16 gradients (torch's rule): keep the parameters "
+                "in float32 and run the forward under torch.autocast(dtype=torch.float16)"
+            )
 
     def _forward(self, closure: Closure, *, grad: bool, perturbed: bool) -> list[Tensor]:
         ctx = frozen_running_stats() if perturbed else contextlib.nullcontext()
@@ -472,9 +581,10 @@ class MTLBase(torch.optim.Optimizer):
         )
         return gram
 
-    def _perturb_head(self, k: int, scale: Tensor, adaptive: bool) -> None:
-        h = self._heads[k]
-        if h is not None:
+    def _perturb_head(self, k: int, scale: Tensor) -> None:
+        h, group = self._heads[k], self._head_group[k]
+        if h is not None and group is not None:
+            adaptive = self.param_groups[group].get("adaptive", False)
             ops.perturb(
                 h.theta,
                 h.backup,
@@ -490,30 +600,33 @@ class MTLBase(torch.optim.Optimizer):
         if k is not None and (h := self._heads[k]) is not None:
             ops.restore(h.theta, h.backup)
 
-    def _head_scales(self, rho_head: float, adaptive: bool) -> tuple[Tensor, Tensor]:
-        """Per head: rho_head / ||h_k|| (scalar tensors stacked) and a not-finite flag of the
-        norms."""
+    def _head_scales(self) -> tuple[Tensor, Tensor]:
+        """Per head: its group's ``rho`` / ||h_k|| (ASAM with its group's ``adaptive``: of
+        ||T h_k||), as scalar tensors stacked, and a not-finite flag of the norms."""
         scales, bad = [], torch.zeros((), dtype=torch.bool, device=self.device)
-        for h in self._heads:
-            if h is None:
+        for h, index in zip(self._heads, self._head_group):
+            if h is None or index is None:
                 scales.append(torch.zeros((), device=self.device))
                 continue
-            n = h.norm(h.grad, adaptive, self.backend)
+            group = self.param_groups[index]
+            n = h.norm(h.grad, group.get("adaptive", False), self.backend)
             bad = bad | ~torch.isfinite(n)
-            scales.append(_safe_scale(rho_head, n))
+            scales.append(_safe_scale(group["rho"], n))
         return torch.stack(scales), bad
 
-    def _finish(self, bad: Tensor, inv_scale: Tensor, grad_scaler: Any) -> None:
-        """Unscale the final gradients, set the found-inf flag, step the base optimizer guarded by
-        it."""
+    def _finish(self, bad: Tensor, grad_scaler: Any) -> None:
+        """Set the found-inf flag (``bad`` or a non-finite final gradient), unscale through the
+        scaler, step the base optimizer guarded by the flag."""
         grads = [self._shared.grad] + [h.grad for h in self._heads if h is not None]
-        found = torch.zeros(1, dtype=torch.float32, device=self.device)
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv_scale.reshape(1))
-        found = torch.maximum(found, bad.reshape(1).to(torch.float32))
-        self._found_inf = found
+        nonfinite = torch.stack([~torch.isfinite(g).all() for g in grads])
+        found = bad.reshape(()) | nonfinite.any()
         if grad_scaler is not None and grad_scaler.is_enabled():
-            _report_found_inf(grad_scaler, self, found)
-        self._guarded_base_step(found.reshape(()) > 0)
+            # The scaler records inf/NaN in the gradients it unscales; one NaN stands for this
+            # step's other triggers (norms, SAMO's estimates), so scaler.update() backs off too.
+            self._shared.grad[:1].masked_fill_(found.reshape(1), float("nan"))
+            grad_scaler.unscale_(self)
+        self._found_inf = found.reshape(1).to(torch.float32)
+        self._guarded_base_step(found)
 
     @torch.no_grad()
     def _guarded_base_step(self, skip: Tensor) -> None:
@@ -570,55 +683,114 @@ class MTLBase(torch.optim.Optimizer):
         return getattr(self, "_found_inf", None)
 
     def _extra_state(self) -> dict[str, Any]:
+        """A subclass's own entries of the :data:`STATE_KEY` state (e.g. SAMO's seed)."""
         return {}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
     def state_dict(self) -> dict[str, Any]:
-        """Base optimizer state, weighting state and step/seed counters (bitwise resume)."""
-        return {
-            "base_optimizer": self.base_optimizer.state_dict(),
-            "weighting": self.weighting.state_dict(),
+        """torch's layout, ``{"state": ..., "param_groups": [...]}`` (the base optimizer's, whose
+        groups hold this optimizer's hyperparameters too), with this optimizer's own state -- K,
+        the classes, the parameter shapes per group, the weighting's state, the step counter --
+        under ``param_groups[0][STATE_KEY]``. A resumed run is bitwise identical."""
+        sd = self.base_optimizer.state_dict()
+        sd["param_groups"][0][STATE_KEY] = {
+            "format": STATE_FORMAT,
+            "optimizer": type(self).__name__,
+            "base_optimizer": type(self.base_optimizer).__name__,
+            "num_tasks": self.num_tasks,
+            "shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
+            "weighting": {
+                "class": type(self.weighting).__name__,
+                "state": self.weighting.state_dict(),
+            },
             "step_count": self._step_count,
-            "extra": self._extra_state(),
+            **self._extra_state(),
         }
+        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        missing = {"base_optimizer", "weighting", "step_count"} - set(state_dict)
-        if missing:
-            raise ValueError(f"not a {type(self).__name__} state_dict: missing {sorted(missing)}")
-        self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
+        """Load a :meth:`state_dict` (or one of the format before hyperparameters moved into the
+        param groups). Everything is checked first -- this optimizer's class, K, the base
+        optimizer's and the weighting's classes, the parameter shapes, the hyperparameters, the
+        weighting's state -- so a mismatch raises before anything is replaced."""
+        sd = self._upgrade_state_dict(state_dict)
+        groups = [dict(g) for g in sd["param_groups"]]
+        mine = groups[0].pop(STATE_KEY)
+        expected = {
+            "optimizer": type(self).__name__,
+            "base_optimizer": type(self.base_optimizer).__name__,
+            "num_tasks": self.num_tasks,
+            "shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
+        }
+        expected_weighting = type(self.weighting).__name__
+        for key, want in expected.items():
+            got = mine.get(key)
+            if got is not None and got != want:
+                raise ValueError(
+                    f"state_dict does not match this optimizer: {key} is {got!r} "
+                    f"in the state_dict, {want!r} here"
+                )
+        got_weighting = mine["weighting"].get("class")
+        if got_weighting is not None and got_weighting != expected_weighting:
+            raise ValueError(
+                f"state_dict does not match this optimizer: the weighting is "
+                f"{got_weighting!r} in the state_dict, {expected_weighting!r} here"
+            )
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(groups)} param groups, this optimizer "
+                f"{len(self.param_groups)}"
+            )
+        for i, (group, current) in enumerate(zip(groups, self.param_groups)):
+            # absent from state dicts of format 1: keep the current (constructor) values
+            for name in self.HYPERPARAMETERS:
+                group.setdefault(name, current[name])
+            self._check_hyperparameters(i, group)
+        copy.deepcopy(self.weighting).load_state_dict(mine["weighting"]["state"])  # raises first
+        self.base_optimizer.load_state_dict({**sd, "param_groups": groups})
         self.param_groups = self.base_optimizer.param_groups  # load_state_dict rebinds the list
         self.state = self.base_optimizer.state
-        self.weighting.load_state_dict(state_dict["weighting"])
-        self._step_count = int(state_dict["step_count"])
-        self._load_extra_state(state_dict.get("extra", {}))
+        self.weighting.load_state_dict(mine["weighting"]["state"])
+        self._step_count = int(mine["step_count"])
+        self._load_extra_state(mine)
+
+    def _upgrade_state_dict(self, sd: Any) -> dict[str, Any]:
+        """``sd`` in the current format (format 1 is converted), or a clear error."""
+        name = type(self).__name__
+        if not isinstance(sd, dict):
+            raise TypeError(f"a {name} state_dict is a dict, got {type(sd).__name__}")
+        if {"base_optimizer", "weighting", "step_count"} <= set(sd):  # format 1
+            base = sd["base_optimizer"]
+            groups = [dict(g) for g in base["param_groups"]]
+            groups[0][STATE_KEY] = {
+                "format": 1,
+                "weighting": {"state": sd["weighting"]},
+                "step_count": sd["step_count"],
+                **sd.get("extra", {}),
+            }
+            return {"state": base["state"], "param_groups": groups}
+        if not {"state", "param_groups"} <= set(sd) or not sd["param_groups"]:
+            raise ValueError(
+                f"not a {name} state_dict: expected the keys 'state' and "
+                f"'param_groups', got {sorted(sd)}"
+            )
+        if STATE_KEY not in sd["param_groups"][0]:
+            raise ValueError(
+                f"not a {name} state_dict: param_groups[0] has no {STATE_KEY!r} entry (a plain "
+                "torch.optim state_dict? load that into opt.base_optimizer instead)"
+            )
+        fmt = sd["param_groups"][0][STATE_KEY].get("format")
+        if fmt != STATE_FORMAT:
+            raise ValueError(
+                f"{name} state_dict of format {fmt!r}; this version reads formats 1 "
+                f"and {STATE_FORMAT}"
+            )
+        return sd
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(K={self.num_tasks}, P={self._shared.numel}, "
             f"weighting={self.weighting!r}, base_optimizer={self.base_optimizer!r})"
         )
-
-
-def _report_found_inf(scaler: Any, optimizer: torch.optim.Optimizer, found: Tensor) -> None:
-    """Record this step's found-inf flag in ``scaler`` so that ``scaler.update()`` backs off /
-    grows.
-
-    ``GradScaler`` has no public entry point for an optimizer that runs its own backward passes, so
-    this writes the per-optimizer record that ``GradScaler.unscale_``/``step`` would have written.
-    """
-    try:
-        from torch.amp.grad_scaler import OptState
-
-        state = scaler._per_optimizer_states[id(optimizer)]
-        if state["stage"] is not OptState.READY:
-            raise RuntimeError(
-                "grad_scaler was already used on this optimizer since the last update(): call "
-                "scaler.update() once after each step and do not call scaler.unscale_/step on it"
-            )
-        state["found_inf_per_device"] = {found.device: found}
-        state["stage"] = OptState.STEPPED
-    except (AttributeError, ImportError, KeyError) as e:  # pragma: no cover - torch internals moved
-        raise RuntimeError(f"unsupported GradScaler implementation ({e}); file a bug") from e

@@ -6,14 +6,14 @@ Seeking Task-based Flat Regions", 2022 (https://arxiv.org/abs/2211.13723).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar
 
 import torch
 
 from .. import ops
 from .. import weighting as _weighting
-from .base import Closure, MTLBase, Tensor, _check_rho, _safe_scale
+from .base import Closure, MTLBase, Tensor, _safe_scale, flag, nonnegative_float
 
 
 class FMTL(MTLBase):
@@ -36,14 +36,20 @@ class FMTL(MTLBase):
     forward+backward). Extra shared-sized memory: ``G`` (K·P) + backup (P) + ``.grad`` (P) + one
     transient P (the combine) + the transient optimizer-state snapshot of the guarded step.
 
-    Args (besides those of :class:`~mtlsam_fast.optim.base.MTLBase`):
-        rho: perturbation radius (>= 0).
-        rho_head: radius for the task-specific parameters (default ``rho``).
+    Args (besides those of :class:`~mtlsam_fast.optim.base.MTLBase`), stored as hyperparameters
+    in every param group (schedulable; each group's value applies to its own parameters):
+        rho: perturbation radius (>= 0) of the shared parameters (group 0).
+        rho_head: radius of the task-specific parameters (their groups' ``rho``; default ``rho``).
         adaptive: ASAM (scale-invariant) perturbations.
 
     Weightings that need the losses get the clean losses in both calls. A stateful weighting is
     called twice per step (loss set, then flat set), as in the paper.
     """
+
+    HYPERPARAMETERS: ClassVar[dict[str, Callable[[str, Any], Any]]] = {
+        "rho": nonnegative_float,
+        "adaptive": flag,
+    }
 
     def __init__(
         self,
@@ -56,29 +62,36 @@ class FMTL(MTLBase):
         adaptive: bool = False,
         **kwargs: Any,
     ):
-        self.rho = _check_rho("rho", rho)
-        self.rho_head = self.rho if rho_head is None else _check_rho("rho_head", rho_head)
-        self.adaptive = bool(adaptive)
-        super().__init__(shared_params, task_params, base_optimizer, weighting, **kwargs)
+        heads = {} if rho_head is None else {"rho": rho_head}
+        super().__init__(
+            shared_params,
+            task_params,
+            base_optimizer,
+            weighting,
+            hyperparameters={"rho": rho, "adaptive": adaptive},
+            head_hyperparameters=heads,
+            **kwargs,
+        )
 
     def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:  # type: ignore[override]
         """One F-MTL step; returns the K clean losses (detached, on the device)."""
         scale, inv_scale = self._begin(closure, grad_scaler)
         assert closure is not None  # _begin raised otherwise
         K, sh, G, be = self.num_tasks, self._shared, self._gbuf.G, self.backend
+        rho, adaptive = self._hyper("rho"), self._hyper("adaptive")
 
         # 1. clean forward, K backward passes into the rows of G (heads: their own loss only)
         det = self._capture_task_gradients(closure, scale)
 
         gram = self._aggregate(inv_scale, det, sh.grad)  # d_loss = w_loss^T G, scaled like G
 
-        if self.adaptive:
+        if adaptive:
             norms = ops.segment_norms(G, sh.whole, weight=sh.backup.abs(), backend=be).reshape(K)
         else:
             norms = gram.diagonal().clamp_min(0).sqrt()
         bad = ~torch.isfinite(norms).all()
-        scales = _safe_scale(self.rho, norms)
-        head_scales, head_bad = self._head_scales(self.rho_head, self.adaptive)
+        scales = _safe_scale(rho, norms)
+        head_scales, head_bad = self._head_scales()
         bad = bad | head_bad
 
         # 2. per task: perturb, forward, backward seeded with -scale into row i (g_i - s_i), restore
@@ -91,10 +104,10 @@ class FMTL(MTLBase):
                     sh.whole,
                     direction=G[i],
                     scale=scales[i],
-                    adaptive=self.adaptive,
+                    adaptive=adaptive,
                     backend=be,
                 )
-                self._perturb_head(i, head_scales[i], self.adaptive)
+                self._perturb_head(i, head_scales[i])
                 lp = self._forward(closure, grad=True, perturbed=True)
                 if (head := self._heads[i]) is not None:
                     head.grad.zero_()
@@ -110,6 +123,6 @@ class FMTL(MTLBase):
         #    d_loss + w_flat^T F = d_loss - w_flat^T (-F)
         self._aggregate(inv_scale, det, sh.grad, subtract=True)
 
-        self._finish(bad, inv_scale, grad_scaler)
+        self._finish(bad, grad_scaler)
         self._step_count += 1
         return det

@@ -6,14 +6,23 @@ Perturbation", 2025 (https://arxiv.org/abs/2507.07883), as specified in DESIGN.m
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar
 
 import torch
 
 from .. import ops
 from .. import weighting as _weighting
-from .base import Closure, MTLBase, Tensor, _check_rho, _safe_scale
+from .base import (
+    Closure,
+    MTLBase,
+    Tensor,
+    _safe_scale,
+    flag,
+    nonnegative_float,
+    positive_float,
+    unit_float,
+)
 
 
 class SAMO(MTLBase):
@@ -39,10 +48,20 @@ class SAMO(MTLBase):
     only. Cost per step: 1 + 3K forwards (2K of them without autograd), 1 + K backwards.
     Memory: ``G`` (K·P) + backup (P) + ``.grad`` (P, holds ``g0`` during the step).
 
-    Args (besides those of :class:`~mtlsam_fast.optim.base.MTLBase`): ``rho``, ``rho_head``
-    (default ``rho``), ``alpha`` in [0, 1], ``zo_eps`` (> 0, the zeroth-order step mu),
-    ``layerwise``, ``seed`` (int). ``adaptive=True`` (ASAM) is not supported for SAMO.
+    Args (besides those of :class:`~mtlsam_fast.optim.base.MTLBase`): ``rho`` (the shared
+    parameters' radius), ``rho_head`` (the task-specific parameters', default ``rho``), ``alpha``
+    in [0, 1], ``zo_eps`` (> 0, the zeroth-order step mu), ``layerwise``: hyperparameters in every
+    param group (schedulable); ``rho`` applies per group, ``alpha``, ``zo_eps`` and ``layerwise``
+    are read from the shared group (group 0). ``seed`` (int >= 0) selects the noise stream.
+    ``adaptive=True`` (ASAM) is not supported for SAMO.
     """
+
+    HYPERPARAMETERS: ClassVar[dict[str, Callable[[str, Any], Any]]] = {
+        "rho": nonnegative_float,
+        "alpha": unit_float,
+        "zo_eps": positive_float,
+        "layerwise": flag,
+    }
 
     def __init__(
         self,
@@ -59,33 +78,22 @@ class SAMO(MTLBase):
         seed: int = 0,
         **kwargs: Any,
     ):
-        self.rho = _check_rho("rho", rho)
-        self.rho_head = self.rho if rho_head is None else _check_rho("rho_head", rho_head)
         if adaptive:
             raise NotImplementedError(
                 "SAMO with adaptive=True (ASAM scaling of the zeroth-order noise) is not supported"
             )
-        self.adaptive = False
-        if (
-            isinstance(alpha, bool)
-            or not isinstance(alpha, (int, float))
-            or not 0.0 <= alpha <= 1.0
-        ):
-            raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-        if (
-            isinstance(zo_eps, bool)
-            or not isinstance(zo_eps, (int, float))
-            or not zo_eps > 0
-            or zo_eps == float("inf")
-        ):
-            raise ValueError(f"zo_eps must be a finite number > 0, got {zo_eps!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        self.alpha = float(alpha)
-        self.zo_eps = float(zo_eps)
-        self.layerwise = bool(layerwise)
         self.seed = seed
-        super().__init__(shared_params, task_params, base_optimizer, weighting, **kwargs)
+        super().__init__(
+            shared_params,
+            task_params,
+            base_optimizer,
+            weighting,
+            hyperparameters={"rho": rho, "alpha": alpha, "zo_eps": zo_eps, "layerwise": layerwise},
+            head_hyperparameters={} if rho_head is None else {"rho": rho_head},
+            **kwargs,
+        )
 
     def noise_offset(self, task: int, step: int | None = None) -> int:
         """Offset of task ``task``'s noise stream at step ``step`` (default: the next step)."""
@@ -122,10 +130,11 @@ class SAMO(MTLBase):
         g0 = sh.grad
         n0 = ops.segment_norms(g0, off, backend=be).to(acc)  # [S], scaled like g0
         bad = ~torch.isfinite(n0).all()
-        head_scales, head_bad = self._head_scales(self.rho_head, False)
+        head_scales, head_bad = self._head_scales()
         bad = bad | head_bad
-        alpha = torch.tensor(self.alpha, dtype=acc, device=dev)
-        mu = torch.tensor(self.zo_eps, dtype=acc, device=dev)
+        rho, layerwise = self._hyper("rho"), self._hyper("layerwise")
+        alpha = torch.tensor(self._hyper("alpha"), dtype=acc, device=dev)
+        mu = torch.tensor(self._hyper("zo_eps"), dtype=acc, device=dev)
 
         for i in range(K):
             noff = self.noise_offset(i)
@@ -158,7 +167,7 @@ class SAMO(MTLBase):
                 bad = bad | ~torch.isfinite(c)
                 # 2b. eps_i = rho v_i / ||v_i||,  v_i^d = alpha g0^d + beta_d z_i^d
                 zz, gz = stats[0], stats[1]
-                if self.layerwise:
+                if layerwise:
                     zn = zz.sqrt()
                     beta = (
                         (1 - alpha)
@@ -181,7 +190,7 @@ class SAMO(MTLBase):
                     .clamp_min(0)
                     .sqrt()
                 )
-                k = _safe_scale(self.rho, vnorm)
+                k = _safe_scale(rho, vnorm)
                 ops.perturb(
                     sh.theta,
                     sh.backup,
@@ -193,7 +202,7 @@ class SAMO(MTLBase):
                     noise_offset=noff,
                     backend=be,
                 )
-                self._perturb_head(i, head_scales[i], False)
+                self._perturb_head(i, head_scales[i])
                 # 2c. G_i at the perturbed point; head i's perturbed-point gradient
                 lg = self._forward(closure, grad=True, perturbed=True)
                 if (head := self._heads[i]) is not None:
@@ -206,6 +215,6 @@ class SAMO(MTLBase):
 
         # 3. aggregate the perturbed gradients
         self._aggregate(inv_scale, det, sh.grad)
-        self._finish(bad, inv_scale, grad_scaler)
+        self._finish(bad, grad_scaler)
         self._step_count += 1
         return det
