@@ -819,10 +819,12 @@ def _str_list(s: str) -> list[str]:
 
 
 def default_out(device: torch.device) -> Path:
+    """``runs/bench/<device>``: untracked (``.gitignore``), so a run never changes the committed
+    results in ``bench/results/`` by accident; refresh those on purpose with ``--out``."""
     if device.type == "cuda":
         name = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
-        return REPO_ROOT / "bench" / "results" / f"cuda-{name}"
-    return REPO_ROOT / "bench" / "results" / "cpu"
+        return REPO_ROOT / "runs" / "bench" / f"cuda-{name}"
+    return REPO_ROOT / "runs" / "bench" / "cpu"
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -830,7 +832,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         "--quick", action="store_true", help="small sweep for CI (< 2 minutes on a 2-core CPU)"
     )
     ap.add_argument(
-        "--out", type=Path, default=None, help="output folder (default bench/results/<device>)"
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default runs/bench/<device>, untracked; the committed results are "
+        "refreshed only on purpose: --out bench/results/<device>)",
     )
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     ap.add_argument(

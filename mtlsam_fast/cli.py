@@ -869,7 +869,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fast sharpness-aware multi-task optimization: "
         "train and compare F-MTL, SAMO and gradient-aggregation methods.",
     )
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = p.add_subparsers(
+        dest="command",
+        metavar="COMMAND",
+        parser_class=_Parser,
+        help="train, compare or demo (mtlsam-fast COMMAND --help for its options)",
+    )
     sub.required = True
 
     t = sub.add_parser(
