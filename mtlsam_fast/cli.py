@@ -705,6 +705,11 @@ def _plot(summary: dict, tasks: list[str], title: str) -> bytes:
     return buf.getvalue()
 
 
+def _plot_entry(json_path: str, png_path: str) -> str:
+    """The plot's path as the compare JSON records it: relative to the JSON's folder."""
+    return os.path.relpath(png_path, os.path.dirname(json_path))
+
+
 def _same_compare(path: str, configs: dict[str, dict], seeds: list[int], plot: str) -> bool:
     """``path`` is a compare JSON of these methods, configurations, seeds and plot path."""
     res = _read_json(path)
@@ -717,7 +722,21 @@ def _same_compare(path: str, configs: dict[str, dict], seeds: list[int], plot: s
     )
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
+@dataclasses.dataclass
+class ComparePlan:
+    """What ``compare`` will run: the listed methods, the seeds, one configuration per method
+    (the LS baseline first when it is trained without being listed) and the Δm baseline (a method
+    of the plan, or a fixed :class:`Baseline`, or neither)."""
+
+    methods: list[str]
+    seeds: list[int]
+    configs: dict[str, T.TrainConfig]
+    base_method: str | None
+    spec: Baseline | None
+
+
+def compare_plan(args: argparse.Namespace) -> ComparePlan:
+    """The runs of ``compare`` from its parsed arguments, every option checked."""
     listed = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not listed:
         raise UsageError("--methods: give at least one method")
@@ -751,6 +770,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         cfgs = {"ls": _ls_config(next(iter(cfgs.values()))), **cfgs}
     else:
         spec = Baseline.parse(raw)
+    return ComparePlan(methods, seeds, cfgs, base_method, spec)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    todo = compare_plan(args)
+    methods, seeds, cfgs = todo.methods, todo.seeds, todo.configs
+    base_method, spec, raw = todo.base_method, todo.spec, args.baseline or "ls"
     first = next(iter(cfgs.values()))
     mode, log = _progress_mode(args), _log(args)
     _require_extras(list(cfgs.values()), mode, plot=True)
@@ -765,7 +791,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     )
 
     def same(_: str) -> bool:  # the JSON (and so its plot) of an earlier run of this compare
-        return _same_compare(out_json, configs, seeds, out_png)
+        return _same_compare(out_json, configs, seeds, _plot_entry(out_json, out_png))
 
     out_json = plan.add(json_path, "--output", same_run=same)
     out_png = plan.add(png_path, "--plot", same_run=same)
@@ -819,7 +845,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             "methods": list(cfgs),
             "seeds": seeds,
             "configs": configs,
-            "plot": out_png,
+            "plot": _plot_entry(out_json, out_png),
             "baseline": {"method": base_method, "spec": raw, "accuracy": base_acc},
             "tasks": tasks,
             "dataset": runs[methods[0]][0]["dataset"],
