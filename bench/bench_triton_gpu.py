@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """One-command GPU benchmark of the Triton backend and CUDA extension (H100/H200; any CUDA GPU).
 
-    python bench/bench_triton_gpu.py           # full run, writes bench/results/triton_<gpu>.json
+    python bench/bench_triton_gpu.py           # full run, writes runs/bench/triton_<gpu>.json
     python bench/bench_triton_gpu.py --smoke   # tiny sizes; also runs on the CPU
                                                # under TRITON_INTERPRET=1
 
@@ -99,7 +99,10 @@ def main(argv=None) -> int:
     ap.add_argument("--log2p", type=int, default=26, help="P = 2**log2p columns (default 26)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument(
-        "--out", type=Path, default=None, help="JSON results path (default bench/results/...)"
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON results path (default runs/bench/triton_<gpu>.json, untracked)",
     )
     args = ap.parse_args(argv)
 
@@ -268,8 +271,8 @@ def main(argv=None) -> int:
         out = (
             args.out
             or ROOT
+            / "runs"
             / "bench"
-            / "results"
             / f"triton_{device_name.replace(' ', '_').replace('/', '_')}.json"
         )
         out.parent.mkdir(parents=True, exist_ok=True)

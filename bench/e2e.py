@@ -599,15 +599,36 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def default_out(device: torch.device) -> Path:
+    """``runs/bench/<cpu|cuda>``: untracked, like the op sweep's (``report.default_out``)."""
+    return REPO_ROOT / "runs" / "bench" / ("cpu" if device.type == "cpu" else "cuda")
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quick", action="store_true", help="K=2, batch 4, 1 repetition")
     ap.add_argument(
-        "--out", type=Path, default=None, help="output folder (default bench/results/<device>)"
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default runs/bench/<cpu|cuda>, untracked; the committed results "
+        "are refreshed only on purpose: --out bench/results/<device>)",
     )
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--models", default="resnet18,transformer")
-    ap.add_argument("--methods", default="mgda,fmtl,samo")
-    ap.add_argument("--impls", default="mtlsam_fast,naive")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
+    ap.add_argument(
+        "--models",
+        default="resnet18,transformer",
+        help="comma list of models: resnet18, transformer (default: both)",
+    )
+    ap.add_argument(
+        "--methods",
+        default="mgda,fmtl,samo",
+        help="comma list of methods: mgda, fmtl, samo (default: all three)",
+    )
+    ap.add_argument(
+        "--impls",
+        default="mtlsam_fast,naive",
+        help="comma list of implementations: mtlsam_fast, naive (default: both)",
+    )
     ap.add_argument("--tasks", type=int, default=None, help="K (default 4, quick 2)")
     ap.add_argument("--batch", type=int, default=None, help="batch size (default 8, quick 4)")
     ap.add_argument(
@@ -619,11 +640,17 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         default=None,
         help="calibration passes (fallback backward timing; default 2)",
     )
-    ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--rho", type=float, default=0.05)
-    ap.add_argument("--alpha", type=float, default=0.5)
-    ap.add_argument("--mu", type=float, default=1e-3)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default: 0.01)")
+    ap.add_argument(
+        "--rho", type=float, default=0.05, help="F-MTL/SAMO perturbation radius (default: 0.05)"
+    )
+    ap.add_argument("--alpha", type=float, default=0.5, help="SAMO global/local mix (default: 0.5)")
+    ap.add_argument(
+        "--mu", type=float, default=1e-3, help="SAMO zeroth-order step zo_eps (default: 1e-3)"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -682,9 +709,7 @@ def main(args: argparse.Namespace) -> int:
                 nv["overhead_s"] / r["overhead_s"] if r["overhead_s"] > 0 else math.inf
             )
     meta["loadavg_end"] = list(__import__("os").getloadavg())
-    out = args.out or (
-        REPO_ROOT / "bench" / "results" / ("cpu" if device.type == "cpu" else "cuda")
-    )
+    out = args.out or default_out(device)
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(rows)
     print()

@@ -4,22 +4,25 @@ One run: build the data (:mod:`mtlsam_fast.data`), a :class:`~mtlsam_fast.models
 optimizer (F-MTL, SAMO or plain gradient aggregation, any weighting), train for a number of steps
 with ``losses = opt.step(closure)``, evaluate per-task test accuracy, and return a JSON-ready
 result. Checkpoints hold the model, the optimizer (base optimizer and weighting state included), the
-batch sampler and the RNG state, so a resumed run continues exactly where it stopped. Every file is
-written to a temporary file in the destination directory and then renamed (``os.replace``), so an
-interrupted or failed run never leaves a partial result or checkpoint behind.
+batch sampler and the RNG state, so a resumed run continues exactly where it stopped; they are
+sealed with a SHA-256 (:mod:`mtlsam_fast.files`) and checked field by field when read, so a
+corrupted or edited checkpoint is refused instead of resuming with damaged state. Every file is
+written atomically (:func:`mtlsam_fast.files.atomic_write`): an interrupted or failed run never
+leaves a partial result or checkpoint behind. A run whose losses stay non-finite, or whose weights
+stop being finite, stops with :class:`DivergedError` instead of reporting a NaN model as a result,
+and never overwrites a good checkpoint with a broken one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 import time
+import types
+import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,12 +30,18 @@ import torch
 import torch.nn.functional as F
 
 from . import data as datasets
-from . import weighting
+from . import files, weighting
 from .data import UNLABELED, MultiTaskData
+from .errors import UsageError, import_extra
 from .models import MultiTaskNet
 
 RESULT_FORMAT = "mtlsam_fast.result/1"
-CHECKPOINT_FORMAT = "mtlsam_fast.checkpoint/1"
+#: format 2: sealed with a SHA-256 (format 1 was a bare ``torch.save`` file)
+CHECKPOINT_FORMAT = "mtlsam_fast.checkpoint/2"
+#: consecutive steps with non-finite task losses after which a run counts as diverged
+DIVERGENCE_PATIENCE = 10
+#: largest seed (the training and data seeds are unsigned 64-bit)
+MAX_SEED = 2**64 - 1
 OPTIMIZERS = ("plain", "fmtl", "samo")
 BASE_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 #: method-name prefixes -> optimizer kind (``fmtl-mgda``, ``f-mgda``, ``samo-mgda``; no prefix:
@@ -42,8 +51,18 @@ _PREFIXES = {"fmtl": "fmtl", "f": "fmtl", "samo": "samo", "plain": "plain"}
 RESUMABLE_CHANGES = ("steps", "epochs", "eval_every")
 
 
-class UsageError(Exception):
-    """A user error (bad option, unreadable checkpoint): reported as a message, not a traceback."""
+class DivergedError(UsageError):
+    """The run diverged (non-finite losses or weights): no result is written, and the last
+    checkpoint is kept as it was."""
+
+
+class TrainingStopped(Exception):
+    """:func:`train` stopped early because ``should_stop()`` said so (a signal in the CLI), after
+    writing its checkpoint (``checkpoint`` is None when the run had none)."""
+
+    def __init__(self, step: int, steps: int, checkpoint: str | None):
+        super().__init__(f"stopped at step {step} of {steps}")
+        self.step, self.steps, self.checkpoint = step, steps, checkpoint
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,12 +113,36 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
+    def from_dict(cls, d: Any) -> TrainConfig:
+        """A configuration from a stored dictionary (a checkpoint's, a result's): every key known
+        and every value of its field's type, else a :class:`UsageError` naming the field."""
+        if not isinstance(d, dict):
+            raise UsageError(f"a configuration must be a dictionary, got {type(d).__name__}")
+        hints = typing.get_type_hints(cls)
+        unknown = set(d) - set(hints)
         if unknown:
             raise UsageError(f"unknown configuration keys {sorted(unknown)}")
-        return cls(**d)
+        values = {}
+        for name, value in d.items():
+            hint = hints[name]
+            union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+            allowed = tuple(
+                typing.get_origin(t) or t for t in (typing.get_args(hint) if union else (hint,))
+            )
+            ok = (value is None and type(None) in allowed) or (
+                value is not None
+                and (isinstance(value, bool) == (bool in allowed))
+                and isinstance(value, allowed)
+            )
+            if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+                value, ok = float(value), True
+            if not ok:
+                names = " or ".join("None" if t is type(None) else t.__name__ for t in allowed)
+                raise UsageError(f"configuration field {name!r} must be {names}, got {value!r}")
+            values[name] = value
+        if not all(isinstance(k, str) for k in values.get("weighting_options", {})):
+            raise UsageError("configuration field 'weighting_options' must have string keys")
+        return cls(**values)
 
 
 def method_name(optimizer: str, weighting_name: str) -> str:
@@ -161,6 +204,51 @@ def check_backend(name: str, device: torch.device) -> None:
             )
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    """Every number of the configuration in its range (finite where it is a float)."""
+
+    def number(name: str, lo: float, hi: float = math.inf, *, lo_open=False, hi_open=False):
+        v = getattr(cfg, name)
+        if v is None:
+            return
+        inside = math.isfinite(v) and (v > lo if lo_open else v >= lo)
+        inside = inside and (v < hi if hi_open else v <= hi)
+        if not inside:
+            lo_s = f"{'(' if lo_open else '['}{lo:g}"
+            hi_s = "inf)" if hi == math.inf else f"{hi:g}{')' if hi_open else ']'}"
+            raise UsageError(f"{_flag(name)} must be a finite number in {lo_s}, {hi_s}, got {v}")
+
+    number("lr", 0.0, lo_open=True)
+    number("epochs", 0.0, lo_open=True)
+    number("rho", 0.0)
+    number("rho_head", 0.0)
+    number("alpha", 0.0, 1.0)
+    number("zo_eps", 0.0, lo_open=True)
+    number("momentum", 0.0, 1.0, hi_open=True)
+    number("weight_decay", 0.0)
+    number("noise_rate", 0.0, 1.0)
+    for name in ("steps", "eval_every", "n_test", "low_resource", "width", "image_size"):
+        v = getattr(cfg, name)
+        if v is not None and v < 1:
+            raise UsageError(f"{_flag(name)} must be at least 1, got {v}")
+    # BatchNorm normalizes over the batch: a batch of one has no variance (torch raises)
+    for name in ("batch_size", "n_train"):
+        v = getattr(cfg, name)
+        if v is not None and v < 2:
+            raise UsageError(
+                f"{_flag(name)} must be at least 2 (the model's BatchNorm layers normalize over "
+                f"the batch), got {v}"
+            )
+    for name in ("seed", "data_seed"):
+        v = getattr(cfg, name)
+        if not 0 <= v <= MAX_SEED:
+            raise UsageError(f"{_flag(name)} must be an integer in [0, 2**64 - 1], got {v}")
+
+
 def validate(cfg: TrainConfig) -> torch.device:
     """Check a configuration before anything is built or written; returns the device."""
     if cfg.optimizer not in OPTIMIZERS:
@@ -175,19 +263,7 @@ def validate(cfg: TrainConfig) -> torch.device:
             f"unknown base optimizer {cfg.base_optimizer!r}; "
             f"available: {', '.join(BASE_OPTIMIZERS)}"
         )
-    for name in ("lr", "batch_size", "epochs"):
-        if not getattr(cfg, name) > 0:
-            raise UsageError(f"{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    for name in ("steps", "eval_every", "n_train", "n_test"):
-        v = getattr(cfg, name)
-        if v is not None and v < 1:
-            raise UsageError(f"{name.replace('_', '-')} must be at least 1, got {v}")
-    if cfg.rho < 0 or (cfg.rho_head is not None and cfg.rho_head < 0):
-        raise UsageError("rho and rho-head must be non-negative")
-    if not 0.0 <= cfg.alpha <= 1.0:
-        raise UsageError(f"alpha must be in [0, 1], got {cfg.alpha}")
-    if not 0.0 <= cfg.noise_rate <= 1.0:
-        raise UsageError(f"noise rate must be in [0, 1], got {cfg.noise_rate}")
+    _check_ranges(cfg)
     if cfg.adaptive and cfg.optimizer == "samo":
         raise UsageError("SAMO does not support adaptive (ASAM) perturbations; drop --adaptive")
     device = resolve_device(cfg.device)
@@ -297,9 +373,16 @@ class BatchSampler:
         return {"gen": self.gen.get_state(), "perm": self.perm.clone(), "pos": self.pos}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        perm, pos = state["perm"], state["pos"]
+        if perm.dtype != torch.int64 or perm.shape != (self.n,):
+            raise ValueError(f"the sampler's permutation must be int64 [{self.n}]")
+        if not torch.equal(torch.sort(perm).values, torch.arange(self.n)):
+            raise ValueError(f"the sampler's permutation is not a permutation of 0..{self.n - 1}")
+        if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos <= self.n:
+            raise ValueError(f"the sampler's position must be an integer in [0, {self.n}]")
         self.gen.set_state(state["gen"])
-        self.perm = state["perm"].clone()
-        self.pos = int(state["pos"])
+        self.perm = perm.clone()
+        self.pos = pos
 
 
 def task_losses(logits: Sequence[torch.Tensor], y: torch.Tensor) -> list[torch.Tensor]:
@@ -351,75 +434,135 @@ def delta_m(acc: Sequence[float], baseline: Sequence[float]) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# atomic files
+# results and checkpoints
 
 
-def atomic_write(path: str, write: Callable[[io.BufferedWriter], object]) -> None:
-    """Write ``path`` through a temporary file in the same directory, then ``os.replace`` it."""
-    path = os.path.abspath(path)
-    directory = os.path.dirname(path)
-    try:
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory
-        )
-    except OSError as e:
-        raise UsageError(f"cannot write {path!r}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+def result_json(obj: Any) -> bytes:
+    """The bytes of a result JSON file."""
+    return (json.dumps(obj, indent=2, allow_nan=True) + "\n").encode("utf-8")
 
 
 def write_json(path: str, obj: Any) -> None:
-    text = json.dumps(obj, indent=2, allow_nan=True) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    files.atomic_write(path, result_json(obj))
+
+
+def checkpoint_bytes(state: dict[str, Any]) -> bytes:
+    """A checkpoint as written to disk: ``torch.save`` of ``state``, sealed with its SHA-256."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return files.seal(buf.getvalue(), "checkpoint")
 
 
 def save_checkpoint(path: str, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
+    files.atomic_write(path, checkpoint_bytes(state))
+
+
+#: checkpoint entry -> (type, description) checked by :func:`load_checkpoint`
+_CHECKPOINT_FIELDS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "format": (str, "a format string"),
+    "config": (dict, "a dictionary"),
+    "step": (int, "an integer"),
+    "model": (dict, "a dictionary of tensors"),
+    "optimizer": (dict, "a dictionary"),
+    "sampler": (dict, "a dictionary"),
+    "rng": (torch.Tensor, "a uint8 tensor"),
+    "history": (list, "a list"),
+    "train_time": ((int, float), "a number"),
+    "train_cpu": ((int, float), "a number"),
+    "extra": (dict, "a dictionary"),
+}
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor inside nested dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+def all_finite(obj: Any) -> bool:
+    """True when every floating-point tensor inside ``obj`` is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in _tensors(obj) if t.is_floating_point())
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:
-    """Read and check a checkpoint written by :func:`train`; a :class:`UsageError` when unusable."""
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint {path!r} not found")
+    """Read and check a checkpoint written by :func:`train`: its checksum, then the type and range
+    of every entry; a :class:`UsageError` naming the problem when it cannot be resumed."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # any unreadable file is the user's input problem, not a bug
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise UsageError(f"checkpoint {path!r} not found") from None
+    except IsADirectoryError:
+        raise UsageError(f"checkpoint {path!r} is a directory, not a checkpoint file") from None
+    except OSError as e:
+        raise UsageError(f"cannot read checkpoint {path!r}: {e.strerror or e}") from None
+    if data.startswith(b"PK\x03\x04"):
+        raise UsageError(
+            f"cannot read checkpoint {path!r}: a bare torch.save file (mtlsam_fast.checkpoint/1 "
+            "or another program's), without the checksum this version needs to verify it"
+        )
+    try:
+        payload = files.unseal(data, "checkpoint", f"checkpoint {path!r}")
+    except files.CorruptFileError as e:
+        raise UsageError(f"cannot read {e}; not a valid mtlsam-fast checkpoint") from None
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as e:  # a sealed file that torch cannot read: written by something else
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(
             f"cannot read checkpoint {path!r}: not a valid mtlsam-fast checkpoint ({msg})"
         ) from None
-    keys = (
-        "format",
-        "config",
-        "step",
-        "model",
-        "optimizer",
-        "sampler",
-        "rng",
-        "history",
-        "train_time",
-    )
-    if (
-        not isinstance(state, dict)
-        or state.get("format") != CHECKPOINT_FORMAT
-        or any(k not in state for k in keys)
-    ):
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UsageError(
             f"checkpoint {path!r} is not an mtlsam-fast training checkpoint ({CHECKPOINT_FORMAT})"
         )
+    for key, (kind, what) in _CHECKPOINT_FIELDS.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise UsageError(
+                f"checkpoint {path!r}: entry {key!r} must be {what}, got {type(value).__name__}"
+            )
+    bad = _checkpoint_problem(state)
+    if bad:
+        raise UsageError(f"checkpoint {path!r}: {bad}")
     return state
+
+
+def _checkpoint_problem(state: dict[str, Any]) -> str | None:
+    """What is wrong inside a checkpoint whose entries have the right types (None: nothing)."""
+    try:
+        TrainConfig.from_dict(state["config"])
+    except UsageError as e:
+        return str(e)
+    if state["step"] < 0:
+        return f"step must be >= 0, got {state['step']}"
+    for key in ("train_time", "train_cpu"):
+        if not (math.isfinite(state[key]) and state[key] >= 0):
+            return f"{key} must be a finite number >= 0, got {state[key]}"
+    if not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["model"].items()
+    ):
+        return "the model state must map parameter names to tensors"
+    if not all_finite(state["model"]) or not all_finite(state["optimizer"]):
+        return "the model or optimizer state holds non-finite values"
+    if state["rng"].dtype != torch.uint8 or state["rng"].dim() != 1:
+        return "the RNG state must be a 1-D uint8 tensor"
+    sampler = state["sampler"]
+    if not (
+        isinstance(sampler.get("gen"), torch.Tensor)
+        and isinstance(sampler.get("perm"), torch.Tensor)
+        and isinstance(sampler.get("pos"), int)
+        and not isinstance(sampler.get("pos"), bool)
+    ):
+        return "the batch sampler state must hold 'gen' and 'perm' tensors and an integer 'pos'"
+    if not all(isinstance(h, dict) for h in state["history"]):
+        return "the history must be a list of dictionaries"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,6 +583,77 @@ def _format_losses(names: Sequence[str], losses: Sequence[float]) -> dict[str, s
     return {"mean_loss": f"{sum(losses) / len(losses):.3f}", "max_loss": f"{max(losses):.3f}"}
 
 
+#: ``progress`` modes of :func:`train`
+PROGRESS_MODES = ("bar", "lines", "off")
+
+
+class Progress:
+    """Training progress on stderr: a tqdm bar (``"bar"``, for a terminal), or log lines
+    (``"lines"``, for logs and pipes: one at each evaluation and one at least every ``interval``
+    seconds, with the steps, steps/s and per-task training losses), or nothing (``"off"``)."""
+
+    def __init__(
+        self,
+        mode: str,
+        *,
+        total: int,
+        initial: int,
+        desc: str,
+        task_names: Sequence[str],
+        interval: float = 30.0,
+    ):
+        if mode not in PROGRESS_MODES:
+            raise ValueError(f"progress must be one of {PROGRESS_MODES}, got {mode!r}")
+        self.mode, self.total, self.desc, self.names = mode, total, desc, list(task_names)
+        self.interval = interval
+        self.start_step, self.start_time = initial, time.perf_counter()
+        self.last_line = self.start_time
+        self.bar = None
+        if mode == "bar":
+            tqdm = import_extra("tqdm", "tqdm", "the progress bar").tqdm
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                desc=desc,
+                unit="step",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                leave=True,
+            )
+
+    def _line(self, step: int, losses: Sequence[float], accuracy: Sequence[float] | None) -> None:
+        now = time.perf_counter()
+        rate = (step - self.start_step) / max(now - self.start_time, 1e-9)
+        text = f"{self.desc}: step {step}/{self.total} ({100 * step / self.total:.0f}%), "
+        text += f"{rate:.1f} step/s, train loss " + " ".join(
+            f"{k} {v}" for k, v in _format_losses(self.names, losses).items()
+        )
+        if accuracy is not None:
+            text += ", test acc " + " ".join(
+                f"{n[:12]} {a:.2f}" for n, a in zip(self.names, accuracy)
+            )
+        print(text, file=sys.stderr, flush=True)
+        self.last_line = now
+
+    def step(self, step: int, losses: Sequence[float]) -> None:
+        """After each training step (``losses``: the running mean of the task losses)."""
+        if self.bar is not None:
+            self.bar.update(1)
+            if step % 10 == 0 or step == self.total:
+                self.bar.set_postfix(_format_losses(self.names, losses), refresh=False)
+        elif self.mode == "lines" and time.perf_counter() - self.last_line >= self.interval:
+            self._line(step, losses, None)
+
+    def evaluated(self, step: int, losses: Sequence[float], accuracy: Sequence[float]) -> None:
+        """After an evaluation of the test split."""
+        if self.mode == "lines":
+            self._line(step, losses, accuracy)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def train(
     cfg: TrainConfig,
     data: MultiTaskData | None = None,
@@ -447,22 +661,29 @@ def train(
     checkpoint: str | None = None,
     checkpoint_every: int | None = None,
     resume: dict[str, Any] | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
     desc: str | None = None,
     log: Callable[[str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    extra_state: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train one model; returns the result dictionary (see :data:`RESULT_FORMAT`).
 
     ``resume``: a checkpoint from :func:`load_checkpoint` (its configuration must equal ``cfg``
-    except for ``steps``/``epochs``). ``checkpoint``: path written every ``checkpoint_every`` steps
-    (default: at every evaluation) and at the end.
+    except for ``steps``/``epochs``). ``checkpoint``: path written at the start, every
+    ``checkpoint_every`` steps (default: at every evaluation) and at the end. ``progress``: a mode
+    of :class:`Progress` (True: ``"bar"``, False: ``"off"``). ``should_stop``: polled after every
+    step; when it returns True the checkpoint is written and :class:`TrainingStopped` raised.
+    ``extra_state``: stored in every checkpoint under ``"extra"`` (the CLI keeps the Δm baseline
+    there). Raises :class:`DivergedError` when the task losses stay non-finite for
+    :data:`DIVERGENCE_PATIENCE` steps or the weights stop being finite.
     """
     import mtlsam_fast
 
     device = validate(cfg)
     log = log or (lambda s: None)
     if data is None:
-        data = build_data(cfg, progress=progress)
+        data = build_data(cfg, progress=progress is True or progress == "bar")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data).to(device)
     previous_backend = mtlsam_fast.get_backend()
@@ -471,9 +692,21 @@ def train(
     # would not be reproducible bitwise on a GPU
     previous_cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    mode = progress if isinstance(progress, str) else ("bar" if progress else "off")
     try:
         return _train(
-            cfg, data, model, device, checkpoint, checkpoint_every, resume, progress, desc, log
+            cfg,
+            data,
+            model,
+            device,
+            checkpoint,
+            checkpoint_every,
+            resume,
+            mode,
+            desc,
+            log,
+            should_stop or (lambda: False),
+            dict(extra_state or {}),
         )
     finally:
         mtlsam_fast.set_backend(previous_backend)
@@ -488,9 +721,11 @@ def _train(
     checkpoint: str | None,
     checkpoint_every: int | None,
     resume: dict[str, Any] | None,
-    progress: bool,
+    progress: str,
     desc: str | None,
     log: Callable[[str], None],
+    should_stop: Callable[[], bool],
+    extra_state: dict[str, Any],
 ) -> dict[str, Any]:
     import mtlsam_fast
 
@@ -499,10 +734,15 @@ def _train(
     except (TypeError, ValueError, NotImplementedError) as e:
         raise UsageError(f"cannot build the {cfg.optimizer} optimizer: {e}") from None
     sampler = BatchSampler(data.y_train, cfg.batch_size, cfg.seed)
+    if sampler.batch_size < 2:
+        raise UsageError(
+            f"{data.name} has {sampler.n} training example(s): the model's BatchNorm layers need "
+            "batches of at least 2"
+        )
     steps = total_steps(cfg, sampler)
     eval_every = cfg.eval_every or sampler.steps_per_epoch
     history: list[dict[str, Any]] = []
-    step, train_time, train_cpu = 0, 0.0, 0.0
+    step, train_time, train_cpu, skipped = 0, 0.0, 0.0, 0
     if resume is not None:
         saved = dict(resume["config"])
         mismatch = [
@@ -513,19 +753,29 @@ def _train(
                 "the checkpoint was written with a different configuration: "
                 + ", ".join(f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in mismatch)
             )
+        own = model.state_dict()
+        for name, value in resume["model"].items():
+            if name in own and (value.dtype, value.shape) != (own[name].dtype, own[name].shape):
+                raise UsageError(
+                    f"checkpoint does not match this model: {name} is {value.dtype} "
+                    f"{tuple(value.shape)}, the model's is {own[name].dtype} "
+                    f"{tuple(own[name].shape)}"
+                )
         try:
             model.load_state_dict(resume["model"])
             opt.load_state_dict(resume["optimizer"])
             sampler.load_state_dict(resume["sampler"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            raise UsageError(f"checkpoint does not match this model/optimizer: {e}") from None
-        torch.set_rng_state(resume["rng"])
+            torch.set_rng_state(resume["rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError, IndexError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"checkpoint does not match this model/optimizer: {msg}") from None
         step, history, train_time = (
             int(resume["step"]),
             list(resume["history"]),
             float(resume["train_time"]),
         )
-        train_cpu = float(resume.get("train_cpu", 0.0))
+        train_cpu = float(resume["train_cpu"])
+        skipped = int(resume["extra"].get("skipped_steps", 0))
         if step > steps:
             raise UsageError(f"checkpoint is at step {step}, beyond the requested {steps} steps")
         log(f"resumed from step {step}")
@@ -542,23 +792,35 @@ def _train(
             "history": history,
             "train_time": train_time,
             "train_cpu": train_cpu,
+            "extra": {**extra_state, "skipped_steps": skipped},
         }
 
-    from tqdm import tqdm
+    def diverged(why: str) -> DivergedError:
+        kept = f"; the checkpoint {checkpoint} is kept as it was" if checkpoint else ""
+        return DivergedError(
+            f"training diverged at step {step} of {steps}: {why} (lr {cfg.lr:g}; a smaller "
+            f"--lr usually helps); no result was written{kept}"
+        )
 
-    bar = tqdm(
-        total=steps,
-        initial=step,
-        disable=not progress,
-        desc=desc or cfg.method,
-        unit="step",
-        file=sys.stderr,
-        dynamic_ncols=True,
-        leave=True,
-    )
+    def save() -> None:
+        if not all_finite(model.state_dict()):  # never replace a good checkpoint by a broken one
+            raise diverged("the model weights are not finite")
+        assert checkpoint is not None
+        save_checkpoint(checkpoint, ckpt_state())
+
     K = data.num_tasks
     running = torch.zeros(K, dtype=torch.float64)
     running_n = 0
+    nonfinite_run = 0  # consecutive steps with non-finite losses
+    if checkpoint and resume is None:
+        save()  # the run is resumable (and its extra state kept) from the start
+    bar = Progress(
+        progress,
+        total=steps,
+        initial=step,
+        desc=desc or cfg.method,
+        task_names=data.task_names,
+    )
     model.train()
     try:
         while step < steps:
@@ -576,33 +838,49 @@ def _train(
                 if isinstance(losses, (list, tuple))
                 else losses
             )
-            running += losses.detach().double().cpu()
-            running_n += 1
+            host_losses = losses.detach().double().cpu()
+            found_inf = opt.found_inf
+            skipped += int(found_inf is not None and bool(found_inf.item()))
             step += 1
             train_time += time.perf_counter() - t0
             train_cpu += time.process_time() - c0
-            bar.update(1)
-            if step % 10 == 0 or step == steps:
-                bar.set_postfix(
-                    _format_losses(data.task_names, (running / running_n).tolist()), refresh=False
-                )
+            if bool(torch.isfinite(host_losses).all()):
+                running += host_losses
+                running_n += 1
+                nonfinite_run = 0
+            else:
+                nonfinite_run += 1
+                if nonfinite_run >= DIVERGENCE_PATIENCE:
+                    raise diverged(f"the task losses were not finite for {nonfinite_run} steps")
+            mean_losses = (running / max(running_n, 1)).tolist()
+            bar.step(step, mean_losses)
             if step % eval_every == 0 or step == steps:
                 metrics = evaluate(model, data, device)
                 history.append(
                     {
                         "step": step,
-                        "train_loss": (running / max(running_n, 1)).tolist(),
+                        "train_loss": mean_losses,
                         "test_accuracy": accuracies(metrics),
                         "train_time": train_time,
                     }
                 )
+                bar.evaluated(step, mean_losses, accuracies(metrics))
                 running.zero_()
                 running_n = 0
-            if checkpoint and (step == steps or step % (checkpoint_every or eval_every) == 0):
-                save_checkpoint(checkpoint, ckpt_state())
+            stop = step < steps and should_stop()
+            if checkpoint and (
+                stop or step == steps or step % (checkpoint_every or eval_every) == 0
+            ):
+                save()
+            if stop:
+                raise TrainingStopped(step, steps, checkpoint)
     finally:
         bar.close()
     metrics = evaluate(model, data, device)
+    if not all(math.isfinite(v["loss"]) for v in metrics["tasks"].values()):
+        raise diverged("the test losses are not finite")
+    if skipped == step and step > 0:
+        raise diverged(f"all {step} steps were skipped (non-finite gradients)")
     return {
         "format": RESULT_FORMAT,
         "method": cfg.method,
@@ -617,6 +895,7 @@ def _train(
             "labelled_train": data.labelled_counts(),
         },
         "steps": step,
+        "skipped_steps": skipped,  # steps the optimizer skipped (non-finite gradients)
         "train_time_s": train_time,
         "step_time_ms": 1000.0 * train_time / max(step, 1),
         "train_cpu_s": train_cpu,  # process CPU time: less sensitive than wall time to other load
@@ -629,6 +908,7 @@ def _train(
             "device": str(device),
             "backend": cfg.backend,
             "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         },
     }
 

@@ -13,6 +13,7 @@ import os
 import numpy as np
 import torch
 
+from ..errors import import_extra
 from .base import DataError, MissingDataError, MultiTaskData, apply_variants
 
 ATTR_FILE = "list_attr_celeba.txt"
@@ -116,6 +117,7 @@ def celeba(
         raise MissingDataError("CelebA", ATTR_FILE, data_dir, "the directory does not exist")
     if image_size < 8:
         raise DataError(f"image size must be at least 8, got {image_size}")
+    import_extra("PIL.Image", "Pillow", "CelebA")
     attrs, files, y = read_attributes(os.path.join(data_dir, ATTR_FILE))
     partition = read_partition(os.path.join(data_dir, PARTITION_FILE))
     image_dir = os.path.join(data_dir, IMAGE_DIR)
@@ -140,8 +142,7 @@ def celeba(
     total = sum(len(v) for v in split_idx.values())
     bar = None
     if progress:
-        from tqdm import tqdm
-
+        tqdm = import_extra("tqdm", "tqdm", "the progress bar").tqdm
         bar = tqdm(total=total, desc="loading CelebA", unit="img", leave=False)
     xs = {}
     for split, idx in split_idx.items():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import import_extra
 from .base import DataError, MultiTaskData, apply_variants, compose_pairs
 
 TASKS = ["left", "right"]
@@ -52,10 +53,7 @@ def multidigits(
     replaced by a different random class (test labels stay clean). ``low_resource``: keep only this
     many training labels of ``low_resource_task``; the other examples are unlabelled for it.
     """
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:  # pragma: no cover - scikit-learn is a dependency of the CLI
-        raise DataError("MultiDigits needs scikit-learn (pip install scikit-learn)") from e
+    load_digits = import_extra("sklearn.datasets", "scikit-learn", "MultiDigits").load_digits
     if n_train < 1 or n_test < 1:
         raise DataError(f"n_train and n_test must be positive, got {n_train} and {n_test}")
     digits = load_digits()
