@@ -19,6 +19,7 @@ import dataclasses
 import io
 import json
 import math
+import platform
 import sys
 import time
 import types
@@ -909,8 +910,22 @@ def _train(
             "backend": cfg.backend,
             "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpu_model": cpu_model(),
         },
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere): with the CPU
+    capability, what decides the order of floating-point sums in torch's CPU kernels."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def single_task_data(data: MultiTaskData, k: int) -> MultiTaskData:

@@ -22,6 +22,37 @@ from mtlsam_fast import train as T  # noqa: E402
 BLOCKS = rn.read_blocks(rn.RESULTS.read_text())
 
 
+#: Where the committed compare JSON predates its "cpu_model" field, the machine it was run on.
+_REFERENCE_CPU = "Intel(R) Xeon(R) Processor"
+#: Off the reference machine type the runs are deterministic but sum in another order (another
+#: CPU capability, or MKL's kernels for another vendor): 390 steps move accuracies by up to ~0.3
+#: points (measured with ATEN_CPU_CAPABILITY=default and MKL_CBWR=AVX2 here). There the numbers
+#: are checked to these margins instead of to the printed precision.
+_ACCURACY_MARGIN = 1.0  # percentage points, per task and mean
+_DELTA_M_MARGIN = 2.0  # Δm percentage points
+
+
+def _reference_machine() -> bool:
+    """Whether this machine is the kind docs/results.md was measured on (then: exact)."""
+    env = next(iter(_compare_result()["runs"].values()))[0]["environment"]
+    return (
+        env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+        and env.get("cpu_model", _REFERENCE_CPU) == T.cpu_model()
+    )
+
+
+def _numbers(lines: list[str]) -> dict[str, float]:
+    """The accuracies and Δm of a train block's checked lines, by row name."""
+    out = {}
+    for ln in lines:
+        words = ln.split()
+        if words[0] in ("left", "right", "mean"):
+            out[words[0]] = float(words[1])
+        elif ln.startswith("Δm% vs ls baseline: "):
+            out["Δm"] = float(words[-1])
+    return out
+
+
 def _environment_note() -> str:
     return (
         f"(this machine: torch {torch.__version__}, CPU capability "
@@ -46,7 +77,14 @@ def test_the_default_train_prints_the_documented_numbers():
     assert any(ln.startswith("Δm% vs ls baseline: ") for ln in want)  # the parse found the table
     assert len([ln for ln in want if ln.split()[0] in ("left", "right", "mean")]) == 3
     got = rn.checked_lines(rn.train_block(rn.BLOCKS["train-default"]))
-    assert got == want, _environment_note()
+    if _reference_machine():
+        assert got == want, _environment_note()
+        return
+    want_n, got_n = _numbers(want), _numbers(got)
+    assert set(got_n) == set(want_n) == {"left", "right", "mean", "Δm"}
+    for key, value in want_n.items():
+        margin = _DELTA_M_MARGIN if key == "Δm" else _ACCURACY_MARGIN
+        assert abs(got_n[key] - value) <= margin, (key, got_n[key], value, _environment_note())
 
 
 def _compare_result() -> dict:
@@ -86,4 +124,8 @@ def test_a_run_of_the_compare_json_reproduces():
         again = T.train(cfg)
     finally:
         torch.set_num_threads(threads)
-    assert again["test"] == run["test"], _environment_note()
+    if _reference_machine():
+        assert again["test"] == run["test"], _environment_note()
+        return
+    for got, want in zip(T.accuracies(again["test"]), T.accuracies(run["test"]), strict=True):
+        assert abs(got - want) <= _ACCURACY_MARGIN, (got, want, _environment_note())
