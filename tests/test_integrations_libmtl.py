@@ -58,6 +58,16 @@ class InPlaceHPS(HPS):
         self.encoder.zero_grad(set_to_none=False)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one intra-op thread (two threads on a busy 2-core machine spin-wait, up to
+    60x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tasks(K: int) -> list[str]:
     return [f"t{i}" for i in range(K)]
 

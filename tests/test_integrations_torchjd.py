@@ -46,6 +46,16 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: one intra-op thread (two threads on a busy 2-core machine spin-wait, up to
+    60x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def jacobian(K: int, P: int, seed: int, scales: tuple[float, float] | None = None) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     J = torch.randn(K, P, dtype=F64, generator=g)
