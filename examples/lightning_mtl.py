@@ -26,9 +26,11 @@ The rules this recipe follows (docs/integrations.md explains them):
   ``self.optimizers().optimizer.step(closure, grad_scaler=scaler)``, then ``scaler.update()``.
 * Lightning calls ``on_before_optimizer_step`` after every evaluation of the closure (1 + K times
   per F-MTL step), before the gradients are final: inspect gradients after the step instead.
-* One process per model: Lightning's DDP strategy all-reduces each parameter's gradient once
-  per backward pass of the wrapped forward and cannot carry the optimizer's K backward passes
-  into its per-task gradient buffer; train with ``strategy="auto"`` on one device.
+* One process: under Lightning's DDP strategy the optimizer's own backward passes, run inside
+  ``training_step``, are not all-reduced by DDP's reducer, so every process would train its own
+  replica on its own data shard, silently (measured: two CPU processes end the first epoch with
+  different weights). ``configure_optimizers`` refuses a world size above 1; multi-process
+  training needs the optimizers' own distributed mode (docs/integrations.md).
 """
 
 from __future__ import annotations
@@ -100,6 +102,12 @@ class MultiTaskModule(L.LightningModule):
             self.log(f"val/acc_{k}", (lg.argmax(1) == y[:, k]).float().mean())
 
     def configure_optimizers(self) -> dict[str, Any]:
+        if self.trainer.world_size > 1:
+            raise RuntimeError(
+                f"MultiTaskModule trains in one process (world size {self.trainer.world_size}): "
+                "Lightning's DDP does not synchronize the gradients of mtlsam_fast's own backward "
+                "passes, so the replicas would diverge; use devices=1"
+            )
         hp = self.hparams
         extra = {} if hp.optimizer == "plain" else {"rho": hp.rho}
         if hp.optimizer == "samo":

@@ -133,3 +133,14 @@ def test_cli(tmp_path, capsys) -> None:
         == 0
     )
     assert "train/loss" in capsys.readouterr().out
+
+
+def test_refuses_more_than_one_process(data, monkeypatch, tmp_path) -> None:
+    """Under Lightning's DDP the replicas would diverge silently (our backward passes are not
+    all-reduced): the recipe refuses a world size above 1 before training."""
+    import lightning as L
+
+    monkeypatch.setattr(L.Trainer, "world_size", property(lambda self: 2))
+    module = _module(data, "fmtl", "mgda")
+    with pytest.raises(RuntimeError, match="one process"):
+        recipe.trainer(1, "32-true", str(tmp_path)).fit(module, data[0])
