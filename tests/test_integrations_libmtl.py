@@ -2,13 +2,13 @@
 
 Shims, all outside the weightings being compared (LibMTL's weighting code runs unchanged):
 
-* ``torchvision.models.utils``: LibMTL 1.1.5's ``LibMTL/model/resnet.py`` imports
-  ``load_state_dict_from_url`` from it and torchvision removed the module (its one function is
-  ``torch.hub.load_state_dict_from_url``); provided here so that ``import LibMTL`` works. The
-  adapter never needs it (``test_adapter_never_imports_libmtl`` runs without it).
-* ``zero_grad_share_params``: LibMTL 1.1.5 predates torch 2.0, whose ``Module.zero_grad()`` sets
-  the gradients to None, after which LibMTL's ``_reset_grad`` writes ``param.grad.data`` of
-  None; the architecture here zeroes in place, torch 1.x's default.
+* ``torchvision.models.utils`` (:func:`bench.peers.import_libmtl`): LibMTL 1.1.5's
+  ``LibMTL/model/resnet.py`` imports ``load_state_dict_from_url`` from it and torchvision removed
+  the module (its one function is ``torch.hub.load_state_dict_from_url``); provided so that
+  ``import LibMTL`` works. The adapter never needs it (``test_adapter_never_imports_libmtl``).
+* ``zero_grad_share_params`` (:func:`bench.peers.libmtl_hps`): LibMTL 1.1.5 predates torch 2.0,
+  whose ``Module.zero_grad()`` sets the gradients to None, after which LibMTL's ``_reset_grad``
+  writes ``param.grad.data`` of None; the architecture zeroes in place, torch 1.x's default.
 * ``Trainer``: LibMTL 1.1.5 hard-codes the device ``cuda:0`` and calls the Python 2
   ``iterator.next()``; the subclass here sets the CPU and calls ``next(iterator)``.
 """
@@ -19,27 +19,26 @@ import random
 import subprocess
 import sys
 import textwrap
-import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's bench package
+
+from bench.peers import import_libmtl, libmtl_hps
 from mtlsam_fast import weighting
 from mtlsam_fast.integrations import libmtl as ours
 from mtlsam_fast.weighting.rlw import PhiloxStream
 
-if "torchvision.models.utils" not in sys.modules:
-    _shim = types.ModuleType("torchvision.models.utils")
-    _shim.load_state_dict_from_url = torch.hub.load_state_dict_from_url  # type: ignore[attr-defined]
-    sys.modules["torchvision.models.utils"] = _shim
-
-import LibMTL.weighting as libmtl_weighting
-from LibMTL import Trainer
-from LibMTL.architecture import HPS
-from LibMTL.loss import CELoss
-from LibMTL.metrics import AccMetric
+LibMTL = import_libmtl()
+libmtl_weighting = LibMTL.weighting
+Trainer = LibMTL.Trainer
+CELoss = LibMTL.loss.CELoss
+AccMetric = LibMTL.metrics.AccMetric
+InPlaceHPS = libmtl_hps()
 
 IN, HID, OUT, CLASSES = 6, 16, 8, 3
 
@@ -51,11 +50,6 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-
-class InPlaceHPS(HPS):
-    def zero_grad_share_params(self) -> None:  # torch 1.x's zero_grad (see the module docstring)
-        self.encoder.zero_grad(set_to_none=False)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -474,3 +468,12 @@ def test_fmtl_with_a_libmtl_model_in_an_own_loop() -> None:
     for _ in range(5):
         last = opt.step(closure)
     assert (last < first).all()
+
+
+def test_docs_list_every_row() -> None:
+    """docs/integrations.md has a line for every method of both adapters."""
+    from mtlsam_fast.integrations import torchjd as torchjd_adapter
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    for name in [*ours.METHODS, *torchjd_adapter.METHODS]:
+        assert f"`{name}`" in text, name
