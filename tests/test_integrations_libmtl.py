@@ -312,6 +312,14 @@ def test_backward_is_our_weighting_of_the_true_gradients(name: str) -> None:
     assert_same_grads(grads, expected, 1e-5)
 
 
+def test_frozen_shared_parameters_are_left_alone() -> None:
+    model = build(ours.MGDA, 2)
+    frozen = model.encoder.net[0].bias
+    frozen.requires_grad_(False)
+    model.backward(losses_of(model, *batch(2)))
+    assert frozen.grad is None and model.encoder.net[0].weight.grad is not None
+
+
 def test_nash_mtl_clips_the_shared_gradient_only() -> None:
     _, grads, _ = one_backward(ours.Nash_MTL, 3, ROWS["Nash_MTL"])
     shared = torch.cat([g.flatten() for n, g in grads.items() if n.startswith("encoder")])

@@ -409,6 +409,13 @@ def test_jac_to_grad_equals_torchjds(name: str) -> None:
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
 
 
+def test_mgda_aggregator_fused_path_equals_the_three_steps() -> None:
+    for K, P, seed in TYPICAL:
+        J = jacobian(K, P, seed).float()
+        w = ours.MGDAWeighting()(ops.gram(J))
+        close(ours.MGDA()(J), ops.combine(w, J), 1e-6)  # no hook: min_norm_aggregate
+
+
 def test_jac_to_grad_fused_mgda_single_tensor_and_accumulation() -> None:
     g = torch.Generator().manual_seed(3)
     p = torch.randn(7, 5, generator=g).requires_grad_()

@@ -411,7 +411,7 @@ class _LibMTLWeighting:
         return w.detach().cpu().numpy()
 
     def _shared_backward(self, plan: Plan, losses: Tensor) -> Tensor:
-        shared = list(self.get_share_params())  # type: ignore[attr-defined]
+        shared = [p for p in self.get_share_params() if p.requires_grad]  # type: ignore[attr-defined]
         K = self.task_num
         scratch = self._mtlsam_scratch
         if scratch is None or scratch.key != _Scratch.key_of(shared, K):
