@@ -159,6 +159,18 @@ def test_cagrad_equals_torchjd_and_solves_the_dual_at_least_as_well() -> None:
                 assert objective[0] <= objective[1] + 1e-12
 
 
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [(n, k) for n, k, _ in EQUAL if n != "FairGrad" or k["alpha"] > 0] + [("CAGrad", {"c": 0.5})],
+    ids=str,
+)
+def test_single_task_equals_torchjd(name: str, kwargs: dict) -> None:
+    J = jacobian(1, 6, 0)
+    close(
+        getattr(ours, name)(**_options(kwargs))(J), getattr(tja, name)(**_options(kwargs))(J), 1e-6
+    )
+
+
 def test_aligned_mtl_preference_vector_equals_torchjd() -> None:
     J = jacobian(4, 12, 7)
     u = torch.tensor([0.1, 0.5, 0.2, 0.2], dtype=F64)

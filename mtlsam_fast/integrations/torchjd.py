@@ -147,7 +147,13 @@ def _mgda(epsilon: float = 0.001, max_iters: int = 100) -> Plan:
 
 def _cagrad(c: float, norm_eps: float = 0.0001) -> Plan:
     nonnegative("norm_eps", norm_eps)
-    return Plan(method("cagrad", c=c, rescale=0))
+    weighting = method("cagrad", c=c, rescale=0)
+
+    def finish(weights: Tensor, gram: Tensor) -> Tensor:
+        # one task: torchjd keeps the formula's 1 + c, our CAGrad returns weight 1 (a step size)
+        return weights * (1.0 + weighting.c) if weights.shape[0] == 1 else weights
+
+    return Plan(weighting, finish=finish)
 
 
 def _imtlg() -> Plan:
@@ -246,7 +252,8 @@ METHODS: dict[str, Method] = {
             "CAGrad",
             "cagrad",
             _cagrad,
-            "c: same meaning (no rescale, as torchjd). norm_eps: validated, not used: where "
+            "c: same meaning (no rescale, as torchjd; one task gets 1 + c, as torchjd). "
+            "norm_eps: validated, not used: where "
             "torchjd returns zero weights because ||g_w|| < norm_eps ||J||_F (near a "
             "Pareto-stationary point), ours drops the correction only when g_w vanishes to "
             "rounding, as the paper's code does (d = g0 there).",
