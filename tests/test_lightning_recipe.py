@@ -61,7 +61,7 @@ def _state(module) -> dict[str, torch.Tensor]:
     ("optimizer", "weighting", "precision"),
     [
         ("fmtl", "mgda", "bf16-mixed"),
-        ("samo", "pcgrad", "32-true"),
+        ("samo", "pcgrad", "bf16-mixed"),
         ("plain", "gradvac", "32-true"),
     ],
 )
