@@ -239,6 +239,14 @@ def test_random_orders_replayed_in_libmtl(name: str, monkeypatch: pytest.MonkeyP
     assert_same_grads(mine, theirs, 1e-5)
 
 
+def test_rep_grad_ew_trains_the_encoder() -> None:
+    """With rep_grad the encoder gets the weighted representation gradients backpropagated: for
+    EW that is the gradient of the summed losses (LibMTL's EW leaves the encoder without one)."""
+    _, plain, _ = one_backward(ours.EW, 3, {})
+    _, rep, _ = one_backward(ours.EW, 3, {}, rep_grad=True)
+    assert_same_grads(rep, plain, 1e-5)
+
+
 def test_rep_grad_uses_libmtls_representation_gradients() -> None:
     for name, args in (("MGDA", {"mgda_gn": "none"}), ("IMTL", {})):
         _, theirs, _ = one_backward(getattr(libmtl_weighting, name), 2, args, rep_grad=True)

@@ -31,9 +31,10 @@ Every class of :data:`METHODS` is a subclass of LibMTL's ``AbsWeighting`` named 
   normalization returns the normalized problem's solution; CAGrad its dual variable).
 
 ``rep_grad=True`` (gradients of the shared representation) goes through LibMTL's own
-``_get_grads`` / ``_backward_new_grads`` with our weights, except for the loss-weighting methods
-(LibMTL refuses it there too). ``weight_args`` are read with LibMTL's key names and its
-defaults; unknown keys raise. The weighting is built at the first ``backward`` and the same
+``_get_grads`` / ``_backward_new_grads`` with our weights, for every method but the
+loss-weighting ones (LibMTL refuses it there too; its ``EW`` accepts it but then leaves the
+encoder without a gradient, ours trains it). ``weight_args`` are read with LibMTL's key names
+and its defaults; unknown keys raise. The weighting is built at the first ``backward`` and the same
 ``weight_args`` are expected afterwards. :meth:`weighting_state_dict` /
 :meth:`load_weighting_state_dict` save and restore its state (random streams, EMAs).
 
@@ -399,13 +400,14 @@ class _LibMTLWeighting:
         plan = self._plan_for(weight_args)
         if self.row.losses is not None:
             losses = self.row.losses(self, losses)
-        if not self.row.uses_gram:
+        if self.rep_grad:  # LibMTL's own representation gradients, our weights
+            per_grads, grads = self._get_grads(losses, mode="backward")  # type: ignore[attr-defined]
+            gram = ops.gram(grads) if self.row.uses_gram else grads.new_zeros(K, K)
+            w = plan.weights(gram, losses.detach())
+            self._backward_new_grads(w, per_grads=per_grads)  # type: ignore[attr-defined]
+        elif not self.row.uses_gram:
             w = plan.weights(losses.new_zeros(K, K).detach())
             (w.detach().to(losses.dtype) * losses).sum().backward()
-        elif self.rep_grad:
-            per_grads, grads = self._get_grads(losses, mode="backward")  # type: ignore[attr-defined]
-            w = plan.weights(ops.gram(grads), losses.detach())
-            self._backward_new_grads(w, per_grads=per_grads)  # type: ignore[attr-defined]
         else:
             w = self._shared_backward(plan, losses)
         return w.detach().cpu().numpy()

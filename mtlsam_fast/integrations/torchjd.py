@@ -147,11 +147,11 @@ def _mgda(epsilon: float = 0.001, max_iters: int = 100) -> Plan:
 
 def _cagrad(c: float, norm_eps: float = 0.0001) -> Plan:
     nonnegative("norm_eps", norm_eps)
-    weighting = method("cagrad", c=c, rescale=0)
+    weighting = method("cagrad", c=c, rescale=0)  # validates c
 
     def finish(weights: Tensor, gram: Tensor) -> Tensor:
         # one task: torchjd keeps the formula's 1 + c, our CAGrad returns weight 1 (a step size)
-        return weights * (1.0 + weighting.c) if weights.shape[0] == 1 else weights
+        return weights * (1.0 + float(c)) if weights.shape[0] == 1 else weights
 
     return Plan(weighting, finish=finish)
 
