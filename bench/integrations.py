@@ -63,7 +63,19 @@ LIBMTL_METHODS: dict[str, dict[str, Any]] = {
     "CAGrad": {"calpha": 0.5, "rescale": 1},
     "RLW": {"dist": "Normal"},
 }
-WEIGHT_METHODS = ["UPGrad", "DualProj", "MGDA", "IMTLG", "CAGrad"]
+#: the methods with a torchjd Gramian weighting
+WEIGHT_METHODS = [
+    "UPGrad",
+    "DualProj",
+    "MGDA",
+    "CAGrad",
+    "IMTLG",
+    "AlignedMTL",
+    "PCGrad",
+    "GradVac",
+    "FairGrad",
+    "Mean",
+]
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
