@@ -21,7 +21,8 @@
 Every implementation trains its own copy of the same model on the same batches; they take turns
 within every round (``--steps`` steps each), so a slow phase of a shared machine hits all of them.
 Reported: the median over rounds of the time per step, with the quartiles in the JSON. Writes
-``integrations.json`` and ``integrations.md`` (the tables) to ``--out``.
+``integrations.json`` and ``integrations.md`` (the tables) to ``--out``; ``--render DIR``
+re-writes the tables from ``DIR/integrations.json`` without measuring.
 """
 
 from __future__ import annotations
@@ -88,6 +89,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: default)")
     ap.add_argument("--methods", default=None, help="only these torchjd/LibMTL names (comma list)")
     ap.add_argument("--out", default="bench/results/cpu")
+    ap.add_argument(
+        "--render", default=None, help="re-write DIR/integrations.md from DIR/integrations.json"
+    )
 
 
 # --------------------------------------------------------------------------- models, timing
@@ -269,7 +273,8 @@ def _fmt(row: dict[str, Any]) -> str:
 
 
 def _ms(v: dict[str, Any]) -> str:
-    return f"{v['median_s'] * 1e3:.2f}"
+    ms = v["median_s"] * 1e3
+    return f"{ms:.2f}" if ms >= 1 else f"{ms:.3f}"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -341,6 +346,12 @@ def markdown(report: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> int:
     from importlib.metadata import version
 
+    if args.render:
+        out = Path(args.render)
+        (out / "integrations.md").write_text(
+            markdown(json.loads((out / "integrations.json").read_text()))
+        )
+        return 0
     warnings.filterwarnings("ignore", message="You are solving a parameterized problem")
     warnings.filterwarnings("ignore", message="Solution may be inaccurate")
     if args.threads:
@@ -350,7 +361,9 @@ def main(args: argparse.Namespace) -> int:
     libmtl_names = [m for m in LIBMTL_METHODS if only is None or m in only]
     weight_names = [m for m in WEIGHT_METHODS if only is None or m in only]
     command = "python -m bench integrations " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None
+        f"--{k.replace('_', '-')} {v}"
+        for k, v in vars(args).items()
+        if v is not None and k != "render"
     )
     report: dict[str, Any] = {
         "command": command,
