@@ -1,5 +1,6 @@
 """``python -m bench``: the op sweep report; ``python -m bench e2e``: the end-to-end step
-benchmark."""
+benchmark; ``python -m bench integrations``: the peers' own methods against ours through the
+adapters."""
 
 from __future__ import annotations
 
@@ -17,6 +18,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         e2e.add_arguments(ap)
         return e2e.main(ap.parse_args(argv[1:]))
+    if argv and argv[0] == "integrations":
+        from . import integrations
+
+        ap = argparse.ArgumentParser(
+            prog="python -m bench integrations", description=integrations.__doc__.splitlines()[0]
+        )
+        integrations.add_arguments(ap)
+        return integrations.main(ap.parse_args(argv[1:]))
     if argv and argv[0] == "ops":
         argv = argv[1:]
     from . import report

@@ -1,13 +1,18 @@
-"""Peer implementations, each optional: torchjd's weightings and a quadprog-based exact QP solver.
+"""Peer implementations, each optional: torchjd's weightings, a quadprog-based exact QP solver, and
+what LibMTL 1.1.5 needs to run with current torch and torchvision.
 
-None of these is required by the tests; a missing peer is reported as absent, never an error.
-Install the torchjd peer with ``pip install "torchjd[quadprog_projector]"`` (it must not replace
-the installed torch; check with ``pip install --dry-run`` first).
+A missing peer is reported as absent by the benchmarks, never an error (the adapters' tests,
+which need the peers, install them: the ``test`` extra). Install the peers with
+``pip install ".[bench]"`` (it must not replace the installed torch; check with
+``pip install --dry-run`` first).
 """
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,3 +84,36 @@ def quadprog_simplex(gram: Tensor, ridge: float = 1e-12) -> np.ndarray:
     C = np.concatenate([np.ones((K, 1)), np.eye(K)], axis=1)  # sum v = 1 (equality), v >= 0
     b = np.concatenate([[1.0], np.zeros(K)])
     return quadprog.solve_qp(H, a, C, b, meq=1)[0]
+
+
+def import_libmtl() -> Any:
+    """``LibMTL`` imported, with the one module its newest release (1.1.5) needs from torchvision.
+
+    ``LibMTL/model/resnet.py`` imports ``load_state_dict_from_url`` from
+    ``torchvision.models.utils``, which torchvision removed; that function is
+    ``torch.hub.load_state_dict_from_url``, provided here as that module when it is missing.
+    (``mtlsam_fast.integrations.libmtl`` itself never imports LibMTL's package.)
+    """
+    if "torchvision.models.utils" not in sys.modules:
+        shim = types.ModuleType("torchvision.models.utils")
+        shim.load_state_dict_from_url = torch.hub.load_state_dict_from_url  # type: ignore[attr-defined]
+        sys.modules["torchvision.models.utils"] = shim
+    import LibMTL
+
+    return LibMTL
+
+
+def libmtl_hps() -> type:
+    """LibMTL's ``HPS`` architecture, zeroing the shared gradients in place.
+
+    LibMTL 1.1.5 predates torch 2.0, whose ``Module.zero_grad()`` sets the gradients to None; its
+    gradient-based weightings then write ``param.grad.data`` of None (``_reset_grad``). Zeroing in
+    place is torch 1.x's behaviour; LibMTL's weighting code runs unchanged.
+    """
+    from LibMTL.architecture import HPS
+
+    class InPlaceHPS(HPS):
+        def zero_grad_share_params(self) -> None:
+            self.encoder.zero_grad(set_to_none=False)
+
+    return InPlaceHPS

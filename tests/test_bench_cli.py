@@ -175,3 +175,21 @@ def test_dispatch_overhead_times_the_kernel_the_op_ends_in(capsys):
     printed = capsys.readouterr().out
     for name in dispatch_overhead.cases():
         assert printed.count(f"\n{name} ") == 1, name
+
+
+def test_integrations_report_structure(tmp_path: Path):
+    """``python -m bench integrations`` (the README's timing table) runs and writes its tables."""
+    out = tmp_path / "bench"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "bench", "integrations", "--K", "2", "--weights-K", "4"]
+    cmd += ["--rounds", "1", "--steps", "1", "--width", "16", "--batch", "8"]
+    cmd += ["--methods", "UPGrad,MGDA,EW", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((out / "integrations.json").read_text())
+    assert set(doc["torchjd"]["2"]) == {"UPGrad", "MGDA"} and set(doc["libmtl"]) == {"MGDA", "EW"}
+    for row in [*doc["torchjd"]["2"].values(), *doc["libmtl"].values()]:
+        assert all(v["median_s"] > 0 for v in row.values())
+    assert all(r["min_cos_ours"] >= 0 for r in doc["conflicts"]["upgrad"])  # exact: no conflict
+    table = (out / "integrations.md").read_text()
+    assert "| UPGrad |" in table and "| EW |" in table

@@ -12,6 +12,7 @@ import functools
 import torch
 
 from .base import Tensor, Weighting, nan_if_nonfinite, out_dtype
+from .upgrad import check_pref_vector, pref_on
 
 SCALE_MODES = ("min", "median", "rmse")
 SOLVERS = ("auto", "eigh", "jacobi")
@@ -94,6 +95,8 @@ class AlignedMTL(Weighting):
     ``G_hat = B G`` with ``B = sqrt(lambda_min) V_r diag(lambda_r^{-1/2}) V_r^T`` over the ``r``
     eigenvalues above the rank threshold, and the update ``d = 1^T G_hat``. So the weights on the
     original rows are ``w = B 1`` -- exactly what the official code returns (``B.sum(0)``).
+    With ``pref_vector`` ``u`` (the paper's task weights; torchjd's default is ``1/K``) the update
+    is ``u^T G_hat`` and the weights ``w = B u``.
 
     ``scale_mode``: the scale ``sqrt(sigma)`` with ``sigma`` the smallest kept eigenvalue
     (``"min"``, the paper's default), their (lower) median or their mean (``"rmse"``), as in the
@@ -117,6 +120,7 @@ class AlignedMTL(Weighting):
         *,
         solver: str = "auto",
         sweeps: int = DEFAULT_SWEEPS,
+        pref_vector: Tensor | None = None,
     ):
         if scale_mode not in SCALE_MODES:
             raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
@@ -132,6 +136,7 @@ class AlignedMTL(Weighting):
             raise ValueError(f"rtol must be None or a non-negative number, got {rtol!r}")
         self.scale_mode = scale_mode
         self.rtol = None if rtol is None else float(rtol)
+        self.pref_vector = check_pref_vector(pref_vector)
 
     def weights(self, gram: Tensor, losses: Tensor | None) -> Tensor:
         K = gram.shape[0]
@@ -160,5 +165,8 @@ class AlignedMTL(Weighting):
             keep, torch.where(keep, lam, torch.ones_like(lam)).rsqrt(), torch.zeros_like(lam)
         )
         Bmat = (V * (sigma.sqrt() * inv_sqrt)[None, :]) @ V.T
-        w = Bmat.sum(dim=1)
+        if self.pref_vector is None:
+            w = Bmat.sum(dim=1)
+        else:
+            w = Bmat @ pref_on(self.pref_vector, gram)
         return nan_if_nonfinite(w.to(out_dtype(gram)), gram)

@@ -18,7 +18,8 @@ from ..ops import qp
 from .base import Tensor, Weighting, nan_if_nonfinite, out_dtype
 
 
-def _check_pref(pref_vector: Tensor | None) -> Tensor | None:
+def check_pref_vector(pref_vector: Tensor | None) -> Tensor | None:
+    """A preference vector (task weights ``u``) as a detached copy, or None."""
     if pref_vector is None:
         return None
     if not isinstance(pref_vector, torch.Tensor):
@@ -30,6 +31,14 @@ def _check_pref(pref_vector: Tensor | None) -> Tensor | None:
     return pref_vector.detach().clone()
 
 
+def pref_on(pref_vector: Tensor, gram: Tensor) -> Tensor:
+    """``pref_vector`` in float64 on the Gram's device, checked against its K."""
+    K = gram.shape[0]
+    if pref_vector.shape[0] != K:
+        raise ValueError(f"pref_vector has {pref_vector.shape[0]} entries but the gram is {K}x{K}")
+    return pref_vector.to(device=gram.device, dtype=torch.float64)
+
+
 class _DualConeWeighting(Weighting):
     def __init__(
         self,
@@ -39,7 +48,7 @@ class _DualConeWeighting(Weighting):
         tol: float = qp.DEFAULT_TOL,
         backend: str | None = None,
     ):
-        self.pref_vector = _check_pref(pref_vector)
+        self.pref_vector = check_pref_vector(pref_vector)
         self.max_iter = max_iter
         self.tol = tol
         self.backend = backend
@@ -48,11 +57,7 @@ class _DualConeWeighting(Weighting):
         K = gram.shape[0]
         if self.pref_vector is None:
             return torch.full((K,), 1.0 / K, dtype=torch.float64, device=gram.device)
-        if self.pref_vector.shape[0] != K:
-            raise ValueError(
-                f"pref_vector has {self.pref_vector.shape[0]} entries but the gram is {K}x{K}"
-            )
-        return self.pref_vector.to(device=gram.device, dtype=torch.float64)
+        return pref_on(self.pref_vector, gram)
 
     def _solve(self, gram: Tensor, lower: Tensor) -> Tensor:
         G = gram.to(torch.float64)
