@@ -73,20 +73,29 @@ class FMTL(MTLBase):
             **kwargs,
         )
 
-    def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self,
+        closure: Closure | None = None,
+        *,
+        grad_scaler: Any = None,
+        micro_batches: int | None = None,
+    ) -> Tensor:
         """One F-MTL step; returns the K clean losses (detached, on the device)."""
-        scale, inv_scale = self._begin(closure, grad_scaler)
+        if closure is None:
+            return self._step_without_closure()
+        scale, inv_scale = self._begin(closure, grad_scaler, micro_batches)
         assert closure is not None  # _begin raised otherwise
         K, sh, G, be = self.num_tasks, self._shared, self._gbuf.G, self.backend
         rho, adaptive = self._hyper("rho"), self._hyper("adaptive")
 
-        # 1. clean forward, K backward passes into the rows of G (heads: their own loss only)
-        det = self._capture_task_gradients(closure, scale)
+        # 1. clean forward, K backward passes into the rows of G (heads: their own loss only);
+        #    distributed: eps_i needs the whole averaged g_i on every rank
+        det = self._capture_task_gradients(closure, scale, full_rows=True)
 
         gram = self._aggregate(inv_scale, det, sh.grad)  # d_loss = w_loss^T G, scaled like G
 
         if adaptive:
-            norms = ops.segment_norms(G, sh.whole, weight=sh.backup.abs(), backend=be).reshape(K)
+            norms = sh.segment_norms(G, sh.whole, weight=sh.backup.abs(), backend=be).reshape(K)
         else:
             norms = gram.diagonal().clamp_min(0).sqrt()
         bad = ~torch.isfinite(norms).all()
@@ -108,16 +117,18 @@ class FMTL(MTLBase):
                     backend=be,
                 )
                 self._perturb_head(i, head_scales[i])
-                lp = self._forward(closure, grad=True, perturbed=True)
                 if (head := self._heads[i]) is not None:
                     head.grad.zero_()
-                with self._gbuf.capture(i, accumulate=True):
-                    self._backward(lp[i], neg, i)
-                del lp
+                for m in self._micro:
+                    lp = self._forward(closure, m, grad=True, perturbed=True)
+                    with self._gbuf.capture(i, accumulate=True):
+                        self._backward(lp[i], neg, i)
+                    del lp
             finally:
                 self._restore(i)
             if (head := self._heads[i]) is not None:
                 head.grad.neg_()  # the head's perturbed-point gradient (exact sign flip)
+            self._task_gradient_ready(i)
 
         # 3. flat weights on -F (same Gram, same weights as F):
         #    d_loss + w_flat^T F = d_loss - w_flat^T (-F)
