@@ -1,5 +1,5 @@
 """``python -m bench``: the op sweep report; ``python -m bench e2e``: the end-to-end step
-benchmark."""
+benchmark; ``python -m bench dist``: the step in 1 and 2 processes, bytes communicated."""
 
 from __future__ import annotations
 
@@ -17,6 +17,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         e2e.add_arguments(ap)
         return e2e.main(ap.parse_args(argv[1:]))
+    if argv and argv[0] == "dist":
+        from . import dist
+
+        ap = argparse.ArgumentParser(
+            prog="python -m bench dist", description=dist.__doc__.splitlines()[0]
+        )
+        dist.add_arguments(ap)
+        return dist.main(ap.parse_args(argv[1:]))
     if argv and argv[0] == "ops":
         argv = argv[1:]
     from . import report

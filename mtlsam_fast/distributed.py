@@ -396,6 +396,7 @@ class Synchronizer:
         self.sharded_heads: list[bool] = []
         self.min_local_numel = 0
         self._pending: list[Any] = []
+        self._small: list[Tensor] = []
         self._rows = "local"  # how G's rows are reduced: "full", "shard" or "sharded" (FSDP2)
         self._row_shards: Tensor | None = None
         self._tail: Tensor | None = None
@@ -565,17 +566,42 @@ class Synchronizer:
         return t
 
     def any(self, flag: Tensor) -> Tensor:
-        """A boolean device flag set on any rank (no host synchronization)."""
+        """A boolean device flag set on any rank (no host synchronization).
+
+        Without sharded groups every rank computed its flag from the same averaged values (the
+        direction, the heads' gradients, the norms and estimates derived from them), so the flags
+        already agree and no collective is needed; with FSDP2 shards each rank checked its own
+        shard, and the flags are reduced (MAX)."""
+        if not self.sharded:
+            return flag
         f = flag.to(torch.float32).reshape(1)
         self._all_reduce(f, "MAX")
         return f.reshape(flag.shape) > 0
 
+    def _average_later(self, t: Tensor) -> None:
+        """Queue a small tensor (losses, a head's gradient) for the next batched average."""
+        self._small.append(t)
+
+    def _flush_small(self) -> None:
+        """Average the queued small tensors in one all-reduce per dtype (a collective's latency
+        grows with R, its payload here is tiny)."""
+        queued, self._small = self._small, []
+        by_dtype: dict[torch.dtype, list[Tensor]] = {}
+        for t in queued:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for ts in by_dtype.values():
+            flat = torch.cat([t.reshape(-1) for t in ts])
+            self._all_reduce(flat, "AVG")
+            for t, part in zip(ts, flat.split([t.numel() for t in ts])):
+                t.copy_(part.view_as(t))
+
     def wait(self) -> None:
-        """Wait for this step's asynchronous reductions (on the GPU the compute stream waits;
-        the host does not)."""
+        """Complete this step's reductions: the asynchronous ones started so far (on the GPU the
+        compute stream waits; the host does not) and the queued small ones."""
         pending, self._pending = self._pending, []
         for work in pending:
             work.wait()
+        self._flush_small()
 
     # ---------------------------------------------------------------- step hooks
     def begin_step(self) -> None:
@@ -636,13 +662,15 @@ class Synchronizer:
             flat.push(flat.backup)
 
     def losses_ready(self, losses: Tensor) -> None:
-        """Average the K local mean losses over the ranks (asynchronous, in place)."""
-        self._all_reduce(losses, "AVG", async_op=True)
+        """Average the K local mean losses over the ranks (in place, with the next batch of small
+        reductions: by :meth:`wait`)."""
+        self._average_later(losses)
 
     def head_ready(self, flat: Any) -> None:
-        """A replicated head's gradient is complete on this rank: average it (asynchronous)."""
+        """A replicated head's gradient is complete on this rank: average it with the next batch
+        of small reductions."""
         if flat is not None and not getattr(flat, "sharded", False):
-            self._all_reduce(flat.grad, "AVG", async_op=True)
+            self._average_later(flat.grad)
 
     def gradient_ready(self, i: int, row: Tensor, *, full: bool) -> None:
         """Row ``i`` of ``G`` is complete on this rank; start its reduction (asynchronous).
@@ -676,23 +704,25 @@ class Synchronizer:
         self._pending.append(work)
 
     def gram(self, G: Tensor, backend: str | None) -> Tensor:
-        """The Gram matrix of the rows of the rank-averaged ``G`` (identical on every rank)."""
-        self.wait()
-        if self._rows == "full":
-            return ops.gram(G, backend=backend)
-        if self._rows == "sharded":
-            return self.sum(ops.gram(G, backend=backend))
-        assert self._row_shards is not None
-        tail = None
-        if self.split < G.shape[1]:
-            tail = G[:, self.split :].contiguous()
-            self._all_reduce(tail, "AVG", async_op=True)
-        gram = self.sum(ops.gram(self._row_shards, backend=backend))
-        self._tail = tail
-        if tail is not None:
+        """The Gram matrix of the rows of the rank-averaged ``G`` (identical on every rank).
+
+        With row shards: the last ``P mod R`` columns (the tail) are averaged with the batched
+        small reductions; rank 0 adds the tail's Gram to its partial Gram before the partial
+        Grams are summed (one all-reduce of K x K)."""
+        if self._rows != "shard":
             self.wait()
-            gram = gram + ops.gram(tail, backend=backend)
-        return gram
+            if self._rows == "full":
+                return ops.gram(G, backend=backend)
+            return self.sum(ops.gram(G, backend=backend))  # FSDP2: the local partial Grams
+        assert self._row_shards is not None
+        self._tail = G[:, self.split :].contiguous() if self.split < G.shape[1] else None
+        if self._tail is not None:
+            self._average_later(self._tail)
+        self.wait()
+        gram = ops.gram(self._row_shards, backend=backend)
+        if self._tail is not None and self.rank == 0:
+            gram = gram + ops.gram(self._tail, backend=backend)
+        return self.sum(gram)
 
     def combine(
         self, w: Tensor, G: Tensor, out: Tensor, *, subtract: bool, backend: str | None

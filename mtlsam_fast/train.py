@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as datasets
-from . import weighting
+from . import launch, weighting
 from .data import UNLABELED, MultiTaskData
 from .models import MultiTaskNet
 
@@ -459,12 +459,19 @@ def train(
     """
     import mtlsam_fast
 
-    device = validate(cfg)
+    device = launch.setup(validate(cfg))  # under torchrun: this process's share of the run
+    if cfg.batch_size % launch.world_size():
+        raise UsageError(
+            f"batch size {cfg.batch_size} does not split over {launch.world_size()} processes"
+        )
+    progress = progress and launch.rank() == 0
     log = log or (lambda s: None)
     if data is None:
         data = build_data(cfg, progress=progress)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data).to(device)
+    if launch.world_size() > 1 and device.type == "cuda":  # global-batch statistics
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     previous_backend = mtlsam_fast.get_backend()
     mtlsam_fast.set_backend(cfg.backend)
     # cuDNN's default convolution algorithms are not deterministic: a run, and a resumed run,
@@ -563,7 +570,7 @@ def _train(
     try:
         while step < steps:
             t0, c0 = time.perf_counter(), time.process_time()
-            idx = sampler.next()
+            idx = launch.local_batch(sampler.next())
             xb = data.images(data.x_train[idx]).to(device, non_blocking=True)
             yb = data.y_train[idx].to(device, non_blocking=True)
 
@@ -598,10 +605,12 @@ def _train(
                 )
                 running.zero_()
                 running_n = 0
-            if checkpoint and (step == steps or step % (checkpoint_every or eval_every) == 0):
+            due = step == steps or step % (checkpoint_every or eval_every) == 0
+            if checkpoint and due and launch.rank() == 0:  # the replicas are identical
                 save_checkpoint(checkpoint, ckpt_state())
     finally:
         bar.close()
+    launch.check_replicas(model.parameters())
     metrics = evaluate(model, data, device)
     return {
         "format": RESULT_FORMAT,
@@ -629,6 +638,7 @@ def _train(
             "device": str(device),
             "backend": cfg.backend,
             "threads": torch.get_num_threads(),
+            "processes": launch.world_size(),
         },
     }
 

@@ -407,5 +407,5 @@ def communication(method: str, tasks: int) -> dict[str, Any]:
     return {
         "bytes": dict(opt.distributed.last_step),
         "P": sum(p.numel() for p in model.trunk.parameters()),
-        "H": sum(p.numel() for h in heads for p in h),
+        "heads": [sum(p.numel() for p in h) for h in heads],
     }

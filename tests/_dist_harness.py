@@ -13,17 +13,11 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
-import socket
 import time
 import traceback
 from typing import Any
 
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (bound to port 0 on 127.0.0.1, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mtlsam_fast.launch import free_port
 
 
 class CaseError(AssertionError):

@@ -8,6 +8,11 @@ themselves are in ``tests/_dist_cases.py``.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import _dist_cases
 import pytest
 import torch
@@ -185,22 +190,55 @@ def test_batchnorm_statistics_follow_the_clean_forward_only(workers, method):
 @pytest.mark.parametrize("method", ["mtl", "fmtl", "samo"])
 @pytest.mark.parametrize("tasks", [1, 3])
 def test_bytes_per_step_follow_the_ring_model(workers, method, tasks):
-    """The counted bytes equal what the chosen collectives move (R = 2, float64): K = 1 all-reduces
-    the row; K > 1 reduce-scatters rows into shards of P // 2 (one all-gather of the direction,
-    the last P mod 2 column all-reduced) -- except F-MTL's first phase, which all-reduces."""
+    """The optimizer's byte and collective counters equal the communication model that
+    ``python -m bench dist`` and docs/distributed.md tabulate (R = 2, float64, P odd): K = 1
+    all-reduces the row; K > 1 reduce-scatters rows into shards of P // 2 and all-gathers the
+    direction (except F-MTL's first phase, which all-reduces); small tensors are batched."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.dist import collectives, ring_bytes
+
     r0, r1 = workers.run("communication", method=method, tasks=tasks)
     assert r0["bytes"] == r1["bytes"]
-    b, P, H, K, e = r0["bytes"], r0["P"], r0["H"], tasks, 8
-    split, tail = P // 2 * 2, P % 2
-    sharded_rows = K > 1
-    assert b.get("reduce_scatter", 0) == (K * split * e / 2 if sharded_rows else 0)
-    assert b.get("all_gather", 0) == (split * e / 2 if sharded_rows else 0)
-    full_rows = (0 if sharded_rows else 1) + (1 if method == "fmtl" else 0)
-    all_reduce = full_rows * K * P * e  # an all-reduce of n bytes sends 2 (R-1)/R n = n
-    all_reduce += K * e + 4  # the losses, the found-inf flag (float32)
-    all_reduce += (1 if method == "mtl" else 2) * H * e  # the heads' gradients (clean, perturbed)
-    if method == "samo":
-        all_reduce += P * e + K * 2 * e  # g0, the zeroth-order losses
-    if sharded_rows:
-        all_reduce += K * K * e + K * tail * e  # the partial Grams, the tail columns
-    assert b["all_reduce"] == all_reduce, b
+    model = collectives(method, "ours", tasks, r0["P"], r0["heads"], 2, itemsize=8)
+    counted = dict(r0["bytes"])
+    assert counted.pop("collectives") == len(model)
+    for kind in ("all_reduce", "reduce_scatter", "all_gather"):
+        expected = ring_bytes([c for c in model if c[0] == kind], 2)
+        assert counted.get(kind, 0) == expected, (kind, counted, model)
+
+
+# ------------------------------------------------------------------------------------ the CLI
+def test_cli_trains_data_parallel_with_nproc(tmp_path):
+    """``mtlsam-fast train --nproc 2`` starts two gloo processes through torch.distributed.run;
+    process 0 writes the result and the checkpoint, and the run ends with identical replicas (the
+    CLI checks it on every rank)."""
+    out, ckpt = tmp_path / "result.json", tmp_path / "ck.pt"
+    argv = [
+        *("train", "--nproc", "2", "--method", "fmtl-upgrad", "--steps", "2"),
+        *("--n-train", "128", "--n-test", "32", "--batch-size", "16", "--width", "4"),
+        *("--baseline", "none", "--quiet", "--output", str(out), "--checkpoint", str(ckpt)),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtlsam_fast", *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    assert res["environment"]["processes"] == 2 and res["steps"] == 2
+    assert proc.stdout.count("result written to") == 1  # from process 0 only
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 2 and state["optimizer"]["param_groups"][0]["mtlsam_fast"]
+
+
+def test_nproc_is_stripped_from_the_relaunched_command():
+    from mtlsam_fast.launch import strip_nproc
+
+    assert strip_nproc(["train", "--nproc", "2", "--steps", "3", "--nproc=4", "-q"]) == [
+        "train",
+        "--steps",
+        "3",
+        "-q",
+    ]
