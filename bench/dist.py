@@ -41,8 +41,9 @@ def collectives(
     """The collectives of one step, as ``(kind, bytes of the full tensor)``.
 
     ``mode``: ``ours`` (what this library issues with replicated parameters: see
-    ``mtlsam_fast/distributed.py``), ``naive`` (every task gradient all-reduced whole: K
-    all-reduces of the trunk and the heads for every set of K gradients), ``ddp`` (plain DDP: one
+    ``mtlsam_fast/distributed.py``), ``local`` (F-MTL with ``perturbation="local"``), ``naive``
+    (every task gradient all-reduced whole: K all-reduces of the trunk and the heads for every set
+    of K gradients), ``ddp`` (plain DDP: one
     all-reduce of all gradients, the cost of a single-objective step), ``fsdp2`` (FSDP2's own
     parameter all-gathers, one per forward and one per backward of the resharded modules, and
     gradient reduce-scatters, one per backward; our K x K Gram and scalars come on top).
@@ -70,7 +71,7 @@ def collectives(
 
     def task_rows(small: int) -> list[tuple[str, int]]:
         """One set of K task gradients averaged; ``small``: the bytes batched with them."""
-        if not shard_rows:
+        if not shard_rows and mode != "local":  # (local: the direction waits on the shards)
             return [("all_reduce", P * b)] * K + [("all_reduce", small)]
         return (
             [("reduce_scatter", split * b)] * K
@@ -79,6 +80,10 @@ def collectives(
             + [("all_gather", split * b)]  # the direction
         )
 
+    if mode == "local":  # F-MTL's local perturbations: phase 1 shards only, no head averages
+        phase1 = [("reduce_scatter", split * b)] * K if split else []
+        phase1 += [("all_reduce", K * b + K * tail * b), ("all_reduce", K * K * b)]
+        return phase1 + task_rows(H * b)
     if method == "mtl":
         return task_rows(K * b + H * b)  # + the losses and the heads' gradients
     if method == "fmtl":  # phase 1: eps_i needs the whole g_i on every rank
@@ -103,6 +108,7 @@ def ring_messages(calls: list[tuple[str, int]], R: int) -> int:
 NAMES = {"mtl": "MTLOptimizer", "fmtl": "FMTL", "samo": "SAMO"}
 MODES = {
     "ours": "mtlsam_fast",
+    "local": "mtlsam_fast, perturbation='local'",
     "naive": "naive (K all-reduces)",
     "ddp": "DDP (1 all-reduce)",
     "fsdp2": "FSDP2 (its all-gathers + reduce-scatters)",
@@ -121,6 +127,8 @@ def projection(P: int, heads: list[int], itemsize: int = 4, worlds=(8, 64, 512))
     ]
     for method in NAMES:
         for mode in MODES:
+            if mode == "local" and method != "fmtl":
+                continue
             cells = []
             for R in worlds:
                 calls = collectives(method, mode, K, P, heads, R, itemsize)

@@ -397,8 +397,10 @@ class Synchronizer:
         self.min_local_numel = 0
         self._pending: list[Any] = []
         self._small: list[Tensor] = []
-        self._rows = "local"  # how G's rows are reduced: "full", "shard" or "sharded" (FSDP2)
+        # how G's rows were reduced last: "full", "shard", "keep" (gradient_ready) or "sharded"
+        self._rows = "full"
         self._row_shards: Tensor | None = None
+        self._direction_on_shard = False  # after a "keep" combine, until a "shard" one gathers
         self._tail: Tensor | None = None
         self._seen_forward = False
         self._local_numel = 0
@@ -672,26 +674,38 @@ class Synchronizer:
         if flat is not None and not getattr(flat, "sharded", False):
             self._average_later(flat.grad)
 
-    def gradient_ready(self, i: int, row: Tensor, *, full: bool) -> None:
+    def gradient_ready(self, i: int, row: Tensor, *, rows: str = "shard") -> None:
         """Row ``i`` of ``G`` is complete on this rank; start its reduction (asynchronous).
 
-        Sharded trunk: nothing (FSDP2 reduced it in the backward). Replicated trunk: an all-reduce
-        when ``full`` (the step needs the whole averaged row on every rank) or when sharding does
-        not pay (K = 1, P < R); otherwise a reduce-scatter of the first ``R * (P // R)`` columns
-        into this rank's shard (the last ``P mod R`` columns go in :meth:`gram`).
+        Sharded trunk: nothing (FSDP2 reduced it in the backward). Replicated trunk, by
+        ``rows``:
+
+        * ``"full"`` -- the step needs the whole averaged row on every rank: all-reduced in place;
+        * ``"shard"`` -- only the Gram and the direction need it: the first ``R * (P // R)``
+          columns are reduce-scattered into this rank's shard (the last ``P mod R`` in
+          :meth:`gram`), the direction all-gathered by :meth:`combine` -- or all-reduced where
+          that moves no more bytes (K = 1, P < R);
+        * ``"keep"`` -- the same shards, but ``row`` keeps this rank's own gradient (F-MTL's local
+          perturbations) and :meth:`combine` leaves the direction on the shard for the next set's
+          combine to gather.
         """
         if self.sharded_shared:
             self._rows = "sharded"
             return
-        if full or not self.use_row_shards:
+        if rows not in ("full", "shard", "keep"):
+            raise ValueError(f"rows must be 'full', 'shard' or 'keep', got {rows!r}")
+        shards_pay = self.use_row_shards or self._direction_on_shard  # (its gather comes next)
+        if rows == "full" or (rows == "shard" and not shards_pay):
             self._rows = "full"
             self._all_reduce(row, "AVG", async_op=True)
             return
-        self._rows = "shard"
+        self._rows = rows
         if self._row_shards is None:
             self._row_shards = torch.empty(
                 self.num_tasks, self.chunk, dtype=row.dtype, device=row.device
             )
+        if self.split == 0:  # fewer columns than ranks: all of them are tail
+            return
         dist = _dist()
         self._count("reduce_scatter", row[: self.split])
         work = dist.reduce_scatter_single(
@@ -709,7 +723,7 @@ class Synchronizer:
         With row shards: the last ``P mod R`` columns (the tail) are averaged with the batched
         small reductions; rank 0 adds the tail's Gram to its partial Gram before the partial
         Grams are summed (one all-reduce of K x K)."""
-        if self._rows != "shard":
+        if self._rows not in ("shard", "keep"):
             self.wait()
             if self._rows == "full":
                 return ops.gram(G, backend=backend)
@@ -728,17 +742,20 @@ class Synchronizer:
         self, w: Tensor, G: Tensor, out: Tensor, *, subtract: bool, backend: str | None
     ) -> None:
         """``out <- w^T G`` (``subtract``: ``out - w^T G``) for the rank-averaged ``G`` (after
-        :meth:`gram`); with row shards, computed on this rank's columns and all-gathered."""
-        if self._rows != "shard":
+        :meth:`gram`); with row shards, computed on this rank's columns and the tail, then
+        all-gathered (``"keep"`` rows: not gathered yet, see :meth:`gradient_ready`)."""
+        if self._rows not in ("shard", "keep"):
             ops.combine(w, G, out=out, subtract=subtract, backend=backend)
             return
         assert self._row_shards is not None
         lo, hi = self.rank * self.chunk, (self.rank + 1) * self.chunk
         ops.combine(w, self._row_shards, out=out[lo:hi], subtract=subtract, backend=backend)
-        self._count("all_gather", out[: self.split])
-        _dist().all_gather_single(out[: self.split], out[lo:hi], group=self.group)
         if self._tail is not None:
             ops.combine(w, self._tail, out=out[self.split :], subtract=subtract, backend=backend)
+        self._direction_on_shard = self._rows == "keep"
+        if self._rows == "shard" and self.split:
+            self._count("all_gather", out[: self.split])
+            _dist().all_gather_single(out[: self.split], out[lo:hi], group=self.group)
 
     def bytes_sent(self) -> float:
         """Bytes this rank sent in the last step (ring model)."""

@@ -409,3 +409,84 @@ def communication(method: str, tasks: int) -> dict[str, Any]:
         "P": sum(p.numel() for p in model.trunk.parameters()),
         "heads": [sum(p.numel() for p in h) for h in heads],
     }
+
+
+def local_perturbation(rho: float = 0.05, lr: float = 0.1) -> dict[str, Any]:
+    """One F-MTL step with ``perturbation="local"``, and (rank 0) a literal reference: each
+    rank's eps_i from its own g_i (heads: their own h_i), loss weights from the averaged g_i,
+    flat weights from the averaged (g_i - s_i), SGD on the direction."""
+    rank, world = rank_world()
+    model, opt = build("fmtl", "upgrad", perturbation="local", rho=rho)
+    run(model, opt, 1, rank, world)
+    out: dict[str, Any] = {
+        "params": parameters(opt),
+        "bytes": dict(opt.distributed.last_step),
+        "heads": [sum(p.numel() for p in h.parameters()) for h in model.heads],
+    }
+    exact_model, exact_opt = build("fmtl", "upgrad", rho=rho)
+    run(exact_model, exact_opt, 1, rank, world)
+    out["exact_bytes"] = dict(exact_opt.distributed.last_step)
+    if rank != 0:
+        return out
+    torch.manual_seed(0)
+    ref = Net().double()
+    trunk = list(ref.trunk.parameters())
+    heads = [list(h.parameters()) for h in ref.heads]
+    x, ys = batch(0, N_LOCAL * world)
+
+    def grads(r: int, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sl = slice(r * N_LOCAL, (r + 1) * N_LOCAL)
+        loss = losses(ref, x[sl], [y[sl] for y in ys])[i]
+        gs = torch.autograd.grad(loss, trunk + heads[i])
+        flat = torch.cat([g.flatten() for g in gs])
+        n = sum(p.numel() for p in trunk)
+        return flat[:n], flat[n:]
+
+    def shift(params: list[torch.Tensor], delta: torch.Tensor, sign: float) -> None:
+        with torch.no_grad():
+            off = 0
+            for p in params:
+                p.add_(sign * delta[off : off + p.numel()].view_as(p))
+                off += p.numel()
+
+    K = len(heads)
+    g = [[grads(r, i) for i in range(K)] for r in range(world)]
+    rows = []  # per rank: g_i - s_i; and the heads' perturbed-point gradients
+    head_grads = []
+    for r in range(world):
+        rank_rows, rank_heads = [], []
+        for i in range(K):
+            gi, hi = g[r][i]
+            eps, heps = rho * gi / gi.norm(), rho * hi / hi.norm()
+            shift(trunk, eps, 1.0)
+            shift(heads[i], heps, 1.0)
+            si, hsi = grads(r, i)
+            shift(trunk, eps, -1.0)
+            shift(heads[i], heps, -1.0)
+            rank_rows.append(gi - si)
+            rank_heads.append(hsi)
+        rows.append(torch.stack(rank_rows))
+        head_grads.append(rank_heads)
+    G = torch.stack([torch.stack([g[r][i][0] for i in range(K)]) for r in range(world)]).mean(0)
+    M = torch.stack(rows).mean(0)
+    w = make_weighting("upgrad")
+    d = w(G @ G.T) @ G - w(M @ M.T) @ M
+    shift(trunk, lr * d, -1.0)
+    for i in range(K):
+        shift(heads[i], lr * torch.stack([head_grads[r][i] for r in range(world)]).mean(0), -1.0)
+    out["ref"] = torch.cat([p.detach().flatten() for p in trunk + [p for h in heads for p in h]])
+    return out
+
+
+def local_perturbation_refused_with_fsdp2() -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = shard(Net().double())
+    try:
+        mtlsam_fast.FMTL(
+            list(model.trunk.parameters()),
+            [list(h.parameters()) for h in model.heads],
+            perturbation="local",
+        )
+    except ValueError as e:
+        return {"message": str(e)}
+    return {"message": None}

@@ -242,3 +242,26 @@ def test_nproc_is_stripped_from_the_relaunched_command():
         "3",
         "-q",
     ]
+
+
+def test_local_perturbations_follow_their_definition_and_send_less(workers):
+    """``FMTL(perturbation="local")``: each rank perturbs with its own gradients (a literal
+    reference computes exactly that), and the step sends fewer bytes than the exact one."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.dist import collectives, ring_bytes
+
+    r0, r1 = workers.run("local_perturbation")
+    assert torch.equal(r0["params"], r1["params"])
+    assert rel(r0["params"], r0["ref"]) <= EXACT
+    heads = r0["heads"]
+    for key, mode in (("bytes", "local"), ("exact_bytes", "ours")):
+        model = collectives("fmtl", mode, 3, 59, heads, 2, itemsize=8)
+        counted = dict(r0[key])
+        assert counted.pop("collectives") == len(model)
+        assert sum(counted.values()) == ring_bytes(model, 2)
+    assert sum(r0["bytes"].values()) < sum(r0["exact_bytes"].values())
+
+
+def test_local_perturbations_need_replicated_parameters(workers):
+    for r in workers.run("local_perturbation_refused_with_fsdp2"):
+        assert r["message"] and "perturbation='local'" in r["message"]

@@ -325,6 +325,7 @@ class MTLBase(torch.optim.Optimizer):
             )
             if sync is not None:
                 sync.bind(shared, heads)
+                self._check_distributed(sync)
                 if not sync.needed():
                     sync = None
             if sync is not None:
@@ -462,8 +463,16 @@ class MTLBase(torch.optim.Optimizer):
             "weighting": canonical([type(self.weighting), repr(self.weighting)]),
             "weighting_state": canonical(self.weighting.state_dict()),
             "backend": str(self.backend or ops.get_backend()),
-            "options": canonical(self._extra_state()),
+            "options": canonical(self._options()),
         }
+
+    def _check_distributed(self, sync: _distributed.Synchronizer) -> None:
+        """A subclass's checks of its options against the distributed setup (before anything
+        moves)."""
+
+    def _options(self) -> dict[str, Any]:
+        """The construction options (besides hyperparameters) the ranks must agree on."""
+        return self._extra_state()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Refused once built: the shared and task-specific parameters are fixed at construction
@@ -744,15 +753,17 @@ class MTLBase(torch.optim.Optimizer):
             seed = seed / self._micro_batches  # in the loss's precision (1/3 is inexact in fp32)
         torch.autograd.backward(loss, grad_tensors=seed, retain_graph=retain_graph, inputs=inputs)
 
-    def _task_gradient_ready(self, i: int, *, full: bool = False) -> None:
+    def _task_gradient_ready(self, i: int, *, rows: str = "shard") -> None:
         """Row ``i`` of ``G`` and head ``i``'s gradient are complete on this rank (distributed:
-        start their reduction; ``full``: the whole averaged row is needed on every rank)."""
+        start their reduction, ``rows`` as in :meth:`mtlsam_fast.distributed.Synchronizer.
+        gradient_ready`; with ``"keep"`` the head keeps its own gradient too)."""
         if self._sync is not None:
-            self._sync.gradient_ready(i, self._gbuf.G[i], full=full)
-            self._sync.head_ready(self._heads[i])
+            self._sync.gradient_ready(i, self._gbuf.G[i], rows=rows)
+            if rows != "keep":
+                self._sync.head_ready(self._heads[i])
 
     def _capture_task_gradients(
-        self, closure: Closure, scale: Tensor, *, full_rows: bool = False
+        self, closure: Closure, scale: Tensor, *, rows: str = "shard"
     ) -> Tensor:
         """Clean forward, then K backward passes: task i's shared gradient into row i of G and its
         head's gradient into the head buffer (per micro-batch, accumulated). Returns the K detached
@@ -768,7 +779,7 @@ class MTLBase(torch.optim.Optimizer):
                 with self._gbuf.capture(i, accumulate=m > 0):
                     self._backward(losses[i], scale, i, retain_graph=i < K - 1)
                 if m == last:
-                    self._task_gradient_ready(i, full=full_rows)
+                    self._task_gradient_ready(i, rows=rows)
             del losses
         det = self._mean_losses(per_micro)
         if self._sync is not None:
