@@ -113,12 +113,15 @@ def make_weighting(name: str) -> Recorder:
     return Recorder(W.get(name, **options))
 
 
-def shard(model: Net) -> Net:
+def shard(model: Net, root: bool = True) -> Net:
+    """FSDP2 on the trunk's two linear layers and (``root``) the whole model, which takes the
+    heads; without the root the heads stay plain, replicated tensors."""
     from torch.distributed.fsdp import fully_shard
 
     fully_shard(model.trunk[0])
     fully_shard(model.trunk[-2])
-    fully_shard(model)
+    if root:
+        fully_shard(model)
     return model
 
 
@@ -130,12 +133,15 @@ def build(
     reference: bool = False,
     batchnorm: bool = False,
     base: str = "sgd",
+    group: bool = False,
     **options: Any,
 ) -> tuple[Net, mtlsam_fast.MTLBase]:
+    """The model (``sharded``: True, or ``"trunk"`` for the trunk only) and its optimizer
+    (``group``: over an explicitly created process group of all ranks)."""
     torch.manual_seed(0)
     model = Net(batchnorm).double()
     if sharded:
-        shard(model)
+        shard(model, root=sharded != "trunk")
     cls = {"mtl": mtlsam_fast.MTLOptimizer, "fmtl": mtlsam_fast.FMTL, "samo": mtlsam_fast.SAMO}[
         method
     ]
@@ -147,6 +153,8 @@ def build(
     kw.update(options)
     if reference:
         kw["distributed"] = False
+    elif group:
+        kw["process_group"] = dist.new_group(list(range(dist.get_world_size())))
     base_cls, base_kw = {
         "sgd": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
         "adam": (torch.optim.Adam, {"lr": 0.01}),
@@ -219,6 +227,16 @@ def exactness(
         mine = record(model, opt, run(model, opt, steps, rank, world, micro=micro))
         mine["sync"] = repr(opt.distributed)
         mine["bytes"] = dict(opt.distributed.last_step)
+        # what this rank holds: the per-task rows and the flat buffers, against its shards
+        local = sum(
+            p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+            for p in opt.param_groups[0]["params"]
+        )
+        mine["buffers"] = {
+            "G": tuple(opt._gbuf.G.shape),
+            "flat": [t.numel() for t in (opt._shared.theta, opt._shared.backup, opt._shared.grad)],
+            "local": local,
+        }
         if rank == 0:
             ref_model, ref_opt = build(method, wname, reference=True, **options)
             ref_losses = run(ref_model, ref_opt, steps, 0, world, union=True)
@@ -488,5 +506,41 @@ def local_perturbation_refused_with_fsdp2() -> dict[str, Any]:
             perturbation="local",
         )
     except ValueError as e:
+        return {"message": str(e)}
+    return {"message": None}
+
+
+def overlap() -> dict[str, Any]:
+    """How many reductions are in flight when each of a step's backward passes starts: the rows
+    of the earlier tasks (asynchronous collectives, started as each task's backward ended)."""
+    rank, world = rank_world()
+    model, opt = build("mtl", "upgrad")
+    seen: list[int] = []
+    x, ys = local(0, rank, world)
+
+    def closure():
+        z = model.trunk(x)
+        z.register_hook(lambda g: seen.append(len(opt.distributed._pending)))
+        out = [h(z) for h in model.heads]
+        return [
+            nn.functional.mse_loss(out[0], ys[0]),
+            nn.functional.cross_entropy(out[1], ys[1]),
+            nn.functional.cross_entropy(out[2], ys[2]),
+        ]
+
+    opt.step(closure)
+    return {"in_flight": seen}
+
+
+def unsupported_dtensor() -> dict[str, Any]:
+    """A DTensor parameter that is not FSDP2's dim-0 shard (here: replicated) is refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    w = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Replicate()]))
+    try:
+        mtlsam_fast.MTLOptimizer([w], num_tasks=2, lr=0.1)
+    except NotImplementedError as e:
         return {"message": str(e)}
     return {"message": None}

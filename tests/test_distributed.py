@@ -96,6 +96,19 @@ def test_step_equals_the_one_process_step_over_the_union(workers, method, sharde
     check_exact(results, names)
     mode = "sharded" if sharded else "replicated"
     assert f"shared={mode}" in results[0][names[0]]["sync"]
+    for r in results:  # FSDP2: K x P_local rows and P_local flat buffers, no full row
+        b = r[names[0]]["buffers"]
+        assert b["G"] == (3, b["local"]) and b["flat"] == [b["local"]] * 3
+        assert (b["local"] < 59) == sharded
+
+
+@pytest.mark.parametrize("method", ["fmtl", "samo"])
+def test_fsdp2_trunk_with_replicated_heads_and_an_explicit_group(workers, method):
+    """Only the trunk is sharded (the heads stay plain tensors, averaged by the optimizer), and
+    the optimizer synchronizes over an explicitly given process group."""
+    names = ["upgrad", "gradvac"]
+    results = workers.run("exactness", method=method, weightings=names, sharded="trunk", group=True)
+    check_exact(results, names)
 
 
 @pytest.mark.parametrize(
@@ -265,3 +278,15 @@ def test_local_perturbations_follow_their_definition_and_send_less(workers):
 def test_local_perturbations_need_replicated_parameters(workers):
     for r in workers.run("local_perturbation_refused_with_fsdp2"):
         assert r["message"] and "perturbation='local'" in r["message"]
+
+
+def test_row_reductions_overlap_the_next_backward(workers):
+    """When task i's backward starts, the reductions of rows 0..i-1 are in flight (asynchronous
+    collectives), not waited for."""
+    for r in workers.run("overlap"):
+        assert r["in_flight"] == [0, 1, 2], r
+
+
+def test_dtensors_other_than_fsdp2_shards_are_refused(workers):
+    for r in workers.run("unsupported_dtensor"):
+        assert r["message"] and "Shard(0)" in r["message"]

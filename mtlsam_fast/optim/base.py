@@ -700,6 +700,13 @@ class MTLBase(torch.optim.Optimizer):
             raise TypeError(
                 f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
             )
+        sync = self._sync
+        if grad_scaler.is_enabled() and sync is not None and sync.min_local_numel == 0:
+            raise ValueError(
+                "a rank holds no element of the FSDP2-sharded shared parameters, so its "
+                "GradScaler could not see this step's found-inf; shard fewer ranks' worth of "
+                "parameters or train in bfloat16 without a GradScaler"
+            )
         if grad_scaler.is_enabled() and any(
             p.dtype == torch.float16 for g in self.param_groups for p in g["params"]
         ):
@@ -871,8 +878,8 @@ class MTLBase(torch.optim.Optimizer):
         if grad_scaler is not None and grad_scaler.is_enabled():
             # The scaler records inf/NaN in the gradients it unscales; one NaN stands for this
             # step's other triggers (norms, SAMO's estimates), so scaler.update() backs off too.
-            first = next(g for g in grads if g.numel())  # FSDP2: a rank's shard may be empty
-            first[:1].masked_fill_(found.reshape(1), float("nan"))
+            # (FSDP2: every rank holds part of the shared parameters, see _check_grad_scaler)
+            self._shared.grad[:1].masked_fill_(found.reshape(1), float("nan"))
             grad_scaler.unscale_(self)
         self._found_inf = found.reshape(1).to(torch.float32)
         self._guarded_base_step(found)
