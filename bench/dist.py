@@ -4,14 +4,16 @@ ring-model projection of those bytes to 8, 64 and 512 GPUs.
 
 ``python -m bench dist [--model transformer] [--methods fmtl,mtl,samo] [--procs 1,2] [--batch 16]``
 
-Each process builds the bench model of :mod:`bench.e2e` (same seed) and steps on its slice of the
-same global batch; a step's time is the slowest rank's (``perf_counter`` around ``opt.step``, the
-ranks lined up by a barrier before it). With R processes on C cores each process gets C // R
-threads, the single process all C. The bytes are what the optimizer counted
+The process counts run interleaved (1, 2, 1, 2, ...: ``--rounds``), each in fresh processes; a
+step's time is the median over rounds of each round's median. Each process builds the bench
+model of :mod:`bench.e2e` (same seed) and steps on its slice of the same global batch; a step's
+time is the slowest rank's (``perf_counter`` around ``opt.step``, the ranks lined up by a barrier
+before it). With R processes on C cores each process gets C // R threads, the single process all
+C (``--threads`` overrides). The bytes are what the optimizer counted
 (``opt.distributed.last_step``: its own collectives; FSDP2's are not involved here), per rank,
 under the ring model (an all-reduce of n bytes sends 2 (R-1)/R n, a reduce-scatter or all-gather
-(R-1)/R n). :func:`step_bytes` is the same model on paper, for every optimizer and mode, next to a
-naive implementation (K all-reduces of P for every set of K task gradients) and plain DDP (one
+(R-1)/R n). :func:`collectives` is the same model on paper, for every optimizer and mode, next to
+a naive implementation (K all-reduces of P for every set of K task gradients) and plain DDP (one
 all-reduce of P).
 """
 
@@ -30,9 +32,6 @@ from typing import Any
 import torch
 
 from .common import REPO_ROOT, machine_info
-
-#: sequential ring messages of one collective, in units of (R - 1)
-STEPS = {"all_reduce": 2, "reduce_scatter": 1, "all_gather": 1}
 
 
 def collectives(
@@ -102,7 +101,9 @@ def ring_bytes(calls: list[tuple[str, int]], R: int) -> float:
 
 def ring_messages(calls: list[tuple[str, int]], R: int) -> int:
     """Sequential ring messages (the latency term's count) of ``calls``."""
-    return sum(STEPS[kind] * (R - 1) for kind, _ in calls)
+    from mtlsam_fast.distributed import ring_latency_steps
+
+    return sum(ring_latency_steps(kind, R) for kind, _ in calls)
 
 
 NAMES = {"mtl": "MTLOptimizer", "fmtl": "FMTL", "samo": "SAMO"}
@@ -236,35 +237,66 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--steps", type=int, default=5, help="measured steps (after 1 warm-up)")
     ap.add_argument("--procs", default="1,2", help="process counts (default 1,2)")
     ap.add_argument("--cores", type=int, default=None, help="cores to share (default: all)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="threads per process (default: cores // procs)"
+    )
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions (default 2)")
     ap.add_argument("--timeout", type=float, default=1800.0)
+    ap.add_argument(
+        "--project-only", action="store_true", help="only the ring-model table (no timing)"
+    )
     ap.add_argument("--out", type=Path, default=None, help="default bench/results/cpu")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.project_only:
+        from . import e2e
+
+        trunk, heads, _, _ = e2e.build(args.model, args.tasks, 1, torch.device("cpu"))
+        P = sum(p.numel() for p in trunk.parameters())
+        sizes = [sum(p.numel() for p in h.parameters()) for h in heads]
+        print(f"Projection (ring model, {args.model}: P = {P}, heads {sizes}, fp32):\n")
+        print(projection(P, sizes))
+        return 0
     cores = args.cores or os.cpu_count() or 1
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     procs = [int(p) for p in args.procs.split(",")]
+    runs: dict[int, list[dict]] = {world: [] for world in procs}
+    for round_ in range(args.rounds):  # interleaved: 1, 2, 1, 2, ... processes
+        for world in procs:
+            if args.batch % world:
+                raise SystemExit(f"--batch {args.batch} does not split over {world} processes")
+            cfg = {
+                "model": args.model,
+                "methods": methods,
+                "weighting": args.weighting,
+                "tasks": args.tasks,
+                "batch": args.batch,
+                "steps": args.steps,
+                "warmup": 1,
+                "threads": args.threads or max(1, cores // world),
+            }
+            print(
+                f"  dist {args.model} round {round_ + 1}/{args.rounds}: {world} process(es) x "
+                f"{cfg['threads']} thread(s) ..."
+            )
+            runs[world].append(run(world, cfg, args.timeout))
     results: dict[int, dict] = {}
-    for world in procs:
-        if args.batch % world:
-            raise SystemExit(f"--batch {args.batch} does not split over {world} processes")
-        cfg = {
-            "model": args.model,
-            "methods": methods,
-            "weighting": args.weighting,
-            "tasks": args.tasks,
-            "batch": args.batch,
-            "steps": args.steps,
-            "warmup": 1,
-            "threads": max(1, cores // world),
+    for world, rs in runs.items():  # the median over rounds of each round's median step
+        results[world] = {
+            m: {
+                **rs[0][m],
+                "step_s": statistics.median(r[m]["step_s"] for r in rs),
+                "rounds_s": [r[m]["step_s"] for r in rs],
+            }
+            for m in methods
         }
-        print(f"  dist {args.model}: {world} process(es) x {cfg['threads']} thread(s) ...")
-        results[world] = run(world, cfg, args.timeout)
     first = results[procs[0]][methods[0]]
     P, heads, K = first["P"], first["heads"], args.tasks
     lines = [
         f"model {args.model}: P = {P} trunk parameters, heads {heads}, fp32, weighting "
-        f"{args.weighting}, global batch {args.batch}, {cores} cores",
+        f"{args.weighting}, global batch {args.batch}, {cores} cores; step: median over "
+        f"{args.rounds} interleaved rounds of each round's median of {args.steps} steps",
         "",
         "| optimizer | processes | step ms | speed-up | bytes sent per rank (counted / model) "
         "| naive (K all-reduces) | DDP (1 all-reduce) |",

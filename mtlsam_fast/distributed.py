@@ -18,7 +18,7 @@ Each parameter group (the shared trunk, each task's head) is one of
   reduce-scattered into this rank's column shard, the Gram is the sum of the shards' partial Grams
   (one all-reduce of K x K), the direction is computed on the shard and all-gathered: (K + 1) P
   elements on the wire instead of 2 K P for K all-reduces. The ``P mod R`` columns past the last
-  full shard are all-reduced (fewer than R per row).
+  full shard, the losses and the heads' gradients are averaged by one batched all-reduce.
 * **sharded** -- ``torch.distributed.fsdp.fully_shard`` parameters (DTensors, ``Shard(0)`` on a
   1-D mesh). FSDP2 all-gathers the parameters for each forward and reduce-scatters (averages) each
   backward's gradients; the optimizer captures the reduced local shard of every task's gradient
@@ -404,6 +404,7 @@ class Synchronizer:
         self._tail: Tensor | None = None
         self._seen_forward = False
         self._local_numel = 0
+        self._device: torch.device | None = None  # the parameters' (known after bind)
         #: bytes this rank sends per collective kind during the current / the last step
         self.step_bytes: dict[str, float] = {}
         self.last_step: dict[str, float] = {}
@@ -423,8 +424,11 @@ class Synchronizer:
 
     @property
     def collective_device(self) -> torch.device:
-        """Where this group's small collectives run: this rank's GPU for NCCL, else the CPU."""
+        """Where the construction's all-gather runs: for NCCL the parameters' GPU (or, before
+        they are known, the current one), else the CPU."""
         if self.backend_name == "nccl":
+            if self._device is not None and self._device.type == "cuda":
+                return self._device
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
@@ -432,6 +436,7 @@ class Synchronizer:
         """Record which parameter groups are FSDP2-sharded (all DTensors) and check their
         sharding; use the FSDP2 mesh's group when no ``process_group`` was given."""
         device = local_tensor(shared[0]).device
+        self._device = device
         if self.backend_name == "nccl" and device.type != "cuda":
             raise ValueError(
                 f"the process group's backend is NCCL but the parameters are on {device}; move "

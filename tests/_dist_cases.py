@@ -539,8 +539,14 @@ def unsupported_dtensor() -> dict[str, Any]:
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     w = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Replicate()]))
+    out: dict[str, Any] = {"message": None, "opt_out": None}
     try:
         mtlsam_fast.MTLOptimizer([w], num_tasks=2, lr=0.1)
     except NotImplementedError as e:
-        return {"message": str(e)}
-    return {"message": None}
+        out["message"] = str(e)
+    model = shard(Net().double())
+    try:  # FSDP2 shards cannot opt out of synchronizing
+        mtlsam_fast.MTLOptimizer(model.trunk.parameters(), num_tasks=2, distributed=False)
+    except ValueError as e:
+        out["opt_out"] = str(e)
+    return out

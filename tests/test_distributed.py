@@ -290,3 +290,27 @@ def test_row_reductions_overlap_the_next_backward(workers):
 def test_dtensors_other_than_fsdp2_shards_are_refused(workers):
     for r in workers.run("unsupported_dtensor"):
         assert r["message"] and "Shard(0)" in r["message"]
+        assert r["opt_out"] and "distributed=False" in r["opt_out"]
+
+
+@pytest.mark.parametrize("method", ["fmtl", "samo"])
+def test_syncbatchnorm_statistics_follow_the_clean_forward_only(method):
+    """SyncBatchNorm (whose synchronized forward needs GPUs; here its one-process path) is a
+    BatchNorm for the optimizer's perturbed passes too: its running statistics are those of the
+    clean forward alone."""
+    import copy
+
+    torch.manual_seed(0)
+    model = _dist_cases.Net(batchnorm=True).double()
+    model.trunk[1] = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.trunk[1]).double()
+    assert isinstance(model.trunk[1], torch.nn.SyncBatchNorm)
+    probe = copy.deepcopy(model)
+    cls = {"fmtl": _dist_cases.mtlsam_fast.FMTL, "samo": _dist_cases.mtlsam_fast.SAMO}[method]
+    opt = cls(list(model.trunk.parameters()), [list(h.parameters()) for h in model.heads], lr=0.1)
+    x, ys = _dist_cases.batch(0, 8)
+    probe(x)
+    opt.step(lambda: _dist_cases.losses(model, x, ys))
+    bn, ref = model.trunk[1], probe.trunk[1]
+    assert torch.equal(bn.running_mean, ref.running_mean)
+    assert torch.equal(bn.running_var, ref.running_var)
+    assert torch.equal(bn.num_batches_tracked, ref.num_batches_tracked)

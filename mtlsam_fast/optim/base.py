@@ -266,12 +266,22 @@ class MTLBase(torch.optim.Optimizer):
         weighting_options: constructor options when ``weighting`` is a name.
         grad_dtype: dtype of the ``[K, P]`` gradient buffer (default: the shared parameters' dtype).
         backend: ops backend (default: the global one).
+        process_group: the ``torch.distributed`` group to synchronize over (default: the default
+            group, or an FSDP2 mesh's group).
+        distributed: ``None`` (default: synchronize when ``torch.distributed`` is initialized or
+            the parameters are FSDP2 shards), ``True`` (require it), ``False`` (never: each process
+            steps on its own). See docs/distributed.md: a step over R ranks equals the one-process
+            step over the union of their batches.
 
     Closure contract: ``closure()`` runs the forward pass at the current weights and returns the K
     task losses (a sequence of K scalar tensors or one ``[K]`` tensor). It must not call
     ``backward`` or ``zero_grad``: the optimizer does the backward passes itself (and calls the
     closure again at perturbed weights, sometimes under ``torch.no_grad()``). Task ``i``'s
-    head receives the gradient of loss ``i`` only.
+    head receives the gradient of loss ``i`` only. Distributed, each rank's closure returns the
+    mean losses of its own batch. With ``step(closure, micro_batches=M)`` the optimizer calls
+    ``closure(m)`` for ``m = 0 .. M-1`` wherever it needs the losses, each returning the mean
+    losses of micro-batch ``m``, and runs each micro-batch's backward passes right after its
+    forward: with M equal micro-batches the step is the step over their union.
 
     Mixed precision: run the forward under ``torch.autocast`` inside the closure. With fp16 pass a
     ``torch.amp.GradScaler`` to :meth:`step` (``opt.step(closure, grad_scaler=scaler)``), then call
@@ -330,6 +340,13 @@ class MTLBase(torch.optim.Optimizer):
                     sync = None
             if sync is not None:
                 description = self._agreement(shared, heads, grad_dtype)
+            if sync is None and any(
+                _distributed.is_dtensor(p) for p in [*shared, *(p for h in heads for p in h)]
+            ):
+                raise ValueError(
+                    "the parameters are FSDP2 shards (DTensors): they need the distributed "
+                    "optimizer (initialize torch.distributed; do not pass distributed=False)"
+                )
         except Exception as e:
             if sync is not None and sync.world_size > 1:
                 sync.agree(None, error=e)  # the other ranks raise too, instead of waiting
