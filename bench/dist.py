@@ -198,6 +198,15 @@ def _worker(rank: int, world: int, port: int, cfg: dict, conn: Any) -> None:
             "P": sum(p.numel() for p in trunk.parameters()),
             "heads": [sum(p.numel() for p in h.parameters()) for h in heads],
         }
+    if world > 1:  # what this machine's gloo moves: an all-reduce of the trunk's P floats
+        buf = torch.ones(out[cfg["methods"][0]]["P"])
+        times = []
+        for _ in range(3):
+            dist.barrier()
+            t = time.perf_counter()
+            dist.all_reduce(buf)
+            times.append(time.perf_counter() - t)
+        out["_all_reduce_P_s"] = statistics.median(times)
     if rank == 0:
         conn.send(out)
     conn.close()
@@ -226,6 +235,11 @@ def run(world: int, cfg: dict, timeout: float) -> dict:
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+
+
+def _sent(result: dict) -> float:
+    """The bytes a worker's optimizer counted in its last step."""
+    return sum(v for k, v in result["bytes"].items() if k != "collectives")
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -282,6 +296,7 @@ def main(args: argparse.Namespace) -> int:
             )
             runs[world].append(run(world, cfg, args.timeout))
     results: dict[int, dict] = {}
+    all_reduce_s: dict[int, float] = {}
     for world, rs in runs.items():  # the median over rounds of each round's median step
         results[world] = {
             m: {
@@ -291,6 +306,8 @@ def main(args: argparse.Namespace) -> int:
             }
             for m in methods
         }
+        if world > 1:
+            all_reduce_s[world] = statistics.median(r["_all_reduce_P_s"] for r in rs)
     first = results[procs[0]][methods[0]]
     P, heads, K = first["P"], first["heads"], args.tasks
     lines = [
@@ -306,7 +323,7 @@ def main(args: argparse.Namespace) -> int:
         base = results[procs[0]][method]["step_s"]
         for world in procs:
             r = results[world][method]
-            sent = sum(v for k, v in r["bytes"].items() if k != "collectives")
+            sent = _sent(r)
             model, naive, ddp = (
                 ring_bytes(collectives(method, mode, K, P, heads, world), world) if world > 1 else 0
                 for mode in ("ours", "naive", "ddp")
@@ -316,6 +333,14 @@ def main(args: argparse.Namespace) -> int:
                 f"| {sent / 1e6:.3f} / {model / 1e6:.3f} MB | {naive / 1e6:.3f} MB "
                 f"| {ddp / 1e6:.3f} MB |"
             )
+    for world, t in all_reduce_s.items():
+        bw = 2 * (world - 1) / world * 4 * P / t
+        lines.append(
+            f"\n{world} processes: an all-reduce of the trunk's P fp32 takes {1e3 * t:.1f} ms "
+            f"here ({bw / 1e9:.2f} GB/s sent per rank); at that rate a step's counted bytes "
+            "take: "
+            + ", ".join(f"{m} {1e3 * _sent(results[world][m]) / bw:.0f} ms" for m in methods)
+        )
     lines += ["", f"Projection (ring model, P = {P}, heads {heads}, fp32):", ""]
     lines.append(projection(P, heads))
     table = "\n".join(lines)
@@ -328,6 +353,7 @@ def main(args: argparse.Namespace) -> int:
         "command": " ".join(["python -m bench dist", *sys.argv[2:]]),
         "config": {k: str(v) for k, v in vars(args).items()},
         "results": {str(k): v for k, v in results.items()},
+        "all_reduce_P_s": {str(k): v for k, v in all_reduce_s.items()},
     }
     (out / "dist.json").write_text(json.dumps(doc, indent=1, default=str))
     (out / "dist.txt").write_text(table + "\n")
