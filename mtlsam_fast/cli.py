@@ -33,7 +33,7 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import files
+from . import files, launch
 from . import train as T
 from .data import DataError
 from .errors import UsageError, import_extra
@@ -531,6 +531,13 @@ def _resumed_config(resume: dict[str, Any], explicit: dict[str, Any]) -> T.Train
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if launch.launched() and args.nproc is not None and args.nproc != launch.world_size():
+        raise T.UsageError(
+            f"--nproc {args.nproc} but the launcher started {launch.world_size()} processes"
+        )
+    main_process = launch.rank() == 0  # the others train silently and write nothing
+    if not main_process:
+        args.quiet = True
     explicit = _explicit(args)
     resume = T.load_checkpoint(args.resume) if args.resume else None
     cfg = _resumed_config(resume, explicit) if resume is not None else T.TrainConfig(**explicit)
@@ -544,6 +551,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     resumed_in_place = bool(
         args.resume and checkpoint and os.path.realpath(checkpoint) == os.path.realpath(args.resume)
     )
+    # Under a launcher every rank trains; rank 0 alone checks, locks and writes the outputs.
     plan = files.OutputPlan(
         overwrite=args.overwrite,
         inputs=[
@@ -553,11 +561,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         warn=_warn,
     )
     output = None
-    if args.output != "none":
+    if args.output != "none" and main_process:
         output = plan.add(
             args.output or _default_output(cfg), "--output", same_run=lambda p: _same_run(p, cfg)
         )
-    if checkpoint:
+    if checkpoint and main_process:
         checkpoint = plan.add(
             checkpoint,
             "--checkpoint",
@@ -599,6 +607,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             res["baseline"], res["delta_m"] = None, None
         written = plan.write(output, T.result_json(res)) if output else None
+    if not main_process:
+        return 0
     # printed after the files are written: a closed stdout cannot lose the result
     print(format_train(res))
     if written:
@@ -929,6 +939,13 @@ def build_parser() -> argparse.ArgumentParser:
         "at the end, and when stopped by a signal)",
     )
     t.add_argument(
+        "--nproc",
+        type=_positive_int,
+        metavar="N",
+        help="train data-parallel in N local processes (torch.distributed.run; gloo on CPU, one "
+        "GPU each on CUDA); each takes 1/N of every batch. Under torchrun, leave it out",
+    )
+    t.add_argument(
         "--checkpoint-every",
         type=_positive_int,
         metavar="N",
@@ -1002,6 +1019,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or an argparse usage error (2)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and nproc > 1 and not launch.launched():
+        return launch.launch(nproc, sys.argv[1:] if argv is None else argv)
     import torch
 
     def error(msg: object) -> int:

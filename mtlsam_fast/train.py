@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as datasets
-from . import files, weighting
+from . import files, launch, weighting
 from .data import UNLABELED, MultiTaskData
 from .errors import UsageError, import_extra
 from .models import MultiTaskNet
@@ -681,12 +681,20 @@ def train(
     """
     import mtlsam_fast
 
-    device = validate(cfg)
+    device = launch.setup(validate(cfg))  # under torchrun: this process's share of the run
+    if cfg.batch_size % launch.world_size():
+        raise UsageError(
+            f"batch size {cfg.batch_size} does not split over {launch.world_size()} processes"
+        )
+    if launch.rank() != 0:  # one progress display for the whole run
+        progress = "off"
     log = log or (lambda s: None)
     if data is None:
         data = build_data(cfg, progress=progress is True or progress == "bar")
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, data).to(device)
+    if launch.world_size() > 1 and device.type == "cuda":  # global-batch statistics
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     previous_backend = mtlsam_fast.get_backend()
     mtlsam_fast.set_backend(cfg.backend)
     # cuDNN's default convolution algorithms are not deterministic: a run, and a resumed run,
@@ -807,7 +815,8 @@ def _train(
         if not all_finite(model.state_dict()):  # never replace a good checkpoint by a broken one
             raise diverged("the model weights are not finite")
         assert checkpoint is not None
-        save_checkpoint(checkpoint, ckpt_state())
+        if launch.rank() == 0:  # the replicas are identical: one writer
+            save_checkpoint(checkpoint, ckpt_state())
 
     K = data.num_tasks
     running = torch.zeros(K, dtype=torch.float64)
@@ -826,7 +835,7 @@ def _train(
     try:
         while step < steps:
             t0, c0 = time.perf_counter(), time.process_time()
-            idx = sampler.next()
+            idx = launch.local_batch(sampler.next())
             xb = data.images(data.x_train[idx]).to(device, non_blocking=True)
             yb = data.y_train[idx].to(device, non_blocking=True)
 
@@ -868,7 +877,7 @@ def _train(
                 bar.evaluated(step, mean_losses, accuracies(metrics))
                 running.zero_()
                 running_n = 0
-            stop = step < steps and should_stop()
+            stop = step < steps and launch.any_rank(should_stop())
             if checkpoint and (
                 stop or step == steps or step % (checkpoint_every or eval_every) == 0
             ):
@@ -877,6 +886,7 @@ def _train(
                 raise TrainingStopped(step, steps, checkpoint)
     finally:
         bar.close()
+    launch.check_replicas(model.parameters())
     metrics = evaluate(model, data, device)
     if not all(math.isfinite(v["loss"]) for v in metrics["tasks"].values()):
         raise diverged("the test losses are not finite")
@@ -911,6 +921,7 @@ def _train(
             "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "cpu_model": cpu_model(),
+            "processes": launch.world_size(),
         },
     }
 

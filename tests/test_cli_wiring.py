@@ -84,6 +84,7 @@ COMMAND_FLAGS = {
     "--methods",
     "--seeds",
     "--plot",
+    "--nproc",  # tests/test_distributed.py runs the CLI under --nproc 2
 }
 
 

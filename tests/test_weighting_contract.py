@@ -190,3 +190,29 @@ def test_state_dict_round_trip(name):
     again = [call(w2, gram * (i + 1)) for i in range(3)]
     for a, b in zip(after, again):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_init_state_changes_nothing_but_the_state_dict_structure(name):
+    """``init_state`` creates the state the first call would create: same weights after it, and
+    a fresh ``state_dict`` already shaped like a used one (torch.distributed.checkpoint loads a
+    checkpoint into the structure of the destination's state dict)."""
+    _, gram = random_gram(3, "cpu")
+    plain, primed = make(name), make(name)
+    primed.init_state(3, torch.device("cpu"))
+    used = make(name)
+    call(used, gram)
+
+    def structure(state):
+        return {k: type(v) for k, v in state.items()}
+
+    assert structure(primed.state_dict()) == structure(used.state_dict())
+    for i in range(3):
+        torch.manual_seed(i)
+        a = call(plain, gram * (i + 1))
+        torch.manual_seed(i)
+        assert torch.equal(a, call(primed, gram * (i + 1)))
+    primed.init_state(3, torch.device("cpu"))  # idempotent
+    if structure(make(name).state_dict()) != structure(used.state_dict()):  # lazily created
+        with pytest.raises(ValueError, match="tasks"):
+            primed.init_state(4, torch.device("cpu"))

@@ -21,9 +21,17 @@ class MTLOptimizer(MTLBase):
     Constructor arguments: those of :class:`~mtlsam_fast.optim.base.MTLBase`.
     """
 
-    def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self,
+        closure: Closure | None = None,
+        *,
+        grad_scaler: Any = None,
+        micro_batches: int | None = None,
+    ) -> Tensor:
         """One aggregation step; returns the K losses (detached, on the device)."""
-        scale, inv_scale = self._begin(closure, grad_scaler)
+        if closure is None:
+            return self._step_without_closure()
+        scale, inv_scale = self._begin(closure, grad_scaler, micro_batches)
         assert closure is not None  # _begin raised otherwise
         det = self._capture_task_gradients(closure, scale)
         self._aggregate(inv_scale, det, self._shared.grad)

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
+from .. import distributed as _distributed
 from .. import ops
 from .. import weighting as _weighting
 from ..buffers import FlatLayout, GradBuffer, flatten_parameters
@@ -93,7 +94,10 @@ def frozen_running_stats() -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 class _FlatParams:
     """A list of parameters moved into one flat buffer, with a backup and a flat ``.grad``
-    buffer."""
+    buffer. (FSDP2-sharded parameters get :class:`mtlsam_fast.distributed.ShardedFlatParams`,
+    with the same interface.)"""
+
+    sharded = False
 
     def __init__(self, params: list[Tensor], what: str):
         dtypes = {p.dtype for p in params}
@@ -119,6 +123,11 @@ class _FlatParams:
     def numel(self) -> int:
         return self.layout.numel
 
+    @property
+    def global_numel(self) -> int:
+        """P, the parameters' total size (for sharded parameters: over all ranks)."""
+        return self.layout.numel
+
     def check_intact(self) -> None:
         for i, (p, ptr) in enumerate(zip(self.params, self._ptrs)):
             if p.data_ptr() != ptr or p.device != self.theta.device:
@@ -134,11 +143,61 @@ class _FlatParams:
             if p.grad is not v:
                 p.grad = v
 
+    def segment_norms(
+        self, x: Tensor, offsets: Tensor, *, weight: Tensor | None = None, backend: str | None
+    ) -> Tensor:
+        """L2 norms of the segments ``offsets`` of ``x`` ([P] or [K, P]),
+        :func:`mtlsam_fast.ops.segment_norms`."""
+        return ops.segment_norms(x, offsets, weight=weight, backend=backend)
+
     def norm(self, x: Tensor, adaptive: bool, backend: str | None) -> Tensor:
         """Global L2 norm of ``x`` ([P]) or, with ``adaptive``, of ``|backup| * x``
         (ASAM's ||T x||)."""
         weight = self.backup.abs() if adaptive else None
-        return ops.segment_norms(x, self.whole, weight=weight, backend=backend).reshape(())
+        return self.segment_norms(x, self.whole, weight=weight, backend=backend).reshape(())
+
+    def perturb(
+        self,
+        direction: Tensor | None = None,
+        scale: Tensor | None = None,
+        *,
+        noise_scale: Tensor,
+        seed: int,
+        noise_offset: int,
+        backend: str | None,
+    ) -> None:
+        """``theta <- backup + scale * direction + noise_scale[s] * z`` per parameter segment
+        (:func:`mtlsam_fast.ops.perturb` with the noise stream ``(seed, noise_offset)``)."""
+        ops.perturb(
+            self.theta,
+            self.backup,
+            self.offsets,
+            direction=direction,
+            scale=scale,
+            noise_scale=noise_scale,
+            seed=seed,
+            noise_offset=noise_offset,
+            backend=backend,
+        )
+
+    def perturb_noise_stats(
+        self, noise_scale: Tensor, ref: Tensor, *, seed: int, noise_offset: int, backend: str | None
+    ) -> Tensor:
+        """:func:`mtlsam_fast.ops.perturb_noise_stats` over the parameter segments."""
+        return ops.perturb_noise_stats(
+            self.theta,
+            self.backup,
+            self.offsets,
+            noise_scale,
+            ref,
+            seed=seed,
+            noise_offset=noise_offset,
+            backend=backend,
+        )
+
+    def revert_where(self, skip: Tensor) -> None:
+        """Put ``theta`` back from ``backup`` where the device flag ``skip`` is set."""
+        torch.where(skip, self.backup, self.theta, out=self.theta)
 
 
 def _safe_scale(rho: Tensor | float, norm: Tensor) -> Tensor:
@@ -207,12 +266,22 @@ class MTLBase(torch.optim.Optimizer):
         weighting_options: constructor options when ``weighting`` is a name.
         grad_dtype: dtype of the ``[K, P]`` gradient buffer (default: the shared parameters' dtype).
         backend: ops backend (default: the global one).
+        process_group: the ``torch.distributed`` group to synchronize over (default: the default
+            group, or an FSDP2 mesh's group).
+        distributed: ``None`` (default: synchronize when ``torch.distributed`` is initialized or
+            the parameters are FSDP2 shards), ``True`` (require it), ``False`` (never: each process
+            steps on its own). See docs/distributed.md: a step over R ranks equals the one-process
+            step over the union of their batches.
 
     Closure contract: ``closure()`` runs the forward pass at the current weights and returns the K
     task losses (a sequence of K scalar tensors or one ``[K]`` tensor). It must not call
     ``backward`` or ``zero_grad``: the optimizer does the backward passes itself (and calls the
     closure again at perturbed weights, sometimes under ``torch.no_grad()``). Task ``i``'s
-    head receives the gradient of loss ``i`` only.
+    head receives the gradient of loss ``i`` only. Distributed, each rank's closure returns the
+    mean losses of its own batch. With ``step(closure, micro_batches=M)`` the optimizer calls
+    ``closure(m)`` for ``m = 0 .. M-1`` wherever it needs the losses, each returning the mean
+    losses of micro-batch ``m``, and runs each micro-batch's backward passes right after its
+    forward: with M equal micro-batches the step is the step over their union.
 
     Mixed precision: run the forward under ``torch.autocast`` inside the closure. With fp16 pass a
     ``torch.amp.GradScaler`` to :meth:`step` (``opt.step(closure, grad_scaler=scaler)``), then call
@@ -245,8 +314,97 @@ class MTLBase(torch.optim.Optimizer):
         backend: str | None = None,
         hyperparameters: dict[str, Any] | None = None,
         head_hyperparameters: dict[str, Any] | None = None,
+        process_group: Any = None,
+        distributed: bool | None = None,
         **base_kwargs: Any,
     ):
+        sync = _distributed.connect(process_group, distributed)
+        try:  # every check, before anything is moved
+            shared, heads, groups, shared_hyper = self._prepare(
+                shared_params,
+                task_params,
+                base_optimizer,
+                weighting,
+                num_tasks,
+                weighting_options,
+                grad_dtype,
+                backend,
+                hyperparameters,
+                head_hyperparameters,
+                base_kwargs,
+            )
+            if sync is not None:
+                sync.bind(shared, heads)
+                self._check_distributed(sync)
+                if not sync.needed():
+                    sync = None
+            if sync is not None:
+                description = self._agreement(shared, heads, grad_dtype)
+            if sync is None and any(
+                _distributed.is_dtensor(p) for p in [*shared, *(p for h in heads for p in h)]
+            ):
+                raise ValueError(
+                    "the parameters are FSDP2 shards (DTensors): they need the distributed "
+                    "optimizer (initialize torch.distributed; do not pass distributed=False)"
+                )
+        except Exception as e:
+            if sync is not None and sync.world_size > 1:
+                sync.agree(None, error=e)  # the other ranks raise too, instead of waiting
+            raise
+        if sync is not None:
+            sync.agree(description)
+        self._sync = sync
+        # Fused Adam/AdamW skip a step natively from a device found-inf flag (no snapshot needed);
+        # not for DTensor parameters (the flag would have to be a DTensor too).
+        self._native_found_inf = (
+            type(self.base_optimizer) in (torch.optim.Adam, torch.optim.AdamW)
+            and bool(self.base_optimizer.defaults.get("fused"))
+            and not (sync is not None and sync.sharded)
+        )
+
+        # All validation is done: from here on parameters are moved into flat buffers (values kept).
+        self._shared = self._flat(shared, "shared_params", sync is not None and sync.sharded_shared)
+        self._heads: list[Any] = [
+            self._flat(h, f"task_params[{k}]", sync is not None and sync.sharded_heads[k])
+            if h
+            else None
+            for k, h in enumerate(heads)
+        ]
+        self._gbuf = GradBuffer(
+            shared, self.num_tasks, dtype=grad_dtype, layout=self._shared.layout
+        )
+        self.device = self._shared.theta.device
+        if sync is not None:
+            sync.attach(self._shared, self._heads, self.num_tasks)
+        self._micro_batches: int | None = None
+
+        super().__init__(
+            [{"params": list(g["params"])} for g in groups],
+            {**self.base_optimizer.defaults, **shared_hyper},
+        )
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self._state_has_host_values = False
+        self._step_count = 0  # host counter (SAMO's noise offsets); part of state_dict
+        self._built = True
+
+    def _prepare(
+        self,
+        shared_params: Iterable[Tensor],
+        task_params: Sequence[Iterable[Tensor]] | None,
+        base_optimizer: type[torch.optim.Optimizer],
+        weighting: str | _weighting.Weighting,
+        num_tasks: int | None,
+        weighting_options: dict[str, Any] | None,
+        grad_dtype: torch.dtype | None,
+        backend: str | None,
+        hyperparameters: dict[str, Any] | None,
+        head_hyperparameters: dict[str, Any] | None,
+        base_kwargs: dict[str, Any],
+    ) -> tuple[list[Tensor], list[list[Tensor]], list[dict[str, Any]], dict[str, Any]]:
+        """Every check of the constructor and the base optimizer, before any parameter moves.
+        Returns the shared and per-task parameter lists, the param groups and the shared group's
+        hyperparameters."""
         shared, heads = self._validate_params(shared_params, task_params, num_tasks)
         # a subclass's hyperparameters: values for the shared group, and where heads differ
         shared_hyper = dict(hyperparameters or {})
@@ -270,6 +428,8 @@ class MTLBase(torch.optim.Optimizer):
         self.weighting = _weighting.get(weighting, **(weighting_options or {}))
         self.num_tasks = len(heads)
         self.backend = backend
+        # its state exists from the start (torch.distributed.checkpoint loads into that structure)
+        self.weighting.init_state(self.num_tasks, _distributed.local_tensor(shared[0]).device)
 
         # constructor arguments are named as the user wrote them (head overrides: "<name>_head")
         for name, check in self.HYPERPARAMETERS.items():
@@ -287,31 +447,49 @@ class MTLBase(torch.optim.Optimizer):
         for h in heads:
             self._head_group.append(next_group if h else None)
             next_group += bool(h)
-        # Fused Adam/AdamW skip a step natively from a device found-inf flag (no snapshot needed).
-        self._native_found_inf = type(self.base_optimizer) in (
-            torch.optim.Adam,
-            torch.optim.AdamW,
-        ) and bool(self.base_optimizer.defaults.get("fused"))
+        return shared, heads, groups, shared_hyper
 
-        # All validation is done: from here on parameters are moved into flat buffers (values kept).
-        self._shared = _FlatParams(shared, "shared_params")
-        self._heads: list[_FlatParams | None] = [
-            _FlatParams(h, f"task_params[{k}]") if h else None for k, h in enumerate(heads)
-        ]
-        self._gbuf = GradBuffer(
-            shared, self.num_tasks, dtype=grad_dtype, layout=self._shared.layout
-        )
-        self.device = self._shared.theta.device
+    def _flat(self, params: list[Tensor], what: str, sharded: bool) -> Any:
+        if sharded:
+            assert self._sync is not None  # sharded groups exist only with a synchronizer
+            return _distributed.ShardedFlatParams(params, what, self._sync)
+        return _FlatParams(params, what)
 
-        super().__init__(
-            [{"params": list(g["params"])} for g in groups],
-            {**self.base_optimizer.defaults, **shared_hyper},
-        )
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
-        self._state_has_host_values = False
-        self._step_count = 0  # host counter (SAMO's noise offsets); part of state_dict
-        self._built = True
+    def _agreement(
+        self, shared: list[Tensor], heads: list[list[Tensor]], grad_dtype: torch.dtype | None
+    ) -> dict[str, str]:
+        """What the ranks must agree on (:data:`mtlsam_fast.distributed.AGREEMENT_FIELDS`)."""
+        canonical = _distributed.canonical
+
+        def described(ps: list[Tensor]) -> str:
+            return canonical(
+                [(list(p.shape), str(p.dtype), _distributed.is_dtensor(p)) for p in ps]
+            )
+
+        base = self.base_optimizer
+        return {
+            "optimizer": type(self).__name__,
+            "num_tasks": str(self.num_tasks),
+            "shared_params": described(shared),
+            "task_params": canonical([described(h) for h in heads]),
+            "grad_dtype": str(grad_dtype),
+            "base_optimizer": canonical([type(base), base.defaults]),
+            "param_groups": canonical(
+                [{k: v for k, v in g.items() if k != "params"} for g in base.param_groups]
+            ),
+            "weighting": canonical([type(self.weighting), repr(self.weighting)]),
+            "weighting_state": canonical(self.weighting.state_dict()),
+            "backend": str(self.backend or ops.get_backend()),
+            "options": canonical(self._options()),
+        }
+
+    def _check_distributed(self, sync: _distributed.Synchronizer) -> None:
+        """A subclass's checks of its options against the distributed setup (before anything
+        moves)."""
+
+    def _options(self) -> dict[str, Any]:
+        """The construction options (besides hyperparameters) the ranks must agree on."""
+        return self._extra_state()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Refused once built: the shared and task-specific parameters are fixed at construction
@@ -470,34 +648,65 @@ class MTLBase(torch.optim.Optimizer):
         return items
 
     # ---------------------------------------------------------------- step helpers
-    def _begin(self, closure: Closure | None, grad_scaler: Any) -> tuple[Tensor, Tensor]:
+    def _begin(
+        self, closure: Closure | None, grad_scaler: Any, micro_batches: int | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Checks, backups, grad views; returns (scale, inv_scale) as fp32 device scalars."""
         if closure is None or not callable(closure):
             raise TypeError(
                 f"{type(self).__name__}.step needs a closure that returns the K task losses "
                 "at the current weights"
             )
+        if micro_batches is not None and (
+            isinstance(micro_batches, bool)
+            or not isinstance(micro_batches, int)
+            or micro_batches < 1
+        ):
+            raise ValueError(f"micro_batches must be a positive int, got {micro_batches!r}")
         for i, group in enumerate(self.param_groups):  # a scheduler may have changed them
             self._check_hyperparameters(i, group)
         self._check_grad_scaler(grad_scaler)
-        self._shared.check_intact()
-        for h in self._heads:
-            if h is not None:
-                h.check_intact()
+        flats = [self._shared] + [h for h in self._heads if h is not None]
+        for f in flats:
+            f.check_intact()
+        self._micro_batches = micro_batches
+        if self._sync is not None:
+            self._sync.begin_step()
         with torch.no_grad():
-            self._shared.backup.copy_(self._shared.theta)
-            for h in self._heads:
-                if h is not None:
-                    h.backup.copy_(h.theta)
-        self._shared.attach_grads()
-        for h in self._heads:
-            if h is not None:
-                h.attach_grads()
+            for f in flats:
+                if f.sharded:
+                    f.pull()  # the base optimizer stepped the shards themselves
+                f.backup.copy_(f.theta)
+        for f in flats:
+            f.attach_grads()
         one = torch.ones((), dtype=torch.float32, device=self.device)
         if grad_scaler is None or not grad_scaler.is_enabled():
             return one, one
         scale = grad_scaler.scale(one)  # the scaler's current scale, on the device, no sync
         return scale, 1.0 / scale
+
+    def _step_without_closure(self) -> Tensor:
+        """``step(closure=None)``: only what ``torch.distributed.checkpoint`` does to an optimizer
+        that has no state yet (``_init_optim_state``: zero gradients, every ``lr`` set to 0): the
+        base optimizer steps once to create its state; the weights are put back bitwise. Returns
+        K NaN losses (no forward ran). Any other call without a closure is an error."""
+        name = type(self).__name__
+        if self.state or any(float(g.get("lr", 0.0)) != 0.0 for g in self.param_groups):
+            raise TypeError(
+                f"{name}.step needs a closure that returns the K task losses at the current "
+                "weights (step(closure=None) only initializes an empty state at lr=0, as "
+                "torch.distributed.checkpoint's get/set_optimizer_state_dict do)"
+            )
+        flats = [self._shared] + [h for h in self._heads if h is not None]
+        with torch.no_grad():
+            for f in flats:
+                if f.sharded:
+                    f.pull()
+                f.backup.copy_(f.theta)
+            self.base_optimizer.step()
+            for f in flats:
+                f.revert_where(torch.ones((), dtype=torch.bool, device=self.device))
+        return torch.full((self.num_tasks,), float("nan"), device=self.device)
 
     def _check_grad_scaler(self, grad_scaler: Any) -> None:
         if grad_scaler is None:
@@ -508,6 +717,13 @@ class MTLBase(torch.optim.Optimizer):
             raise TypeError(
                 f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
             )
+        sync = self._sync
+        if grad_scaler.is_enabled() and sync is not None and sync.min_local_numel == 0:
+            raise ValueError(
+                "a rank holds no element of the FSDP2-sharded shared parameters, so its "
+                "GradScaler could not see this step's found-inf; shard fewer ranks' worth of "
+                "parameters or train in bfloat16 without a GradScaler"
+            )
         if grad_scaler.is_enabled() and any(
             p.dtype == torch.float16 for g in self.param_groups for p in g["params"]
         ):
@@ -516,41 +732,82 @@ class MTLBase(torch.optim.Optimizer):
                 "in float32 and run the forward under torch.autocast(dtype=torch.float16)"
             )
 
-    def _forward(self, closure: Closure, *, grad: bool, perturbed: bool) -> list[Tensor]:
+    @property
+    def _micro(self) -> range:
+        """The micro-batch indices of the current step (``range(1)`` without micro-batches)."""
+        return range(self._micro_batches or 1)
+
+    def _forward(
+        self, closure: Closure, micro: int = 0, *, grad: bool, perturbed: bool
+    ) -> list[Tensor]:
+        """One closure call: ``closure()``, or ``closure(micro)`` when the step has
+        ``micro_batches``."""
         ctx = frozen_running_stats() if perturbed else contextlib.nullcontext()
-        with ctx, torch.set_grad_enabled(grad):
-            losses = closure()
+        scope = self._sync.forward_scope() if self._sync is not None else contextlib.nullcontext()
+        with scope, ctx, torch.set_grad_enabled(grad):
+            losses = closure() if self._micro_batches is None else closure(micro)  # type: ignore[call-arg]
         return self._check_losses(losses, need_grad=grad)
+
+    def _mean_losses(self, per_micro: list[Tensor]) -> Tensor:
+        """The mean over the micro-batches of their detached ``[K]`` losses."""
+        total = per_micro[0]
+        for more in per_micro[1:]:
+            total = total + more
+        return total if len(per_micro) == 1 else total / len(per_micro)
 
     def _backward(
         self, loss: Tensor, seed: Tensor, task: int | None, *, retain_graph: bool = False
     ) -> None:
         """Backward of ``loss`` seeded with ``seed`` into the shared params and head ``task`` (all
-        heads if None)."""
-        inputs = list(self._shared.params)
-        heads = self._heads if task is None else [self._heads[task]]
-        for h in heads:
-            if h is not None:
-                inputs.extend(h.params)
+        heads if None). With M micro-batches the seed is ``seed / M``: the gradients of the M
+        backward passes add up to the gradient of their mean loss. With FSDP2-sharded groups no
+        ``inputs`` are named (autograd must reach the unsharded parameters FSDP2 gathers)."""
+        inputs: list[Tensor] | None = None
+        if self._sync is None or not self._sync.sharded:
+            inputs = list(self._shared.params)
+            for h in self._heads if task is None else [self._heads[task]]:
+                if h is not None:
+                    inputs.extend(h.params)
         if loss.dtype not in (torch.float32, torch.float64):
             loss = (
                 loss.float()
             )  # like GradScaler: seed a 16-bit loss's backward in fp32 (no overflow of the scale)
-        torch.autograd.backward(
-            loss, grad_tensors=seed.to(loss.dtype), retain_graph=retain_graph, inputs=inputs
-        )
+        seed = seed.to(loss.dtype)
+        if self._micro_batches is not None and self._micro_batches > 1:
+            seed = seed / self._micro_batches  # in the loss's precision (1/3 is inexact in fp32)
+        torch.autograd.backward(loss, grad_tensors=seed, retain_graph=retain_graph, inputs=inputs)
 
-    def _capture_task_gradients(self, closure: Closure, scale: Tensor) -> Tensor:
+    def _task_gradient_ready(self, i: int, *, rows: str = "shard") -> None:
+        """Row ``i`` of ``G`` and head ``i``'s gradient are complete on this rank (distributed:
+        start their reduction, ``rows`` as in :meth:`mtlsam_fast.distributed.Synchronizer.
+        gradient_ready`; with ``"keep"`` the head keeps its own gradient too)."""
+        if self._sync is not None:
+            self._sync.gradient_ready(i, self._gbuf.G[i], rows=rows)
+            if rows != "keep":
+                self._sync.head_ready(self._heads[i])
+
+    def _capture_task_gradients(
+        self, closure: Closure, scale: Tensor, *, rows: str = "shard"
+    ) -> Tensor:
         """Clean forward, then K backward passes: task i's shared gradient into row i of G and its
-        head's gradient into the head buffer. Returns the K detached clean losses."""
-        losses = self._forward(closure, grad=True, perturbed=False)
-        det = torch.stack([l.detach() for l in losses])
-        K = self.num_tasks
-        for i in range(K):
-            if (h := self._heads[i]) is not None:
-                h.grad.zero_()
-            with self._gbuf.capture(i):
-                self._backward(losses[i], scale, i, retain_graph=i < K - 1)
+        head's gradient into the head buffer (per micro-batch, accumulated). Returns the K detached
+        clean losses (distributed: averaged over the ranks)."""
+        K, last = self.num_tasks, len(self._micro) - 1
+        per_micro = []
+        for m in self._micro:
+            losses = self._forward(closure, m, grad=True, perturbed=False)
+            per_micro.append(torch.stack([l.detach() for l in losses]))
+            for i in range(K):
+                if m == 0 and (h := self._heads[i]) is not None:
+                    h.grad.zero_()
+                with self._gbuf.capture(i, accumulate=m > 0):
+                    self._backward(losses[i], scale, i, retain_graph=i < K - 1)
+                if m == last:
+                    self._task_gradient_ready(i, rows=rows)
+            del losses
+        det = self._mean_losses(per_micro)
+        if self._sync is not None:
+            self._sync.losses_ready(det)
         return det
 
     def _weights(self, gram: Tensor, inv_scale: Tensor, losses: Tensor) -> Tensor:
@@ -570,7 +827,12 @@ class MTLBase(torch.optim.Optimizer):
         the device (its weights are invariant to the gradient scale, so no unscaling is needed).
         Every other weighting: ``ops.gram``, the weighting on the unscaled Gram, ``ops.combine``.
         """
-        G, be, wt = self._gbuf.G, self.backend, self.weighting
+        G, be, wt, sync = self._gbuf.G, self.backend, self.weighting, self._sync
+        if sync is not None:  # distributed: the Gram and direction of the rank-averaged rows
+            gram = sync.gram(G, be)
+            weights = self._weights(gram, inv_scale, losses)
+            sync.combine(weights, G, out, subtract=subtract, backend=be)
+            return gram
         if type(wt) is _MGDA and wt.normalization == "none" and wt.backend in (None, be):
             return ops.min_norm_aggregate(
                 G, out, subtract=subtract, max_iter=wt.max_iter, tol=wt.tol, backend=be
@@ -596,13 +858,19 @@ class MTLBase(torch.optim.Optimizer):
             )
 
     def _restore(self, k: int | None) -> None:
-        ops.restore(self._shared.theta, self._shared.backup)
+        flats = [self._shared]
         if k is not None and (h := self._heads[k]) is not None:
-            ops.restore(h.theta, h.backup)
+            flats.append(h)
+        for f in flats:
+            ops.restore(f.theta, f.backup)
+            if self._sync is not None:
+                self._sync.after_restore(f)
 
     def _head_scales(self) -> tuple[Tensor, Tensor]:
         """Per head: its group's ``rho`` / ||h_k|| (ASAM with its group's ``adaptive``: of
         ||T h_k||), as scalar tensors stacked, and a not-finite flag of the norms."""
+        if self._sync is not None:
+            self._sync.wait()  # the replicated heads' averaged gradients
         scales, bad = [], torch.zeros((), dtype=torch.bool, device=self.device)
         for h, index in zip(self._heads, self._head_group):
             if h is None or index is None:
@@ -617,16 +885,23 @@ class MTLBase(torch.optim.Optimizer):
     def _finish(self, bad: Tensor, grad_scaler: Any) -> None:
         """Set the found-inf flag (``bad`` or a non-finite final gradient), unscale through the
         scaler, step the base optimizer guarded by the flag."""
+        if self._sync is not None:
+            self._sync.wait()
         grads = [self._shared.grad] + [h.grad for h in self._heads if h is not None]
         nonfinite = torch.stack([~torch.isfinite(g).all() for g in grads])
         found = bad.reshape(()) | nonfinite.any()
+        if self._sync is not None:
+            found = self._sync.any(found)  # a NaN on any rank skips the step on every rank
         if grad_scaler is not None and grad_scaler.is_enabled():
             # The scaler records inf/NaN in the gradients it unscales; one NaN stands for this
             # step's other triggers (norms, SAMO's estimates), so scaler.update() backs off too.
+            # (FSDP2: every rank holds part of the shared parameters, see _check_grad_scaler)
             self._shared.grad[:1].masked_fill_(found.reshape(1), float("nan"))
             grad_scaler.unscale_(self)
         self._found_inf = found.reshape(1).to(torch.float32)
         self._guarded_base_step(found)
+        if self._sync is not None:
+            self._sync.end_step()
 
     @torch.no_grad()
     def _guarded_base_step(self, skip: Tensor) -> None:
@@ -650,24 +925,27 @@ class MTLBase(torch.optim.Optimizer):
             finally:
                 del opt.grad_scale, opt.found_inf
             return
+        # (optimizer state of DTensor parameters is a DTensor: its local shard is snapshotted)
+        local = _distributed.local_tensor
         params = [p for g in self.base_optimizer.param_groups for p in g["params"]]
         snapshot: dict[tuple[int, str], Tensor] = {}
         for p in params:
             for key, val in self.base_optimizer.state.get(p, {}).items():
                 if isinstance(val, torch.Tensor):
-                    snapshot[(id(p), key)] = val.clone()
+                    snapshot[(id(p), key)] = local(val).clone()
         self.base_optimizer.step()
         flats = [self._shared] + [h for h in self._heads if h is not None]
         for f in flats:
-            torch.where(skip, f.backup, f.theta, out=f.theta)
+            f.revert_where(skip)
         for p in params:
             for key, val in self.base_optimizer.state.get(p, {}).items():
                 if isinstance(val, torch.Tensor):
+                    v = local(val)
                     old = snapshot.get((id(p), key))
                     if old is None:
-                        old = torch.zeros((), dtype=val.dtype, device=val.device)
-                    s = skip if val.device == skip.device else skip.to(val.device)
-                    val.copy_(torch.where(s, old, val))
+                        old = torch.zeros((), dtype=v.dtype, device=v.device)
+                    s = skip if v.device == skip.device else skip.to(v.device)
+                    v.copy_(torch.where(s, old, v))
                 elif isinstance(val, (int, float)) and not isinstance(val, bool):
                     self._state_has_host_values = True
 
@@ -676,6 +954,12 @@ class MTLBase(torch.optim.Optimizer):
         """Clear the parameters' ``.grad`` (the optimizer re-attaches its own buffers at each
         step)."""
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    @property
+    def distributed(self) -> _distributed.Synchronizer | None:
+        """How this optimizer synchronizes (its process group, rank, the bytes it sent in the last
+        step: :class:`mtlsam_fast.distributed.Synchronizer`), or ``None`` (one process)."""
+        return self._sync
 
     @property
     def found_inf(self) -> Tensor | None:
@@ -791,6 +1075,6 @@ class MTLBase(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(K={self.num_tasks}, P={self._shared.numel}, "
+            f"{type(self).__name__}(K={self.num_tasks}, P={self._shared.global_numel}, "
             f"weighting={self.weighting!r}, base_optimizer={self.base_optimizer!r})"
         )

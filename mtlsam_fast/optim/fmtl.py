@@ -15,6 +15,9 @@ from .. import ops
 from .. import weighting as _weighting
 from .base import Closure, MTLBase, Tensor, _safe_scale, flag, nonnegative_float
 
+#: ``FMTL(perturbation=...)``: ``"exact"`` (eps_i from the rank-averaged g_i) or ``"local"``
+PERTURBATIONS = ("exact", "local")
+
 
 class FMTL(MTLBase):
     """F-MTL (sharpness-aware multi-task learning with per-task perturbations), SAM or ASAM.
@@ -41,7 +44,17 @@ class FMTL(MTLBase):
         rho: perturbation radius (>= 0) of the shared parameters (group 0).
         rho_head: radius of the task-specific parameters (their groups' ``rho``; default ``rho``).
         adaptive: ASAM (scale-invariant) perturbations.
-
+        perturbation: distributed training only. ``"exact"`` (default): ``eps_i`` from the
+            rank-averaged ``g_i`` -- the step equals the one-process step over the union of the
+            ranks' batches; the first phase all-reduces the K rows (2 K P elements on the wire)
+            before any perturbation can start. ``"local"``: every rank perturbs with its own
+            ``g_i`` (and its own head gradients), as data-parallel SAM does with ``no_sync``
+            (Foret et al. 2021, arXiv 2010.01412: one perturbation per accelerator). The loss
+            weights still come from the averaged ``g_i``, which are only reduce-scattered (K P
+            elements), and the perturbed gradients are averaged as usual: a cheaper step (2 K + 1
+            instead of 3 K + 1 times P elements) that is no longer the one-process step (each
+            rank's perturbed gradient is taken at its own perturbation). Replicated shared
+            parameters only (with FSDP2 all ranks run the same gathered weights).
     Weightings that need the losses get the clean losses in both calls. A stateful weighting is
     called twice per step (loss set, then flat set), as in the paper.
     """
@@ -60,8 +73,12 @@ class FMTL(MTLBase):
         rho: float = 0.05,
         rho_head: float | None = None,
         adaptive: bool = False,
+        perturbation: str = "exact",
         **kwargs: Any,
     ):
+        if perturbation not in PERTURBATIONS:
+            raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}")
+        self.perturbation = perturbation
         heads = {} if rho_head is None else {"rho": rho_head}
         super().__init__(
             shared_params,
@@ -73,20 +90,43 @@ class FMTL(MTLBase):
             **kwargs,
         )
 
-    def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:  # type: ignore[override]
+    def _check_distributed(self, sync: Any) -> None:
+        if self.perturbation == "local" and sync.sharded_shared:
+            raise ValueError(
+                "perturbation='local' needs replicated shared parameters: with FSDP2 every rank "
+                "runs its forward on the same all-gathered weights, so the perturbations cannot "
+                "differ per rank; use perturbation='exact'"
+            )
+
+    def _options(self) -> dict[str, Any]:
+        return {"perturbation": self.perturbation}
+
+    def step(  # type: ignore[override]
+        self,
+        closure: Closure | None = None,
+        *,
+        grad_scaler: Any = None,
+        micro_batches: int | None = None,
+    ) -> Tensor:
         """One F-MTL step; returns the K clean losses (detached, on the device)."""
-        scale, inv_scale = self._begin(closure, grad_scaler)
+        if closure is None:
+            return self._step_without_closure()
+        scale, inv_scale = self._begin(closure, grad_scaler, micro_batches)
         assert closure is not None  # _begin raised otherwise
         K, sh, G, be = self.num_tasks, self._shared, self._gbuf.G, self.backend
         rho, adaptive = self._hyper("rho"), self._hyper("adaptive")
 
-        # 1. clean forward, K backward passes into the rows of G (heads: their own loss only)
-        det = self._capture_task_gradients(closure, scale)
+        # 1. clean forward, K backward passes into the rows of G (heads: their own loss only);
+        #    distributed: eps_i needs the whole averaged g_i on every rank, or this rank's own
+        #    g_i with local perturbations (the averaged rows go to the shards only)
+        local = self.perturbation == "local" and self._sync is not None
+        det = self._capture_task_gradients(closure, scale, rows="keep" if local else "full")
 
         gram = self._aggregate(inv_scale, det, sh.grad)  # d_loss = w_loss^T G, scaled like G
 
-        if adaptive:
-            norms = ops.segment_norms(G, sh.whole, weight=sh.backup.abs(), backend=be).reshape(K)
+        if adaptive or local:  # ASAM's ||T g_i||; local: this rank's own ||g_i||
+            weight = sh.backup.abs() if adaptive else None
+            norms = sh.segment_norms(G, sh.whole, weight=weight, backend=be).reshape(K)
         else:
             norms = gram.diagonal().clamp_min(0).sqrt()
         bad = ~torch.isfinite(norms).all()
@@ -108,16 +148,18 @@ class FMTL(MTLBase):
                     backend=be,
                 )
                 self._perturb_head(i, head_scales[i])
-                lp = self._forward(closure, grad=True, perturbed=True)
                 if (head := self._heads[i]) is not None:
                     head.grad.zero_()
-                with self._gbuf.capture(i, accumulate=True):
-                    self._backward(lp[i], neg, i)
-                del lp
+                for m in self._micro:
+                    lp = self._forward(closure, m, grad=True, perturbed=True)
+                    with self._gbuf.capture(i, accumulate=True):
+                        self._backward(lp[i], neg, i)
+                    del lp
             finally:
                 self._restore(i)
             if (head := self._heads[i]) is not None:
                 head.grad.neg_()  # the head's perturbed-point gradient (exact sign flip)
+            self._task_gradient_ready(i)
 
         # 3. flat weights on -F (same Gram, same weights as F):
         #    d_loss + w_flat^T F = d_loss - w_flat^T (-F)

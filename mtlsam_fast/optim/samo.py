@@ -11,7 +11,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from .. import ops
 from .. import weighting as _weighting
 from .base import (
     Closure,
@@ -98,7 +97,17 @@ class SAMO(MTLBase):
     def noise_offset(self, task: int, step: int | None = None) -> int:
         """Offset of task ``task``'s noise stream at step ``step`` (default: the next step)."""
         step = self._step_count if step is None else step
-        return (step * self.num_tasks + task) * self._shared.numel
+        return (step * self.num_tasks + task) * self._shared.global_numel
+
+    def _probe_loss(self, closure: Closure, task: int) -> Tensor:
+        """Loss ``task`` at the current (perturbed) weights without autograd: the mean over the
+        micro-batches."""
+        return self._mean_losses(
+            [
+                self._forward(closure, m, grad=False, perturbed=True)[task].detach()
+                for m in self._micro
+            ]
+        )
 
     def _extra_state(self) -> dict[str, Any]:
         return {"seed": self.seed}
@@ -107,28 +116,47 @@ class SAMO(MTLBase):
         if "seed" in state:
             self.seed = int(state["seed"])
 
-    def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self,
+        closure: Closure | None = None,
+        *,
+        grad_scaler: Any = None,
+        micro_batches: int | None = None,
+    ) -> Tensor:
         """One SAMO step; returns the K clean losses (detached, on the device)."""
-        scale, inv_scale = self._begin(closure, grad_scaler)
+        if closure is None:
+            return self._step_without_closure()
+        scale, inv_scale = self._begin(closure, grad_scaler, micro_batches)
         assert closure is not None  # _begin raised otherwise
         K, sh, be = self.num_tasks, self._shared, self.backend
         dev, off = self.device, sh.offsets
         acc = torch.float64 if sh.theta.dtype == torch.float64 else torch.float32
 
         # 1. clean forward, one backward of the mean loss: g0 into sh.grad, heads' gradients
-        losses = self._forward(closure, grad=True, perturbed=False)
-        det = torch.stack([l.detach() for l in losses])
         for h in self._heads:
             if h is not None:
                 h.grad.zero_()
         sh.grad.zero_()
-        mean = torch.stack(
-            [l if l.dtype in (torch.float32, torch.float64) else l.float() for l in losses]
-        ).mean()
-        self._backward(mean, scale, None)
-        del losses, mean
+        per_micro = []
+        for m in self._micro:
+            losses = self._forward(closure, m, grad=True, perturbed=False)
+            per_micro.append(torch.stack([l.detach() for l in losses]))
+            mean = torch.stack(
+                [l if l.dtype in (torch.float32, torch.float64) else l.float() for l in losses]
+            ).mean()
+            self._backward(mean, scale, None)
+            del losses, mean
+        det = self._mean_losses(per_micro)
         g0 = sh.grad
-        n0 = ops.segment_norms(g0, off, backend=be).to(acc)  # [S], scaled like g0
+        sync = self._sync
+        if sync is not None:  # distributed: the rank-averaged g0, heads' gradients and losses
+            if not sh.sharded:
+                sync.mean(g0)
+            for h in self._heads:
+                sync.head_ready(h)
+            sync.losses_ready(det)
+            sync.wait()
+        n0 = sh.segment_norms(g0, off, backend=be).to(acc)  # [S], scaled like g0
         bad = ~torch.isfinite(n0).all()
         head_scales, head_bad = self._head_scales()
         bad = bad | head_bad
@@ -142,27 +170,14 @@ class SAMO(MTLBase):
                 # 2a. forward-only two-point estimate along z_i; the first probe also reduces z_i's
                 # statistics (per segment sum z^2, sum g0 z) from the same generation of the noise
                 with torch.no_grad():
-                    stats = ops.perturb_noise_stats(
-                        sh.theta,
-                        sh.backup,
-                        off,
-                        mu,
-                        g0,
-                        seed=self.seed,
-                        noise_offset=noff,
-                        backend=be,
+                    stats = sh.perturb_noise_stats(
+                        mu, g0, seed=self.seed, noise_offset=noff, backend=be
                     ).to(acc)
-                    lp = self._forward(closure, grad=False, perturbed=True)[i].detach().to(acc)
-                    ops.perturb(
-                        sh.theta,
-                        sh.backup,
-                        off,
-                        noise_scale=-mu,
-                        seed=self.seed,
-                        noise_offset=noff,
-                        backend=be,
-                    )
-                    lm = self._forward(closure, grad=False, perturbed=True)[i].detach().to(acc)
+                    lp = self._probe_loss(closure, i).to(acc)
+                    sh.perturb(noise_scale=-mu, seed=self.seed, noise_offset=noff, backend=be)
+                    lm = self._probe_loss(closure, i).to(acc)
+                if sync is not None:  # the union's losses: averaged over the ranks
+                    lp, lm = sync.mean(torch.stack([lp, lm])).unbind()
                 c = (lp - lm) / (2 * mu)
                 bad = bad | ~torch.isfinite(c)
                 # 2b. eps_i = rho v_i / ||v_i||,  v_i^d = alpha g0^d + beta_d z_i^d
@@ -191,12 +206,9 @@ class SAMO(MTLBase):
                     .sqrt()
                 )
                 k = _safe_scale(rho, vnorm)
-                ops.perturb(
-                    sh.theta,
-                    sh.backup,
-                    off,
-                    direction=g0,
-                    scale=k * alpha,
+                sh.perturb(
+                    g0,
+                    k * alpha,
                     noise_scale=k * beta,
                     seed=self.seed,
                     noise_offset=noff,
@@ -204,14 +216,16 @@ class SAMO(MTLBase):
                 )
                 self._perturb_head(i, head_scales[i])
                 # 2c. G_i at the perturbed point; head i's perturbed-point gradient
-                lg = self._forward(closure, grad=True, perturbed=True)
                 if (head := self._heads[i]) is not None:
                     head.grad.zero_()
-                with self._gbuf.capture(i):
-                    self._backward(lg[i], scale, i)
-                del lg
+                for m in self._micro:
+                    lg = self._forward(closure, m, grad=True, perturbed=True)
+                    with self._gbuf.capture(i, accumulate=m > 0):
+                        self._backward(lg[i], scale, i)
+                    del lg
             finally:
                 self._restore(i)
+            self._task_gradient_ready(i)
 
         # 3. aggregate the perturbed gradients
         self._aggregate(inv_scale, det, sh.grad)

@@ -66,6 +66,13 @@ class Weighting:
         """K weights (fp32, or fp64 for an fp64 Gram) on ``gram.device``."""
         raise NotImplementedError
 
+    def init_state(self, num_tasks: int, device: torch.device) -> None:
+        """Create now, for ``num_tasks`` tasks on ``device``, the state that the first call would
+        create (a no-op for weightings without lazily created state). The optimizers call it when
+        they are built, so that a fresh optimizer's ``state_dict()`` already has the structure of a
+        trained one: ``torch.distributed.checkpoint`` loads a checkpoint into the structure of the
+        destination's state dict. Raises if existing state holds a different number of tasks."""
+
     def state_dict(self) -> dict[str, Any]:
         """State needed to resume bitwise (EMA buffers, random generators); empty when stateless."""
         return {}

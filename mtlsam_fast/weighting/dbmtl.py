@@ -52,6 +52,15 @@ class DBMTL(Weighting):
         self._sq: Tensor | None = None
         self._step: Tensor | None = None
 
+    def init_state(self, num_tasks: int, device: torch.device) -> None:
+        if self._sq is not None and self._sq.shape[0] != num_tasks:
+            raise ValueError(
+                f"DBMTL state holds {self._sq.shape[0]} tasks, the optimizer has K={num_tasks}"
+            )
+        if self._sq is None or self._step is None:
+            self._sq = torch.zeros(num_tasks, dtype=torch.float64, device=device)
+            self._step = torch.zeros((), dtype=torch.float64, device=device)
+
     def weights(self, gram: Tensor, losses: Tensor | None) -> Tensor:
         K = gram.shape[0]
         dev = gram.device

@@ -52,6 +52,15 @@ class GradVac(Weighting):
     def __repr__(self) -> str:
         return f"GradVac(beta={self.beta}, seed={self.seed})"
 
+    def init_state(self, num_tasks: int, device: torch.device) -> None:
+        if self._target is not None and self._target.shape[0] != num_tasks:
+            raise ValueError(
+                f"GradVac state holds {self._target.shape[0]} tasks, the optimizer has "
+                f"K={num_tasks}"
+            )
+        if self._target is None:
+            self._target = torch.zeros(num_tasks, num_tasks, dtype=torch.float64, device=device)
+
     def weights(self, gram: Tensor, losses: Tensor | None) -> Tensor:
         K = gram.shape[0]
         dev = gram.device
