@@ -1,6 +1,7 @@
 """``python -m bench``: the op sweep report (also ``python -m bench ops``); the subcommands
 ``e2e`` (the end-to-end optimizer step), ``integrations`` (the peers' own methods against ours
-through the adapters) and ``dist`` (the step in 1 and 2 processes, bytes communicated)."""
+through the adapters), ``dist`` (the step in 1 and 2 processes, bytes communicated), ``load`` (the
+weightings on a busy CPU) and ``peers`` (each weighting against its peer's implementation)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,14 @@ import importlib
 import sys
 
 #: subcommand -> module of this package with ``add_arguments(parser)`` and ``main(args)``
-SUBCOMMANDS = {"ops": "report", "e2e": "e2e", "integrations": "integrations", "dist": "dist"}
+SUBCOMMANDS = {
+    "ops": "report",
+    "e2e": "e2e",
+    "integrations": "integrations",
+    "dist": "dist",
+    "load": "load",
+    "peers": "peer_times",
+}
 
 
 def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, list[str], object]:

@@ -1,5 +1,6 @@
-"""Peer implementations, each optional: torchjd's weightings, a quadprog-based exact QP solver, and
-what LibMTL 1.1.5 needs to run with current torch and torchvision.
+"""Peer implementations, each optional: torchjd's weightings, aggregators and scalarizers, LibMTL's
+GradNorm, a quadprog-based exact QP solver, and what LibMTL 1.1.5 needs to run with current torch
+and torchvision.
 
 A missing peer is reported as absent by the benchmarks, never an error (the adapters' tests,
 which need the peers, install them: the ``test`` extra). Install the peers with
@@ -33,6 +34,40 @@ TORCHJD_WEIGHTINGS = {
 #: constructor arguments for torchjd weightings that need them
 _TORCHJD_ARGS = {"CAGradWeighting": {"c": 0.5}}
 
+#: mtlsam_fast name -> (input kind, torchjd class, its arguments) for :func:`peer_call`; the kinds:
+#: "gram" weightings, "matrix" weightings or aggregators of G, "scalarizer" of the losses (the
+#: weights are its gradient), "learnt" scalarizers whose parameters take a torch.optim.Adam step
+PEER_CALLS: dict[str, tuple[str, str, dict]] = {
+    "ls": ("gram", "MeanWeighting", {}),
+    "mgda": ("gram", "MGDAWeighting", {}),
+    "upgrad": ("gram", "UPGradWeighting", {}),
+    "dualproj": ("gram", "DualProjWeighting", {}),
+    "cagrad": ("gram", "CAGradWeighting", {"c": 0.4}),
+    "imtl": ("gram", "IMTLGWeighting", {}),
+    "alignedmtl": ("gram", "AlignedMTLWeighting", {}),
+    "pcgrad": ("gram", "PCGradWeighting", {}),
+    "fairgrad": ("gram", "FairGradWeighting", {"alpha": 1.0}),
+    "gradvac": ("gram", "GradVacWeighting", {}),
+    "rlw": ("gram", "RandomWeighting", {}),
+    "nashmtl": ("matrix", "NashMTL", {}),
+    "config": ("matrix", "ConFIG", {}),
+    "excessmtl": ("matrix", "ExcessMTLWeighting", {}),
+    "sdmgrad": ("gram", "SDMGradWeighting", {}),
+    "modo": ("gram", "MoDoWeighting", {}),
+    "pcd": ("gram", "PCDWeighting", {}),
+    "krum": ("gram", "KrumWeighting", {"n_byzantine": 0}),
+    "graddrop": ("matrix", "GradDrop", {}),
+    "trimmedmean": ("matrix", "TrimmedMean", {"trim_number": 0}),
+    "uw": ("learnt", "UW", {}),
+    "imtl_l": ("learnt", "IMTLL", {}),
+    "famo": ("learnt", "FAMO", {}),
+    "dwa": ("scalarizer", "DWA", {}),
+    "gls": ("scalarizer", "GeometricMean", {}),
+    "stch": ("scalarizer", "STCH", {"mu": 1.0}),
+    "cosmos": ("scalarizer", "COSMOS", {"lambda_": 1.0}),
+    "pbi": ("scalarizer", "PBI", {"theta": 5.0}),
+}
+
 
 def torchjd_version() -> str | None:
     try:
@@ -59,6 +94,85 @@ def torchjd_weighting(name: str) -> Callable[[Tensor], Tensor] | None:
         return w
     except Exception:
         return None
+
+
+def peer_call(name: str, G: Tensor, losses: Tensor) -> tuple[str, Callable[[], object]] | None:
+    """(description, one call) of the peer's method ``name`` on the gradients ``G`` (their Gram
+    for Gram weightings) or the losses, with the settings of mtlsam_fast's defaults; None when no
+    installed peer has it."""
+    K = G.shape[0]
+    if name == "crmogm":
+        try:
+            import torchjd.aggregation as agg
+        except ImportError:
+            return None
+        w = agg.CRMOGMWeighting(agg.MGDAWeighting())
+        gram = G @ G.T
+        return "torchjd CRMOGMWeighting(MGDAWeighting())", lambda: w(gram)
+    if name == "gradnorm":
+        return _libmtl_gradnorm(G, losses)
+    if name not in PEER_CALLS:
+        return None
+    kind, cls_name, kwargs = PEER_CALLS[name]
+    try:
+        import torchjd.aggregation as agg
+        import torchjd.scalarization as scal
+    except ImportError:
+        return None
+    if kind in ("gram", "matrix"):
+        if cls_name == "NashMTL":
+            kwargs = {**kwargs, "n_tasks": K}
+        w = getattr(agg, cls_name)(**kwargs)
+        x = G @ G.T if kind == "gram" else G
+        try:
+            w(x)  # fails here if an optional solver is missing
+        except Exception:
+            return None
+        return f"torchjd {cls_name}", lambda: w(x)
+    if cls_name in ("COSMOS", "PBI"):
+        kwargs = {**kwargs, "weights": torch.full((K,), 1.0 / K, dtype=losses.dtype)}
+    s = (
+        getattr(scal, cls_name)(K, **kwargs)
+        if kind == "learnt"
+        else getattr(scal, cls_name)(**kwargs)
+    )
+    opt = (
+        torch.optim.Adam(s.parameters(), lr=1e-3)
+        if kind == "learnt" and cls_name != "FAMO"
+        else None
+    )
+
+    def call() -> Tensor:
+        L = losses.clone().requires_grad_(True)
+        out = s(L)
+        if opt is not None:  # the learnt parameters' step, as a torchjd user takes it
+            opt.zero_grad()
+            out.backward()
+            opt.step()
+            return L.grad
+        (g,) = torch.autograd.grad(out, L)
+        if cls_name == "FAMO":
+            s.update(losses * 0.99)
+        return g
+
+    desc = f"torchjd {cls_name}: scalarize, autograd for the weights"
+    return desc + (", Adam step" if opt is not None else ""), call
+
+
+def _libmtl_gradnorm(G: Tensor, losses: Tensor) -> tuple[str, Callable[[], object]] | None:
+    """LibMTL's GradNorm.backward on given gradients (its gradient collection stubbed out)."""
+    try:
+        GradNorm = import_libmtl().weighting.GradNorm
+    except ImportError:
+        return None
+    K = G.shape[0]
+    gn = GradNorm()
+    gn.task_num, gn.device, gn.rep_grad, gn.epoch = K, "cpu", False, 1
+    gn.train_loss_buffer = (losses.double() + 1).numpy()[:, None]
+    gn.init_param()
+    gn._get_grads = lambda losses, mode: G
+    gn._backward_new_grads = lambda *a, **k: None
+    return "LibMTL GradNorm.backward (gradients given)", lambda: gn.backward(losses, alpha=1.5)
 
 
 def quadprog_available() -> bool:

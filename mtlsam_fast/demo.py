@@ -57,26 +57,38 @@ def run_demo(
         except (ImportError, AttributeError) as e:
             out(f"{name:<11} not available ({type(e).__name__}: {e})")
             continue
-        args = (gram, L) if getattr(w, "needs_losses", False) else (gram,)
         try:
-            weights = w(*args)
+            w.check_num_tasks(G.shape[0])
+        except ValueError as e:
+            out(f"{name:<11} not defined here: {e}")
+            continue
+        args = (gram, L) if w.needs_losses else (gram,)
+        kwargs = {"grads": G} if w.needs_grads else {}
+        try:
+            result = w(*args, **kwargs)
             times = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                w(*args)
+                w(*args, **kwargs)
                 times.append(time.perf_counter() - t0)
         except Exception as e:  # report and go on: the demo is a smoke test of every weighting
             failures += 1
             out(f"{name:<11} FAILED: {type(e).__name__}: {e}")
             continue
-        d = ops.combine(weights, G, backend=backend) if weights.isfinite().all() else None
+        if not result.isfinite().all():
+            d = None
+        else:
+            d = result if w.returns_direction else ops.combine(result, G, backend=backend)
         if d is None:
-            cosd = "non-finite weights"
+            cosd = "non-finite result"
         else:
             cosd = ", ".join(
                 f"{(G[k] @ d / (G[k].norm() * d.norm() + 1e-30)).item():+.3f}"
                 for k in range(G.shape[0])
             )
-        wtxt = ", ".join(f"{v:.4f}" for v in weights.tolist())
+        if w.returns_direction:
+            wtxt = "(a direction)"
+        else:
+            wtxt = ", ".join(f"{v:.4f}" for v in result.tolist())
         out(f"{name:<11} {wtxt:<24} {cosd:<20} {1e6 * statistics.median(times):>8.1f} µs")
     return 1 if failures else 0

@@ -77,22 +77,32 @@ def losses(model: nn.Module, x: torch.Tensor, ys: list[torch.Tensor]) -> list[to
 
 
 class Recorder(Weighting):
-    """A weighting that records the Gram matrix and the weights of every call."""
+    """A weighting that records the Gram matrix and the weights of every call (state, snapshots
+    and restores go to the wrapped weighting)."""
 
     name = "recorder"
 
     def __init__(self, inner: Weighting):
+        super().__init__()
         self.inner = inner
         self.needs_losses = inner.needs_losses  # type: ignore[misc]
+        self.needs_grads = inner.needs_grads  # type: ignore[misc]
+        self.returns_direction = inner.returns_direction  # type: ignore[misc]
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def weights(self, gram, losses):
-        w = self.inner(gram, losses)
-        self.calls.append((gram.detach().clone(), w.detach().clone()))
+    def compute(self, x):
+        w = self.inner(x.gram, x.losses, grads=x.grads, inv_scale=x.inv_scale)
+        self.calls.append((x.gram.detach().clone(), w.detach().clone()))
         return w
 
-    def init_state(self, num_tasks, device):
-        self.inner.init_state(num_tasks, device)
+    def init_state(self, *args, **kwargs):
+        self.inner.init_state(*args, **kwargs)
+
+    def snapshot(self):
+        return self.inner.snapshot()
+
+    def restore_where(self, skip, snapshot):
+        self.inner.restore_where(skip, snapshot)
 
     def state_dict(self):
         return self.inner.state_dict()

@@ -193,3 +193,35 @@ def test_integrations_report_structure(tmp_path: Path):
     assert all(r["min_cos_ours"] >= 0 for r in doc["conflicts"]["upgrad"])  # exact: no conflict
     table = (out / "integrations.md").read_text()
     assert "| UPGrad |" in table and "| EW |" in table
+
+
+def test_load_and_peers_subcommands(tmp_path: Path):
+    """``python -m bench load`` and ``python -m bench peers`` run (tiny settings) and write their
+    tables: every requested weighting and K, the ratios, the peer named where one is installed."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    runs = {
+        "load": ["--K", "3,4", "--weightings", "upgrad,famo,graddrop", "--rounds", "1",
+                 "--window", "0.002", "--max-load-s", "20"],
+        "peers": ["--K", "3", "--weightings", "upgrad,uw,graddrop,moco", "--rounds", "1",
+                  "--P", "64"],
+    }  # fmt: skip
+    for cmd, extra in runs.items():
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench", cmd, *extra, "--out", str(tmp_path)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    load = json.loads((tmp_path / "load.json").read_text())["rows"]
+    assert {(r["weighting"], r["K"]) for r in load} == {
+        (n, K) for n in ("upgrad", "famo", "graddrop") for K in (3, 4)
+    }
+    for r in load:
+        assert r["loaded_over_one"] > 0 and r["loaded_over_one_loaded"] > 0
+    peers = {r["weighting"]: r for r in json.loads((tmp_path / "peers.json").read_text())["rows"]}
+    assert set(peers) == {"upgrad", "uw", "graddrop", "moco"}
+    assert peers["upgrad"]["peer"] == "torchjd UPGradWeighting" and peers["upgrad"]["peer_us"] > 0
+    assert peers["uw"]["peer"].startswith("torchjd UW") and peers["moco"]["peer"] is None

@@ -20,6 +20,7 @@ from . import _registry
 from . import qp as _qp
 from . import torch_backend as _torch_backend
 from ._registry import available_backends, get_backend, resolve, set_backend
+from .threads import single_threaded
 
 _registry._modules["torch"] = _torch_backend  # the reference is always loaded (and traceable)
 
@@ -349,11 +350,13 @@ def solve_qp(
     backend: str | None = None,
 ) -> Tensor:
     """Batched ``min 1/2 v^T Gamma v + q^T v`` over the simplex or ``v >= lower``; see
-    :mod:`.qp`."""
+    :mod:`.qp`. On the CPU it runs on one thread (:func:`.threads.single_threaded`)."""
     _check_qp(gram, q, lower, constraint)
     dev = _check_same_device(gram=gram, q=q, lower=lower, norm_coef=norm_coef)
-    return resolve(backend, dev, "solve_qp").solve_qp(
-        gram, q, lower, constraint, norm_coef, int(max_iter), float(tol)
+    impl = resolve(backend, dev, "solve_qp")
+    return single_threaded(
+        lambda: impl.solve_qp(gram, q, lower, constraint, norm_coef, int(max_iter), float(tol)),
+        dev,
     )
 
 
@@ -398,6 +401,8 @@ def min_norm_aggregate(
     if res is not None:
         return MinNormAggregate(*res)
     g = mod.gram(G)
-    w = mod.solve_qp(g, None, None, "simplex", None, int(max_iter), float(tol))
+    w = single_threaded(
+        lambda: mod.solve_qp(g, None, None, "simplex", None, int(max_iter), float(tol)), dev
+    )
     combine(w, G, out=out, subtract=subtract, backend=backend)
     return MinNormAggregate(w, g)

@@ -15,6 +15,7 @@ import torch
 from .. import _ext
 from . import qp as _qp
 from . import torch_backend as _ref
+from .threads import single_threaded
 
 Tensor = torch.Tensor
 
@@ -73,7 +74,7 @@ def _vec(t: Tensor) -> Tensor:
 def gram(G: Tensor) -> Tensor:
     if not _kernel_dtype(G) or not _rows_ok(G):
         return _ref.gram(G)
-    return _C().gram(G)
+    return single_threaded(lambda: _C().gram(G), G.device, G.numel())
 
 
 def diff_gram(A: Tensor, B: Tensor) -> Tensor:
@@ -81,7 +82,7 @@ def diff_gram(A: Tensor, B: Tensor) -> Tensor:
         return _ref.diff_gram(A, B)
     if not _rows_ok(B):
         B = B.contiguous()
-    return _C().diff_gram(A, B)
+    return single_threaded(lambda: _C().diff_gram(A, B), A.device, A.numel())
 
 
 def segment_norms(x: Tensor, offsets: Tensor, weight: Tensor | None = None) -> Tensor:
@@ -104,7 +105,7 @@ def combine(w: Tensor, G: Tensor, w2: Tensor | None, H: Tensor | None, out: Tens
     target = (
         out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
     )
-    _C().combine(_f32(w), G, _f32(w2), H, target)
+    single_threaded(lambda: _C().combine(_f32(w), G, _f32(w2), H, target), G.device, G.numel())
     return out if target is out else out.copy_(target)
 
 

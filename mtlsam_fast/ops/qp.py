@@ -326,8 +326,11 @@ def _barrier_norm(
     return x
 
 
-def _project_simplex(x: Tensor) -> Tensor:
-    """Euclidean projection of each row of ``x`` onto the probability simplex (sort-based)."""
+def project_simplex(x: Tensor) -> Tensor:
+    """Euclidean projection of each row of ``x`` onto the probability simplex.
+
+    The sort-based algorithm of Held, Wolfe & Crowder (1974) (see Duchi et al., ICML 2008): no
+    data-dependent loop, so it runs on the device without a host sync."""
     K = x.shape[-1]
     s, _ = torch.sort(x, dim=-1, descending=True)
     css = s.cumsum(-1) - 1.0
@@ -372,7 +375,7 @@ def kkt_residual(
     L = torch.where(L > 0, L, torch.ones_like(L))
     step = v - grad / L
     if constraint == "simplex":
-        proj = _project_simplex(step)
+        proj = project_simplex(step)
     else:
         lo = torch.zeros_like(v) if lower is None else lower.to(torch.float64)
         proj = torch.maximum(step, lo)

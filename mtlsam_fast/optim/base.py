@@ -15,7 +15,8 @@ steps, and its effect is undone on the device when the flag is set: parameters a
 ``backup`` with ``torch.where`` and every optimizer-state tensor from a snapshot taken just before
 the step (state created by this very step is reset to zeros, the initial value of every built-in
 ``torch.optim`` state, so a skipped first step leaves a state equivalent to a fresh one). No
-``.item()``, no Python branch on a tensor.
+``.item()``, no Python branch on a tensor. The weighting's state (EMAs, learnt loss weights, random
+streams) is snapshot at the start of the step and put back the same way.
 """
 
 from __future__ import annotations
@@ -335,6 +336,12 @@ class MTLBase(torch.optim.Optimizer):
             )
             if sync is not None:
                 sync.bind(shared, heads)
+                if sync.sharded_shared and self.weighting.needs_grads:
+                    raise ValueError(
+                        f"weighting {self.weighting.name!r} reads the task gradients themselves, "
+                        "and with FSDP2-sharded shared parameters every rank holds only a shard "
+                        "of them: use a weighting of the Gram, or keep the trunk replicated"
+                    )
                 self._check_distributed(sync)
                 if not sync.needed():
                     sync = None
@@ -426,10 +433,16 @@ class MTLBase(torch.optim.Optimizer):
         if grad_dtype is not None and grad_dtype not in FLOAT_DTYPES:
             raise TypeError(f"grad_dtype must be one of {FLOAT_DTYPES}, got {grad_dtype}")
         self.weighting = _weighting.get(weighting, **(weighting_options or {}))
+        self.weighting.check_num_tasks(len(heads))
         self.num_tasks = len(heads)
         self.backend = backend
         # its state exists from the start (torch.distributed.checkpoint loads into that structure)
-        self.weighting.init_state(self.num_tasks, _distributed.local_tensor(shared[0]).device)
+        self.weighting.init_state(
+            self.num_tasks,
+            _distributed.local_tensor(shared[0]).device,
+            sum(_distributed.local_tensor(p).numel() for p in shared),
+            grad_dtype or shared[0].dtype,
+        )
 
         # constructor arguments are named as the user wrote them (head overrides: "<name>_head")
         for name, check in self.HYPERPARAMETERS.items():
@@ -679,6 +692,8 @@ class MTLBase(torch.optim.Optimizer):
                 f.backup.copy_(f.theta)
         for f in flats:
             f.attach_grads()
+        # a skipped step must leave the weighting's state (EMAs, learnt weights, streams) as it is
+        self._weighting_snapshot = self.weighting.snapshot()
         one = torch.ones((), dtype=torch.float32, device=self.device)
         if grad_scaler is None or not grad_scaler.is_enabled():
             return one, one
@@ -782,6 +797,8 @@ class MTLBase(torch.optim.Optimizer):
         start their reduction, ``rows`` as in :meth:`mtlsam_fast.distributed.Synchronizer.
         gradient_ready`; with ``"keep"`` the head keeps its own gradient too)."""
         if self._sync is not None:
+            if rows == "shard" and self.weighting.needs_grads:
+                rows = "full"  # the weighting reads the whole averaged rows
             self._sync.gradient_ready(i, self._gbuf.G[i], rows=rows)
             if rows != "keep":
                 self._sync.head_ready(self._heads[i])
@@ -811,10 +828,18 @@ class MTLBase(torch.optim.Optimizer):
         return det
 
     def _weights(self, gram: Tensor, inv_scale: Tensor, losses: Tensor) -> Tensor:
-        """Task weights from a Gram of scaled gradients (unscaled first, so every weighting sees
-        true values)."""
+        """The weighting's result -- K task weights, or a ``[P]`` direction in the units of ``G``
+        (``returns_direction``) -- from the Gram of the scaled gradients, unscaled first so every
+        weighting sees true values; plus the losses and ``G`` itself for the methods that read
+        them (:class:`~mtlsam_fast.weighting.base.Inputs`)."""
+        wt = self.weighting
         g = gram * (inv_scale * inv_scale).to(gram.dtype)
-        return self.weighting(g, losses.to(g.dtype) if self.weighting.needs_losses else None)
+        return wt(
+            g,
+            losses.to(g.dtype) if wt.needs_losses else None,
+            grads=self._gbuf.G if wt.needs_grads else None,
+            inv_scale=inv_scale,
+        )
 
     def _aggregate(
         self, inv_scale: Tensor, losses: Tensor, out: Tensor, *, subtract: bool = False
@@ -825,22 +850,32 @@ class MTLBase(torch.optim.Optimizer):
         Plain MGDA (``normalization="none"``) takes :func:`mtlsam_fast.ops.min_norm_aggregate`: on
         the fused backends, Gram, QP and combine run in two launches and the weights never leave
         the device (its weights are invariant to the gradient scale, so no unscaling is needed).
-        Every other weighting: ``ops.gram``, the weighting on the unscaled Gram, ``ops.combine``.
+        Every other weighting: ``ops.gram``, the weighting (:meth:`_weights`), then ``ops.combine``
+        of its weights, or its direction copied into (subtracted from) ``out``.
         """
         G, be, wt, sync = self._gbuf.G, self.backend, self.weighting, self._sync
         if sync is not None:  # distributed: the Gram and direction of the rank-averaged rows
             gram = sync.gram(G, be)
-            weights = self._weights(gram, inv_scale, losses)
-            sync.combine(weights, G, out, subtract=subtract, backend=be)
+            result = self._weights(gram, inv_scale, losses)
+            if wt.returns_direction and subtract:  # from whole rows, the same on every rank
+                out.sub_(result)
+            elif wt.returns_direction:
+                out.copy_(result)
+            else:
+                sync.combine(result, G, out, subtract=subtract, backend=be)
             return gram
         if type(wt) is _MGDA and wt.normalization == "none" and wt.backend in (None, be):
             return ops.min_norm_aggregate(
                 G, out, subtract=subtract, max_iter=wt.max_iter, tol=wt.tol, backend=be
             ).gram
         gram = ops.gram(G, backend=be)
-        ops.combine(
-            self._weights(gram, inv_scale, losses), G, out=out, subtract=subtract, backend=be
-        )
+        result = self._weights(gram, inv_scale, losses)
+        if wt.returns_direction and subtract:
+            out.sub_(result)
+        elif wt.returns_direction:
+            out.copy_(result)
+        else:
+            ops.combine(result, G, out=out, subtract=subtract, backend=be)
         return gram
 
     def _perturb_head(self, k: int, scale: Tensor) -> None:
@@ -899,6 +934,7 @@ class MTLBase(torch.optim.Optimizer):
             self._shared.grad[:1].masked_fill_(found.reshape(1), float("nan"))
             grad_scaler.unscale_(self)
         self._found_inf = found.reshape(1).to(torch.float32)
+        self.weighting.restore_where(found, self._weighting_snapshot)
         self._guarded_base_step(found)
         if self._sync is not None:
             self._sync.end_step()

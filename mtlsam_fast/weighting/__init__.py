@@ -1,8 +1,9 @@
-"""Gradient weightings: ``weights = w(gram[, losses])``, one module per method family.
+"""Gradient weightings: ``weights = w(gram[, losses][, grads=G])``, one module per method family.
 
 ``get(name, **options)`` builds one by name; ``names()`` lists them. Every weighting class is also
 importable from this package (``from mtlsam_fast.weighting import MGDA``); modules load on first
-use.
+use. The interface (inputs, outputs, state) is :mod:`mtlsam_fast.weighting.base`; the method
+table with papers and the peers each is checked against is ``docs/weightings.md``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .base import Weighting, check_gram
+from .base import Inputs, Weighting, check_gram
 
 #: registry name -> (module in this package, class name)
 _REGISTRY: dict[str, tuple[str, str]] = {
@@ -27,6 +28,25 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "dbmtl": ("dbmtl", "DBMTL"),
     "gradvac": ("gradvac", "GradVac"),
     "rlw": ("rlw", "RLW"),
+    "config": ("config", "ConFIG"),
+    "excessmtl": ("excessmtl", "ExcessMTL"),
+    "sdmgrad": ("simplex", "SDMGrad"),
+    "modo": ("simplex", "MoDo"),
+    "pcd": ("pcd", "PCD"),
+    "crmogm": ("crmogm", "CRMOGM"),
+    "graddrop": ("graddrop", "GradDrop"),
+    "krum": ("robust", "Krum"),
+    "trimmedmean": ("robust", "TrimmedMean"),
+    "moco": ("moco", "MoCo"),
+    "gradnorm": ("gradnorm", "GradNorm"),
+    "uw": ("logscale", "UW"),
+    "imtl_l": ("logscale", "IMTLL"),
+    "dwa": ("dwa", "DWA"),
+    "famo": ("famo", "FAMO"),
+    "gls": ("scalarization", "GLS"),
+    "stch": ("scalarization", "STCH"),
+    "cosmos": ("scalarization", "COSMOS"),
+    "pbi": ("scalarization", "PBI"),
 }
 _CLASS_TO_NAME = {cls: name for name, (_, cls) in _REGISTRY.items()}
 
@@ -59,5 +79,5 @@ def __getattr__(attr: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
-__all__ = ["Weighting", "check_gram", "get", "names"]
+__all__ = ["Inputs", "Weighting", "check_gram", "get", "names"]
 __all__ += list(_CLASS_TO_NAME)  # the weighting classes, loaded on first use by __getattr__

@@ -11,8 +11,15 @@ import functools
 
 import torch
 
-from .base import Tensor, Weighting, nan_if_nonfinite, out_dtype
-from .upgrad import check_pref_vector, pref_on
+from .base import (
+    Tensor,
+    VectorOption,
+    Weighting,
+    check_choice,
+    check_int,
+    check_number,
+    out_dtype,
+)
 
 SCALE_MODES = ("min", "median", "rmse")
 SOLVERS = ("auto", "eigh", "jacobi")
@@ -87,6 +94,23 @@ def jacobi_eigh(A: Tensor, sweeps: int = DEFAULT_SWEEPS) -> tuple[Tensor, Tensor
     return lam[order], V[:, order]
 
 
+def symmetric_eigh(
+    A: Tensor, solver: str = "auto", sweeps: int = DEFAULT_SWEEPS
+) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of a symmetric float64 matrix.
+
+    ``torch.linalg.eigh`` synchronizes with the host on accelerators (it checks LAPACK's
+    ``info``), so ``"auto"`` uses it on the CPU only and elsewhere the sync-free fixed-budget
+    :func:`jacobi_eigh` (``sweeps`` sweeps of K - 1 batched rounds); ``"eigh"`` / ``"jacobi"``
+    force one. A non-finite matrix is decomposed as zero (LAPACK may fail on NaN; the caller's
+    result is NaN anyway).
+    """
+    A = torch.where(torch.isfinite(A).all(), A, torch.zeros_like(A))
+    if solver == "eigh" or (solver == "auto" and A.device.type == "cpu"):
+        return torch.linalg.eigh(A)
+    return jacobi_eigh(0.5 * (A + A.T), sweeps)
+
+
 class AlignedMTL(Weighting):
     """Aligned-MTL from the eigen-decomposition ``Gamma = V diag(lambda) V^T``.
 
@@ -105,13 +129,12 @@ class AlignedMTL(Weighting):
     runs in float64 (``torch.linalg.eigh``; masks instead of a data-dependent rank). An all-zero
     Gram gives zero weights; identical gradients give weight 1 each (``B = 11^T / K``).
 
-    ``solver``: ``torch.linalg.eigh`` synchronizes with the host on accelerators (it checks
-    LAPACK's ``info``), so ``"auto"`` (default) uses it on the CPU only and elsewhere the sync-free
-    fixed-budget Jacobi solver :func:`jacobi_eigh` (``sweeps`` sweeps of K - 1 batched rounds, more
-    kernel launches than one ``eigh``); ``"eigh"`` / ``"jacobi"`` force one.
+    ``solver`` / ``sweeps``: the eigensolver, see :func:`symmetric_eigh` (``"auto"``: LAPACK on the
+    CPU, the sync-free Jacobi solver elsewhere).
     """
 
     name = "alignedmtl"
+    pref_vector = VectorOption(positive_sum=True)
 
     def __init__(
         self,
@@ -121,32 +144,19 @@ class AlignedMTL(Weighting):
         solver: str = "auto",
         sweeps: int = DEFAULT_SWEEPS,
         pref_vector: Tensor | None = None,
+        backend: str | None = None,
     ):
-        if scale_mode not in SCALE_MODES:
-            raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
-        if solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-        if not isinstance(sweeps, int) or isinstance(sweeps, bool) or sweeps < 1:
-            raise ValueError(f"sweeps must be a positive integer, got {sweeps!r}")
-        self.solver = solver
-        self.sweeps = sweeps
-        if rtol is not None and (
-            not isinstance(rtol, (int, float)) or isinstance(rtol, bool) or not rtol >= 0
-        ):
-            raise ValueError(f"rtol must be None or a non-negative number, got {rtol!r}")
-        self.scale_mode = scale_mode
-        self.rtol = None if rtol is None else float(rtol)
-        self.pref_vector = check_pref_vector(pref_vector)
+        super().__init__(backend=backend)
+        self.pref_vector = pref_vector
+        self.scale_mode = check_choice("scale_mode", scale_mode, SCALE_MODES)
+        self.rtol = None if rtol is None else check_number("rtol", rtol, low=0.0, high=1.0)
+        self.solver = check_choice("solver", solver, SOLVERS)
+        self.sweeps = check_int("sweeps", sweeps)
 
     def weights(self, gram: Tensor, losses: Tensor | None) -> Tensor:
         K = gram.shape[0]
         g = gram.to(torch.float64)
-        finite = torch.isfinite(g).all()
-        g = torch.where(
-            finite, g, torch.zeros_like(g)
-        )  # eigh of NaN input may fail; result is NaN anyway
-        use_eigh = self.solver == "eigh" or (self.solver == "auto" and g.device.type == "cpu")
-        lam, V = torch.linalg.eigh(g) if use_eigh else jacobi_eigh(0.5 * (g + g.T), self.sweeps)
+        lam, V = symmetric_eigh(g, self.solver, self.sweeps)
         rtol = self.rtol if self.rtol is not None else K * torch.finfo(gram.dtype).eps
         keep = lam > rtol * lam.max()
         inf = torch.full_like(lam, float("inf"))
@@ -168,5 +178,5 @@ class AlignedMTL(Weighting):
         if self.pref_vector is None:
             w = Bmat.sum(dim=1)
         else:
-            w = Bmat @ pref_on(self.pref_vector, gram)
-        return nan_if_nonfinite(w.to(out_dtype(gram)), gram)
+            w = Bmat @ self._option_on("pref_vector", self.pref_vector, K, gram.device)
+        return w.to(out_dtype(gram))

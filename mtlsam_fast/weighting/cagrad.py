@@ -10,7 +10,7 @@ import torch
 
 from .. import ops
 from ..ops import qp
-from .base import Tensor, Weighting, check_nonnegative, nan_if_nonfinite, out_dtype
+from .base import Tensor, Weighting, check_choice, check_nonnegative, check_qp_options, out_dtype
 
 RESCALES = (0, 1, 2)
 
@@ -44,19 +44,16 @@ class CAGrad(Weighting):
         tol: float = qp.DEFAULT_TOL,
         backend: str | None = None,
     ):
+        super().__init__(backend=backend)
         check_nonnegative(c=c)
-        if rescale not in RESCALES or isinstance(rescale, bool):
-            raise ValueError(f"rescale must be one of {RESCALES}, got {rescale!r}")
         self.c = float(c)
-        self.rescale = rescale
-        self.max_iter = max_iter
-        self.tol = tol
-        self.backend = backend
+        self.rescale = check_choice("rescale", rescale, RESCALES)
+        self.max_iter, self.tol = check_qp_options(max_iter, tol)
 
     def weights(self, gram: Tensor, losses: Tensor | None) -> Tensor:
         K = gram.shape[0]
         if K == 1:  # static shape, no sync
-            return nan_if_nonfinite(torch.ones(1, dtype=out_dtype(gram), device=gram.device), gram)
+            return torch.ones(1, dtype=out_dtype(gram), device=gram.device)
         G = gram.to(torch.float64)
         G = 0.5 * (G + G.T)
         b = G.mean(1)  # <g_i, g0>
@@ -80,4 +77,4 @@ class CAGrad(Weighting):
             weights = weights / (1.0 + self.c**2)
         elif self.rescale == 2:
             weights = weights / (1.0 + self.c)
-        return nan_if_nonfinite(weights.to(out_dtype(gram)), gram)
+        return weights.to(out_dtype(gram))

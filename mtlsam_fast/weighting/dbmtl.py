@@ -6,12 +6,9 @@ Lin, Ye, Zhang, Kwok, "Dual-Balancing for Multi-Task Learning" (DB-MTL), 2023
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from .base import Tensor, Weighting, check_nonnegative, nan_if_nonfinite, out_dtype
-from .rlw import check_state_keys
+from .base import Tensor, Weighting, check_number, out_dtype
 
 
 class DBMTL(Weighting):
@@ -39,70 +36,37 @@ class DBMTL(Weighting):
     """
 
     name = "dbmtl"
+    STATE = ("sq_norm_ema", "step")
 
-    def __init__(self, beta: float = 0.9, beta_sigma: float = 0.0, eps: float = 1e-8):
-        check_nonnegative(beta=beta, beta_sigma=beta_sigma, eps=eps)
-        if beta > 1:
-            raise ValueError(f"beta must be in [0, 1], got {beta!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps!r}")
-        self.beta = float(beta)
-        self.beta_sigma = float(beta_sigma)
-        self.eps = float(eps)
-        self._sq: Tensor | None = None
-        self._step: Tensor | None = None
+    def __init__(
+        self,
+        beta: float = 0.9,
+        beta_sigma: float = 0.0,
+        eps: float = 1e-8,
+        *,
+        backend: str | None = None,
+    ):
+        super().__init__(backend=backend)
+        self.beta = check_number("beta", beta, low=0.0, high=1.0)
+        self.beta_sigma = check_number("beta_sigma", beta_sigma, low=0.0)
+        self.eps = check_number("eps", eps, low=0.0, low_open=True)
 
-    def init_state(self, num_tasks: int, device: torch.device) -> None:
-        if self._sq is not None and self._sq.shape[0] != num_tasks:
-            raise ValueError(
-                f"DBMTL state holds {self._sq.shape[0]} tasks, the optimizer has K={num_tasks}"
-            )
-        if self._sq is None or self._step is None:
-            self._sq = torch.zeros(num_tasks, dtype=torch.float64, device=device)
-            self._step = torch.zeros((), dtype=torch.float64, device=device)
+    def _fresh_state(self, K: int, device: torch.device, numel: int | None) -> dict[str, Tensor]:
+        return {
+            "sq_norm_ema": torch.zeros(K, dtype=torch.float64, device=device),
+            "step": torch.zeros((), dtype=torch.float64, device=device),
+        }
 
     def weights(self, gram: Tensor, losses: Tensor | None) -> Tensor:
-        K = gram.shape[0]
-        dev = gram.device
-        if self._sq is not None and self._sq.shape[0] != K:
-            raise ValueError(f"DBMTL state holds {self._sq.shape[0]} tasks, gram has K={K}")
-        if self._sq is None or self._step is None:
-            self._sq = torch.zeros(K, dtype=torch.float64, device=dev)
-            self._step = torch.zeros((), dtype=torch.float64, device=dev)
-        elif self._sq.device != dev:
-            self._sq = self._sq.to(dev)
-            self._step = self._step.to(dev)
+        state = self._ensure_state(gram.shape[0], gram.device)
+        ema, count = state["sq_norm_ema"], state["step"]
         finite = torch.isfinite(gram).all()
-        step = self._step + 1
+        step = count + 1
         beta_t = self.beta * step.pow(-self.beta_sigma)
         sq = gram.diagonal().to(torch.float64).clamp(min=0)
-        new = sq + beta_t * (self._sq - sq)
+        new = sq + beta_t * (ema - sq)
         u = new.sqrt()
         w = u.max() / (u + self.eps)
-        self._sq.copy_(torch.where(finite, new, self._sq))
-        self._step.copy_(torch.where(finite, step, self._step))
-        return nan_if_nonfinite(w.to(out_dtype(gram)), gram)
-
-    def state_dict(self) -> dict[str, Any]:
-        if self._sq is None or self._step is None:
-            return {"sq_norm_ema": None, "step": None}
-        return {"sq_norm_ema": self._sq.clone(), "step": self._step.clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_state_keys(self.name, state, {"sq_norm_ema", "step"})
-        sq, step = state["sq_norm_ema"], state["step"]
-        if (sq is None) != (step is None):
-            raise ValueError(
-                "DBMTL state: 'sq_norm_ema' and 'step' must both be set or both be None"
-            )
-        if sq is not None and (
-            not isinstance(sq, torch.Tensor)
-            or sq.dim() != 1
-            or not isinstance(step, torch.Tensor)
-            or step.dim() != 0
-        ):
-            raise ValueError(
-                "DBMTL state: 'sq_norm_ema' must be a [K] tensor and 'step' a 0-d tensor"
-            )
-        self._sq = None if sq is None else sq.to(torch.float64).clone()
-        self._step = None if step is None else step.to(torch.float64).clone()
+        ema.copy_(torch.where(finite, new, ema))
+        count.copy_(torch.where(finite, step, count))
+        return w.to(out_dtype(gram))

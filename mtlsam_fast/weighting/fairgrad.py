@@ -6,8 +6,8 @@ Ban, Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024
 
 from __future__ import annotations
 
-from .base import Tensor, Weighting, nan_if_nonfinite, out_dtype
-from .nashmtl import DEFAULT_MAX_ITER, DEFAULT_REG, _check_solver_options, solve_power_equation
+from .base import Tensor, Weighting, check_bool, check_number, out_dtype
+from .nashmtl import DEFAULT_MAX_ITER, DEFAULT_REG, check_solver_options, solve_power_equation
 
 
 class FairGrad(Weighting):
@@ -35,23 +35,15 @@ class FairGrad(Weighting):
         *,
         max_iter: int = DEFAULT_MAX_ITER,
         reg: float = DEFAULT_REG,
+        backend: str | None = None,
     ):
-        if (
-            not isinstance(alpha, (int, float))
-            or isinstance(alpha, bool)
-            or not 0 < alpha < float("inf")
-        ):
-            raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
-        if not isinstance(normalize, bool):
-            raise ValueError(f"normalize must be a bool, got {normalize!r}")
-        _check_solver_options(max_iter, reg)
-        self.alpha = float(alpha)
-        self.normalize = normalize
-        self.max_iter = max_iter
-        self.reg = float(reg)
+        super().__init__(backend=backend)
+        self.alpha = check_number("alpha", alpha, low=0.0, low_open=True)
+        self.normalize = check_bool("normalize", normalize)
+        self.max_iter, self.reg = check_solver_options(max_iter, reg)
 
     def weights(self, gram: Tensor, losses: Tensor | None) -> Tensor:
         w = solve_power_equation(
             gram, self.alpha, normalize=self.normalize, max_iter=self.max_iter, reg=self.reg
         )
-        return nan_if_nonfinite(w.to(out_dtype(gram)), gram)
+        return w.to(out_dtype(gram))

@@ -7,15 +7,13 @@ official code; the reference is LibMTL's implementation (whole-model granularity
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from .base import Tensor, Weighting, nan_if_nonfinite, out_dtype
-from .rlw import PhiloxStream, check_state_keys
+from .base import Tensor, check_number, out_dtype
+from .rlw import RandomWeighting
 
 
-class GradVac(Weighting):
+class GradVac(RandomWeighting):
     """GradVac on the Gram matrix, with an EMA of pairwise cosine targets ``phi_hat`` (state).
 
     For every task ``i``, visiting the other tasks ``j`` in a random order: with
@@ -37,40 +35,23 @@ class GradVac(Weighting):
     """
 
     name = "gradvac"
+    STATE = ("target",)
 
-    def __init__(self, beta: float = 0.5, seed: int = 0):
-        if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
-        self.beta = float(beta)
-        self._stream = PhiloxStream(seed)
-        self._target: Tensor | None = None
-
-    @property
-    def seed(self) -> int:
-        return self._stream.seed
+    def __init__(self, beta: float = 0.5, seed: int = 0, *, backend: str | None = None):
+        super().__init__(seed, backend=backend)
+        self.beta = check_number("beta", beta, low=0.0, high=1.0)
 
     def __repr__(self) -> str:
         return f"GradVac(beta={self.beta}, seed={self.seed})"
 
-    def init_state(self, num_tasks: int, device: torch.device) -> None:
-        if self._target is not None and self._target.shape[0] != num_tasks:
-            raise ValueError(
-                f"GradVac state holds {self._target.shape[0]} tasks, the optimizer has "
-                f"K={num_tasks}"
-            )
-        if self._target is None:
-            self._target = torch.zeros(num_tasks, num_tasks, dtype=torch.float64, device=device)
+    def _fresh_state(self, K: int, device: torch.device, numel: int | None) -> dict[str, Tensor]:
+        return {"target": torch.zeros(K, K, dtype=torch.float64, device=device)}
 
     def weights(self, gram: Tensor, losses: Tensor | None) -> Tensor:
         K = gram.shape[0]
         dev = gram.device
-        if self._target is not None and self._target.shape[0] != K:
-            raise ValueError(f"GradVac state holds {self._target.shape[0]} tasks, gram has K={K}")
-        if self._target is None:
-            self._target = torch.zeros(K, K, dtype=torch.float64, device=dev)
-        elif self._target.device != dev:
-            self._target = self._target.to(dev)
-        target = self._target
+        state = self._ensure_state(K, dev)
+        target = state["target"]
         g = gram.to(torch.float64)
         order = self._stream.task_orders(K, dev)
         rows = torch.arange(K, device=dev)
@@ -96,22 +77,6 @@ class GradVac(Weighting):
             C = C + coef[:, None] * onehot
             target = target + onehot * (((1 - self.beta) * t + self.beta * phi) - t)[:, None]
         # a non-finite Gram (a skipped step) must not poison the EMA
-        self._target.copy_(torch.where(torch.isfinite(gram).all(), target, self._target))
+        state["target"].copy_(torch.where(torch.isfinite(gram).all(), target, state["target"]))
         w = C.sum(dim=0)
-        return nan_if_nonfinite(w.to(out_dtype(gram)), gram)
-
-    def state_dict(self) -> dict[str, Any]:
-        target = None if self._target is None else self._target.clone()
-        return {"stream": self._stream.state_dict(), "target": target}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_state_keys(self.name, state, {"stream", "target"})
-        target = state["target"]
-        if target is not None and (
-            not isinstance(target, torch.Tensor)
-            or target.dim() != 2
-            or target.shape[0] != target.shape[1]
-        ):
-            raise ValueError("GradVac state 'target' must be None or a K x K tensor")
-        self._stream.load_state_dict(state["stream"])
-        self._target = None if target is None else target.to(torch.float64).clone()
+        return w.to(out_dtype(gram))

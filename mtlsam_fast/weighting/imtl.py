@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Tensor, Weighting, nan_if_nonfinite, out_dtype
+from .base import Tensor, Weighting, out_dtype
 
 #: Tikhonov shift of the unit-diagonal cosine matrix, by input precision (fp64 / lower)
 LAMBDA = {torch.float64: 1e-10}
@@ -66,4 +66,4 @@ class IMTL(Weighting):
             v / torch.where(total != 0, total, torch.ones_like(total)),
             torch.full_like(v, 1.0 / K),
         )
-        return nan_if_nonfinite(w.to(out_dtype(gram)), gram)
+        return w.to(out_dtype(gram))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Tensor, Weighting, nan_if_nonfinite, out_dtype
+from .base import Tensor, Weighting, out_dtype
 
 
 class LinearScalarization(Weighting):
@@ -14,5 +14,4 @@ class LinearScalarization(Weighting):
 
     def weights(self, gram: Tensor, losses: Tensor | None) -> Tensor:
         K = gram.shape[0]
-        w = torch.full((K,), 1.0 / K, dtype=out_dtype(gram), device=gram.device)
-        return nan_if_nonfinite(w, gram)
+        return torch.full((K,), 1.0 / K, dtype=out_dtype(gram), device=gram.device)

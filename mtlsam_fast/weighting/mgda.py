@@ -10,7 +10,7 @@ import torch
 
 from .. import ops
 from ..ops import qp
-from .base import Tensor, Weighting, out_dtype
+from .base import Tensor, Weighting, check_choice, check_qp_options, out_dtype
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -26,6 +26,7 @@ class MGDA(Weighting):
     """
 
     name = "mgda"
+    propagates_nonfinite = True  # the QP returns NaN weights for a non-finite Gram
 
     def __init__(
         self,
@@ -35,14 +36,9 @@ class MGDA(Weighting):
         tol: float = qp.DEFAULT_TOL,
         backend: str | None = None,
     ):
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(
-                f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}"
-            )
-        self.normalization = normalization
-        self.max_iter = max_iter
-        self.tol = tol
-        self.backend = backend
+        super().__init__(backend=backend)
+        self.normalization = check_choice("normalization", normalization, NORMALIZATIONS)
+        self.max_iter, self.tol = check_qp_options(max_iter, tol)
 
     @property
     def needs_losses(self) -> bool:  # type: ignore[override]

@@ -20,8 +20,11 @@ Armijo condition, where ``t_max`` is ``min(1, 0.99 x`` the step to the boundary 
 candidates are evaluated in one batch and picked by a mask; 0 when none qualifies), and every
 iterate is rescaled by the exactly optimal factor along its ray.
 
-Singular ``Gamma``: ``eps = 1e-12`` relative Tikhonov regularization (``eps Gamma_ii`` added to the
-diagonal; a zero gradient borrows the mean diagonal) keeps ``f`` coercive when ``Gamma`` is singular
+Singular ``Gamma``: ``eps = 1e-12 + K u`` relative Tikhonov regularization (``eps Gamma_ii``
+added to the diagonal, ``u`` the unit roundoff of the Gram's dtype, which bounds the negative
+eigenvalues its rounding can create: a float32 Gram of dependent gradients is indefinite by about
+``K u``; a zero gradient borrows the mean diagonal) keeps ``f`` coercive and bounded below when
+``Gamma`` is singular
 along a non-negative direction (a zero gradient, or ``g_1 = -g_2``): the equation then has no
 solution and the weights of those tasks grow to about ``eps^(-alpha / (alpha + 1))`` (1e6 for
 Nash-MTL) instead of infinity -- finite, and for a zero gradient irrelevant to the direction. On
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Tensor, Weighting, nan_if_nonfinite, out_dtype
+from .base import Tensor, Weighting, check_bool, check_int, check_number, out_dtype
 
 DEFAULT_MAX_ITER = 40
 DEFAULT_REG = 1e-12
@@ -41,11 +44,9 @@ _N_STEPS = 16
 _ARMIJO = 1e-4
 
 
-def _check_solver_options(max_iter: int, reg: float) -> None:
-    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-    if not isinstance(reg, (int, float)) or isinstance(reg, bool) or not reg > 0:
-        raise ValueError(f"reg must be a positive number, got {reg!r}")
+def check_solver_options(max_iter: int, reg: float) -> tuple[int, float]:
+    """The Newton budget (an int >= 1) and the relative regularization (finite, > 0)."""
+    return check_int("max_iter", max_iter), check_number("reg", reg, low=0.0, low_open=True)
 
 
 def solve_power_equation(
@@ -78,7 +79,7 @@ def solve_power_equation(
     pos = dg > 0
     fill = torch.where(pos, dg, torch.zeros_like(dg)).sum() / pos.sum().clamp(min=1)
     d = torch.where(pos, dg, fill).rsqrt()  # a zero gradient borrows the mean scale
-    A = d[:, None] * gn * d[None, :] + reg * eye
+    A = d[:, None] * gn * d[None, :] + (reg + K * torch.finfo(gram.dtype).eps / 2) * eye
     log_case = alpha == 1.0
     p = 1.0 - 1.0 / alpha
     expo = alpha / (alpha + 1.0)
@@ -149,17 +150,19 @@ class NashMTL(Weighting):
     name = "nashmtl"
 
     def __init__(
-        self, normalize: bool = True, *, max_iter: int = DEFAULT_MAX_ITER, reg: float = DEFAULT_REG
+        self,
+        normalize: bool = True,
+        *,
+        max_iter: int = DEFAULT_MAX_ITER,
+        reg: float = DEFAULT_REG,
+        backend: str | None = None,
     ):
-        if not isinstance(normalize, bool):
-            raise ValueError(f"normalize must be a bool, got {normalize!r}")
-        _check_solver_options(max_iter, reg)
-        self.normalize = normalize
-        self.max_iter = max_iter
-        self.reg = float(reg)
+        super().__init__(backend=backend)
+        self.normalize = check_bool("normalize", normalize)
+        self.max_iter, self.reg = check_solver_options(max_iter, reg)
 
     def weights(self, gram: Tensor, losses: Tensor | None) -> Tensor:
         w = solve_power_equation(
             gram, 1.0, normalize=self.normalize, max_iter=self.max_iter, reg=self.reg
         )
-        return nan_if_nonfinite(w.to(out_dtype(gram)), gram)
+        return w.to(out_dtype(gram))

@@ -6,17 +6,15 @@ Yu, Kumar, Gupta, Levine, Hausman, Finn, "Gradient Surgery for Multi-Task Learni
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from .base import Tensor, Weighting, nan_if_nonfinite, out_dtype
-from .rlw import PhiloxStream, check_state_keys
+from .base import Tensor, check_choice, out_dtype
+from .rlw import RandomWeighting
 
 REDUCTIONS = ("sum", "mean")
 
 
-class PCGrad(Weighting):
+class PCGrad(RandomWeighting):
     """PCGrad on the Gram matrix: ``weights = 1^T C`` with ``g_i^PC = sum_k C[i, k] g_k``.
 
     The paper's Algorithm 1: for every task ``i``, starting from ``g_i^PC = g_i``, visit the other
@@ -38,15 +36,9 @@ class PCGrad(Weighting):
 
     name = "pcgrad"
 
-    def __init__(self, reduction: str = "sum", seed: int = 0):
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        self.reduction = reduction
-        self._stream = PhiloxStream(seed)
-
-    @property
-    def seed(self) -> int:
-        return self._stream.seed
+    def __init__(self, reduction: str = "sum", seed: int = 0, *, backend: str | None = None):
+        super().__init__(seed, backend=backend)
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
 
     def __repr__(self) -> str:
         return f"PCGrad(reduction={self.reduction!r}, seed={self.seed})"
@@ -71,11 +63,4 @@ class PCGrad(Weighting):
         w = C.sum(dim=0)
         if self.reduction == "mean":
             w = w / K
-        return nan_if_nonfinite(w.to(out_dtype(gram)), gram)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"stream": self._stream.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_state_keys(self.name, state, {"stream"})
-        self._stream.load_state_dict(state["stream"])
+        return w.to(out_dtype(gram))

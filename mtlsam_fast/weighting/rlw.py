@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from ..ops import philox
-from .base import Tensor, Weighting, nan_if_nonfinite, out_dtype
+from .base import Tensor, Weighting, check_state_keys, out_dtype
 
 
-def _check_seed(seed: Any) -> int:
+def check_seed(seed: Any) -> int:
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
     return seed
@@ -36,7 +36,7 @@ class PhiloxStream:
     """
 
     def __init__(self, seed: int):
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed)
         self.offset = torch.zeros((), dtype=torch.int64)
 
     def counters(self, n: int, device: torch.device) -> Tensor:
@@ -69,7 +69,7 @@ class PhiloxStream:
         return {"seed": self.seed, "offset": self.offset.clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        seed = _check_seed(state.get("seed"))
+        seed = check_seed(state.get("seed"))
         offset = state.get("offset")
         if not isinstance(offset, torch.Tensor) or offset.dtype != torch.int64 or offset.dim() != 0:
             raise ValueError("random stream state needs 'offset', a 0-d int64 tensor")
@@ -77,13 +77,33 @@ class PhiloxStream:
         self.offset = offset.clone()
 
 
-def check_state_keys(name: str, state: dict[str, Any], expected: set[str]) -> None:
-    if not isinstance(state, dict) or set(state) != expected:
-        got = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"weighting {name!r} expects state keys {sorted(expected)}, got {got}")
+class RandomWeighting(Weighting):
+    """A weighting drawing from a seeded :class:`PhiloxStream` (its state: the stream)."""
+
+    def __init__(self, seed: int = 0, *, backend: str | None = None):
+        super().__init__(backend=backend)
+        self._stream = PhiloxStream(seed)
+
+    @property
+    def seed(self) -> int:
+        return self._stream.seed
+
+    def _extra_state_tensors(self) -> dict[str, Tensor]:
+        return {"stream.offset": self._stream.offset}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "stream": self._stream.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_keys(self.name, state, {*self.STATE, "stream"})
+        probe = PhiloxStream(0)
+        probe.load_state_dict(state["stream"])  # raises before anything changes
+        if self.STATE:
+            self._state, self._state_spec = self._checked_state(state, {*self.STATE, "stream"})
+        self._stream = probe
 
 
-class RLW(Weighting):
+class RLW(RandomWeighting):
     """Random loss weighting: ``weights = softmax(z)``, ``z ~ N(0, I_K)`` drawn fresh every call.
 
     The paper's default distribution (standard normal + softmax, as in its official code). The Gram
@@ -93,24 +113,10 @@ class RLW(Weighting):
 
     name = "rlw"
 
-    def __init__(self, seed: int = 0):
-        self._stream = PhiloxStream(seed)
-
-    @property
-    def seed(self) -> int:
-        return self._stream.seed
-
     def __repr__(self) -> str:
         return f"RLW(seed={self.seed})"
 
     def weights(self, gram: Tensor, losses: Tensor | None) -> Tensor:
         K = gram.shape[0]
         z = self._stream.normal(K, gram.device).to(out_dtype(gram))
-        return nan_if_nonfinite(torch.softmax(z, dim=0), gram)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"stream": self._stream.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_state_keys(self.name, state, {"stream"})
-        self._stream.load_state_dict(state["stream"])
+        return torch.softmax(z, dim=0)

@@ -15,31 +15,13 @@ import torch
 
 from .. import ops
 from ..ops import qp
-from .base import Tensor, Weighting, nan_if_nonfinite, out_dtype
-
-
-def check_pref_vector(pref_vector: Tensor | None) -> Tensor | None:
-    """A preference vector (task weights ``u``) as a detached copy, or None."""
-    if pref_vector is None:
-        return None
-    if not isinstance(pref_vector, torch.Tensor):
-        pref_vector = torch.as_tensor(pref_vector)
-    if pref_vector.dim() != 1 or pref_vector.numel() < 1 or not pref_vector.is_floating_point():
-        raise ValueError(
-            f"pref_vector must be a non-empty 1-D floating-point tensor, got {pref_vector!r}"
-        )
-    return pref_vector.detach().clone()
-
-
-def pref_on(pref_vector: Tensor, gram: Tensor) -> Tensor:
-    """``pref_vector`` in float64 on the Gram's device, checked against its K."""
-    K = gram.shape[0]
-    if pref_vector.shape[0] != K:
-        raise ValueError(f"pref_vector has {pref_vector.shape[0]} entries but the gram is {K}x{K}")
-    return pref_vector.to(device=gram.device, dtype=torch.float64)
+from .base import Tensor, VectorOption, Weighting, check_qp_options, out_dtype
 
 
 class _DualConeWeighting(Weighting):
+    pref_vector = VectorOption(positive_sum=True)
+    propagates_nonfinite = True  # the QP returns NaN for a non-finite Gram
+
     def __init__(
         self,
         pref_vector: Tensor | None = None,
@@ -48,16 +30,15 @@ class _DualConeWeighting(Weighting):
         tol: float = qp.DEFAULT_TOL,
         backend: str | None = None,
     ):
-        self.pref_vector = check_pref_vector(pref_vector)
-        self.max_iter = max_iter
-        self.tol = tol
-        self.backend = backend
+        super().__init__(backend=backend)
+        self.pref_vector = pref_vector
+        self.max_iter, self.tol = check_qp_options(max_iter, tol)
 
     def _pref(self, gram: Tensor) -> Tensor:
         K = gram.shape[0]
         if self.pref_vector is None:
             return torch.full((K,), 1.0 / K, dtype=torch.float64, device=gram.device)
-        return pref_on(self.pref_vector, gram)
+        return self._option_on("pref_vector", self.pref_vector, K, gram.device)
 
     def _solve(self, gram: Tensor, lower: Tensor) -> Tensor:
         G = gram.to(torch.float64)
@@ -89,7 +70,7 @@ class UPGrad(_DualConeWeighting):
     def weights(self, gram: Tensor, losses: Tensor | None) -> Tensor:
         u = self._pref(gram)
         V = self._solve(gram, torch.diag(u))  # [K, K], row i: projection of u_i g_i
-        return nan_if_nonfinite(V.to(torch.float64).sum(0).to(out_dtype(gram)), gram)
+        return V.to(torch.float64).sum(0).to(out_dtype(gram))
 
 
 class DualProj(_DualConeWeighting):
@@ -103,4 +84,4 @@ class DualProj(_DualConeWeighting):
 
     def weights(self, gram: Tensor, losses: Tensor | None) -> Tensor:
         v = self._solve(gram, self._pref(gram))
-        return nan_if_nonfinite(v.to(out_dtype(gram)), gram)
+        return v.to(out_dtype(gram))
