@@ -81,3 +81,44 @@ def test_documented_commands_parse(where: str, argv: list[str]) -> None:
         cli.build_parser().parse_args(args)
     except SystemExit as e:
         pytest.fail(f"{where}: {' '.join(argv)} is rejected by the CLI's parser (exit {e.code})")
+
+
+def table_rows(text: str, heading: str) -> list[list[str]]:
+    """The cells of the first table under ``heading`` (header and separator rows left out)."""
+    section = text[text.index(heading) :]
+    rows: list[list[str]] = []
+    for raw in section.splitlines()[1:]:
+        if raw.startswith("|"):
+            rows.append([c.strip() for c in raw.strip("|").split("|")])
+        elif rows:
+            break
+    return rows[2:]
+
+
+def test_readme_method_table_lists_every_weighting() -> None:
+    """README's method table has one row per registered weighting, in the registry's order, each
+    with a paper link (or a closed form), an input kind and an oracle."""
+    from mtlsam_fast import weighting
+
+    rows = table_rows((ROOT / "README.md").read_text(), "## Methods")
+    assert [r[0].strip("`") for r in rows] == weighting.names()
+    for name, method, kind, checked in rows:
+        assert kind.split()[0] in {"Gram", "gradients", "losses", "the"}, (name, kind)
+        assert checked, name
+        assert "](http" in method or name == "`ls`", name
+
+
+def test_weighting_options_table_matches_the_classes() -> None:
+    """docs/weightings.md's options table is the classes' own signatures (names and defaults)."""
+    import inspect
+
+    from mtlsam_fast import weighting
+
+    rows = table_rows((ROOT / "docs" / "weightings.md").read_text(), "## Options")
+    assert [r[0].strip("`") for r in rows] == weighting.names()
+    for name, cls_name, options in rows:
+        cls = type(weighting.get(name.strip("`")))
+        assert cls.__name__ == cls_name.strip("`")
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        want = ", ".join(f"`{p.name}={p.default!r}`" for p in params if p.name != "backend")
+        assert options == (want or "—"), name
