@@ -1,6 +1,7 @@
 """Peers' own methods against ours through the adapters: one training step, same model, same run.
 
-``python -m bench integrations [--K 3,16] [--rounds 7] [--steps 3] [--threads 1] [--out DIR]``
+``python -m bench integrations [--K 3,16] [--rounds 7] [--steps 3] [--threads 1] [--methods M,..]
+[--out DIR] [--name STEM]``
 
 * torchjd (``mtlsam_fast.integrations.torchjd``): a step is the forward pass, ``mtl_backward``,
   ``jac_to_grad`` and an SGD step. Three implementations: ``torchjd`` (its aggregator and its
@@ -12,6 +13,8 @@
   SGD step -- with LibMTL's weighting class and with ours (same name). K = 3 only: LibMTL's CAGrad
   objective is written for three tasks. LibMTL runs with the two shims of
   :mod:`bench.peers` (``torchvision.models.utils``, in-place ``zero_grad``).
+* torchjd's scalarizers: a step is the forward pass, ``scalarizer(losses).backward()`` and an SGD
+  step (FAMO: and its ``update`` on the same batch), with torchjd's scalarizer and ours.
 * ``weights``: the weighting alone on a K x K Gramian (torchjd's ``<Name>Weighting`` and ours),
   where the solvers' cost shows without the model around it.
 * ``conflicts``: UPGrad on badly scaled Jacobians (row norms over 7 decades), torchjd's default
@@ -21,8 +24,8 @@
 Every implementation trains its own copy of the same model on the same batches; they take turns
 within every round (``--steps`` steps each), so a slow phase of a shared machine hits all of them.
 Reported: the median over rounds of the time per step, with the quartiles in the JSON. Writes
-``integrations.json`` and ``integrations.md`` (the tables) to ``--out``; ``--render DIR``
-re-writes the tables from ``DIR/integrations.json`` without measuring.
+``STEM.json`` and ``STEM.md`` (the tables; ``--name``, default ``integrations``) to ``--out``;
+``--render DIR`` re-writes the tables from ``DIR/STEM.json`` without measuring.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -54,6 +58,28 @@ TORCHJD_METHODS: dict[str, Callable[[int], dict[str, Any]]] = {
     "NashMTL": lambda K: {"n_tasks": K},
     "Mean": lambda K: {},
     "Random": lambda K: {},
+    "Krum": lambda K: {"n_byzantine": 0},
+    "PCD": lambda K: {},
+    "ConFIG": lambda K: {},
+    "ExcessMTL": lambda K: {},
+    "GradDrop": lambda K: {},
+    "TrimmedMean": lambda K: {"trim_number": 1},
+}
+#: torchjd's methods that are a Gramian weighting only (no aggregator)
+WEIGHTING_ONLY: dict[str, Callable[[int], dict[str, Any]]] = {
+    "SDMGrad": lambda K: {},
+    "MoDo": lambda K: {},
+}
+#: torchjd's loss scalarizers
+SCALARIZERS: dict[str, Callable[[int], dict[str, Any]]] = {
+    "UW": lambda K: {"shape": K},
+    "IMTLL": lambda K: {"shape": K},
+    "DWA": lambda K: {},
+    "FAMO": lambda K: {"shape": K},
+    "GeometricMean": lambda K: {},
+    "STCH": lambda K: {"mu": 0.5},
+    "COSMOS": lambda K: {"lambda_": 1.0, "weights": torch.full((K,), 1.0 / K)},
+    "PBI": lambda K: {"theta": 5.0, "weights": torch.full((K,), 1.0 / K)},
 }
 LIBMTL_METHODS: dict[str, dict[str, Any]] = {
     "EW": {},
@@ -63,6 +89,10 @@ LIBMTL_METHODS: dict[str, dict[str, Any]] = {
     "IMTL": {},
     "CAGrad": {"calpha": 0.5, "rescale": 1},
     "RLW": {"dist": "Normal"},
+    "GradNorm": {"alpha": 1.5},
+    "UW": {},
+    "DWA": {"T": 2.0},
+    "GLS": {},
 }
 #: the methods with a torchjd Gramian weighting
 WEIGHT_METHODS = [
@@ -76,6 +106,10 @@ WEIGHT_METHODS = [
     "GradVac",
     "FairGrad",
     "Mean",
+    "Krum",
+    "PCD",
+    "SDMGrad",
+    "MoDo",
 ]
 
 
@@ -89,6 +123,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: default)")
     ap.add_argument("--methods", default=None, help="only these torchjd/LibMTL names (comma list)")
     ap.add_argument("--out", default="bench/results/cpu")
+    ap.add_argument(
+        "--name", default="integrations", help="file stem of the results in --out (and --render)"
+    )
     ap.add_argument(
         "--render", default=None, help="re-write DIR/integrations.md from DIR/integrations.json"
     )
@@ -179,12 +216,58 @@ def torchjd_weights(args: argparse.Namespace, K: int, methods: list[str]) -> dic
     gram = J @ J.T
     results: dict[str, Any] = {}
     for name in methods:
-        options = TORCHJD_METHODS[name](K)
+        options = {**TORCHJD_METHODS, **WEIGHTING_ONLY}[name](K)
         theirs = getattr(tja, f"{name}Weighting")(**options)
         mine = getattr(ours, f"{name}Weighting")(**options)
         fns = {"torchjd": lambda w=theirs: w(gram), "ours": lambda w=mine: w(gram)}
         results[name] = _row(_interleaved(fns, args.rounds, args.steps), "torchjd")
         print(f"weights K={K} {name}: " + _fmt(results[name]), flush=True)
+    return results
+
+
+def scalarizer_steps(args: argparse.Namespace, K: int, methods: list[str]) -> dict[str, Any]:
+    """A step on the scalarized loss: forward, ``scalarizer(losses).backward()``, SGD step (and
+    FAMO's ``update`` on the same batch, as torchjd's documentation does)."""
+    import torchjd.scalarization as tjs
+
+    from mtlsam_fast.integrations import torchjd as ours
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 64, generator=g)
+    ys = torch.randn(K, args.batch, 1, generator=g)
+    results: dict[str, Any] = {}
+    for name in methods:
+        options = SCALARIZERS[name](K)
+
+        def make(scalarizer: Any) -> Callable[[], None]:
+            torch.manual_seed(0)
+            trunk = _trunk(args.width)
+            heads = nn.ModuleList(nn.Linear(args.width, 1) for _ in range(K))
+            params = [*trunk.parameters(), *heads.parameters(), *scalarizer.parameters()]
+            opt = torch.optim.SGD(params, lr=1e-3)
+
+            def losses() -> Tensor:
+                features = trunk(x)
+                return torch.stack(
+                    [nn.functional.mse_loss(h(features), y) for h, y in zip(heads, ys)]
+                )
+
+            def step() -> None:
+                scalarizer(losses()).backward()
+                opt.step()
+                opt.zero_grad()
+                if name == "FAMO":
+                    with torch.no_grad():
+                        scalarizer.update(losses())
+
+            return step
+
+        fns = {
+            "torchjd": make(getattr(tjs, name)(**options)),
+            "ours": make(getattr(ours, name)(**options)),
+        }
+        results[name] = _row(_interleaved(fns, args.rounds, args.steps), "torchjd")
+        print(f"scalarizer K={K} {name}: " + _fmt(results[name]), flush=True)
     return results
 
 
@@ -243,6 +326,10 @@ def libmtl_steps(args: argparse.Namespace, methods: list[str]) -> dict[str, Any]
                     self.init_param()
 
             model = MTLmodel()
+            # what LibMTL's Trainer sets: the epoch, and the epochs' average losses (DWA and
+            # GradNorm read them; from epoch 2 on both weight by them)
+            model.epoch = 2
+            model.train_loss_buffer = np.ones((K, 3))
             opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
             def step() -> None:
@@ -305,6 +392,19 @@ def markdown(report: dict[str, Any]) -> str:
                 f"({row['ours+jac']['speedup_vs_peer']:.1f}x) |"
             )
         lines.append("")
+    for K, rows in report.get("scalarizers", {}).items():
+        lines += [
+            f"## torchjd scalarizers, K = {K}: forward, `scalarizer(losses).backward()`, SGD step",
+            "",
+            "| method | torchjd | ours |",
+            "|---|---:|---:|",
+        ]
+        for name, row in rows.items():
+            lines.append(
+                f"| {name} | {_ms(row['torchjd'])} | {_ms(row['ours'])} "
+                f"({row['ours']['speedup_vs_peer']:.1f}x) |"
+            )
+        lines.append("")
     if report.get("libmtl"):
         lines += [
             "## LibMTL 1.1.5, K = 3: forward, losses, `zero_grad`, `model.backward`, SGD step",
@@ -348,8 +448,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.render:
         out = Path(args.render)
-        (out / "integrations.md").write_text(
-            markdown(json.loads((out / "integrations.json").read_text()))
+        (out / f"{args.name}.md").write_text(
+            markdown(json.loads((out / f"{args.name}.json").read_text()))
         )
         return 0
     warnings.filterwarnings("ignore", message="You are solving a parameterized problem")
@@ -360,6 +460,7 @@ def main(args: argparse.Namespace) -> int:
     torchjd_names = [m for m in TORCHJD_METHODS if only is None or m in only]
     libmtl_names = [m for m in LIBMTL_METHODS if only is None or m in only]
     weight_names = [m for m in WEIGHT_METHODS if only is None or m in only]
+    scalarizer_names = [m for m in SCALARIZERS if only is None or m in only]
     command = "python -m bench integrations " + " ".join(
         f"--{k.replace('_', '-')} {v}"
         for k, v in vars(args).items()
@@ -379,13 +480,16 @@ def main(args: argparse.Namespace) -> int:
     }
     for K in (int(k) for k in args.K.split(",")):
         report["torchjd"][str(K)] = torchjd_steps(args, K, torchjd_names)
+    report["scalarizers"] = {
+        str(K): scalarizer_steps(args, K, scalarizer_names) for K in map(int, args.K.split(","))
+    }
     report["libmtl"] = libmtl_steps(args, libmtl_names)
     for K in (int(k) for k in args.weights_K.split(",")):
         report["weights"][str(K)] = torchjd_weights(args, K, weight_names)
     report["conflicts"] = conflicts()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "integrations.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "integrations.md").write_text(markdown(report))
+    (out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{args.name}.md").write_text(markdown(report))
     print(markdown(report))
     return 0

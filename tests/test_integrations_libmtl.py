@@ -75,6 +75,7 @@ def build(weighting_cls: type, K: int, *, rep_grad: bool = False, seed: int = 0)
         def __init__(self) -> None:
             super().__init__(tasks(K), Encoder, decoders, rep_grad, False, torch.device("cpu"))
             self.init_param()
+            self.epoch = 0  # LibMTL's Trainer sets it at each epoch (DWA, GradNorm read it)
 
     return MTLmodel()
 
@@ -142,15 +143,45 @@ def test_libmtl_imported_first_is_used_as_is() -> None:
     assert sys.modules["LibMTL.weighting.abstract_weighting"].AbsWeighting is ours.AbsWeighting
 
 
-def test_every_weighting_of_ours_is_one_row() -> None:
-    assert {row.ours for row in ours.METHODS.values()} == set(weighting.names())
-    in_libmtl_1_1_5 = {"EW", "MGDA", "PCGrad", "GradVac", "IMTL", "CAGrad", "RLW"}
-    assert in_libmtl_1_1_5 <= set(ours.METHODS)
+#: LibMTL's repository's methods newer than 1.1.5 that we have, by its class names
+IN_LIBMTL_REPOSITORY = {
+    "Nash_MTL", "Aligned_MTL", "DB_MTL", "FairGrad", "UPGrad", "FAMO", "MoCo", "ExcessMTL",
+}  # fmt: skip
+#: our weightings without a row, and why
+NOT_IN_LIBMTL = {
+    "config": "not in LibMTL",
+    "pcd": "not in LibMTL",
+    "crmogm": "not in LibMTL",
+    "krum": "not in LibMTL",
+    "trimmedmean": "not in LibMTL",
+    "cosmos": "not in LibMTL",
+    "pbi": "not in LibMTL",
+    "imtl_l": "LibMTL's IMTL is IMTL-L and IMTL-G together (the IMTL row)",
+    "stch": "LibMTL's STCH is the official MTL variant (log(L / nadir) after warm-up epochs)",
+    "sdmgrad": "LibMTL's SDMGrad takes the losses of three batches per backward",
+    "modo": "LibMTL's MoDo takes the losses of three batches per backward",
+}
+
+
+def test_every_method_both_have_is_one_row() -> None:
+    """Every weighting of LibMTL 1.1.5 and the newer ones of its repository that we have is a
+    row (DualProj too, ours only); every weighting of ours is a row or listed with its reason."""
+    in_libmtl_1_1_5 = set(libmtl_weighting.__all__) - {"AbsWeighting"}
+    assert set(ours.METHODS) == in_libmtl_1_1_5 | IN_LIBMTL_REPOSITORY | {"DualProj"}
+    assert {row.ours for row in ours.METHODS.values()} == set(weighting.names()) - set(
+        NOT_IN_LIBMTL
+    )
     for name in ours.METHODS:
         cls = getattr(ours, name)
         assert issubclass(cls, libmtl_weighting.AbsWeighting) and cls.__name__ == name
         assert (name in in_libmtl_1_1_5) == hasattr(libmtl_weighting, name)
         assert ours.METHODS[name].heads in ("own", "weighted")
+
+
+def test_the_table_test_fails_without_a_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(ours.METHODS, "GLS")
+    with pytest.raises(AssertionError):
+        test_every_method_both_have_is_one_row()
 
 
 # --------------------------------------------------------------------------- against LibMTL
@@ -162,14 +193,22 @@ SAME = [
     ("MGDA", 2, {"mgda_gn": "loss+"}, 1e-6),
     ("IMTL", 3, {}, 1e-5),  # LibMTL inverts D U^T in float32, ours solves in float64
     ("PCGrad", 2, {}, 1e-6),  # two tasks: one order
+    ("GLS", 3, {}, 1e-6),  # the same scalarization, float32 against float64 weights
+    ("UW", 3, {}, 1e-6),  # the first step: s = -0.5 in both
+    ("GradNorm", 3, {"alpha": 1.5}, 1e-6),  # epoch 0: LibMTL sums the losses, ours starts at w = 1
+    ("DWA", 3, {"T": 2.0}, 1e-6),  # the first two epochs: weights 1 in both
 ]
 
 
 @pytest.mark.parametrize(("name", "K", "weight_args", "tol"), SAME, ids=lambda v: str(v))
 def test_backward_equals_libmtls_own_method(name, K, weight_args, tol) -> None:
-    _, theirs, _ = one_backward(getattr(libmtl_weighting, name), K, weight_args)
-    _, mine, _ = one_backward(getattr(ours, name), K, weight_args)
+    w_theirs, theirs, _ = one_backward(getattr(libmtl_weighting, name), K, weight_args)
+    w_mine, mine, _ = one_backward(getattr(ours, name), K, weight_args)
+    if name in ("UW", "GradNorm"):  # LibMTL's learnt loss_scale is a model parameter; ours is
+        theirs.pop("loss_scale", None)  # the weighting's, stepped by its own Adam
     assert_same_grads(mine, theirs, tol)
+    if name in ("UW", "GradNorm", "DWA"):  # the same weights returned (LibMTL's GLS returns
+        np.testing.assert_allclose(w_mine, w_theirs, rtol=1e-6)  # L / (K prod L), not those)
 
 
 def task_gradients(model: nn.Module, losses: torch.Tensor) -> torch.Tensor:
@@ -273,8 +312,9 @@ def _reference(name: str, K: int, weight_args: dict) -> tuple[np.ndarray, dict]:
         ]
     )
     plan = row.plan(**weight_args)  # the same draw from torch's generator as the adapter's
-    w = plan.weights(G @ G.T, losses.detach()) if row.uses_gram else plan.weights(G.new_zeros(K, K))
-    d = w.to(G.dtype) @ G
+    gram = G @ G.T if row.uses_gram else G.new_zeros(K, K)
+    w = plan.weights(gram, losses.detach(), grads=G)
+    d = w if plan.weighting.returns_direction else w.to(G.dtype) @ G
     if plan.max_grad_norm:
         d = d * torch.clamp(plan.max_grad_norm / (d.norm() + 1e-6), max=1.0)
     expected, offset = {}, 0
@@ -286,7 +326,7 @@ def _reference(name: str, K: int, weight_args: dict) -> tuple[np.ndarray, dict]:
     others = [(n, p) for n, p in model.named_parameters() if not n.startswith("encoder")]
     grads = torch.autograd.grad((coef.to(losses.dtype) * losses).sum(), [p for _, p in others])
     expected.update({n: g for (n, _), g in zip(others, grads)})
-    return w.numpy(), expected
+    return (None if plan.weighting.returns_direction else w.numpy()), expected
 
 
 ROWS = {
@@ -303,6 +343,14 @@ ROWS = {
     "FairGrad": {"FairGrad_alpha": 2.0},
     "UPGrad": {"UPGrad_norm_eps": 1e-4, "UPGrad_reg_eps": 1e-4},
     "DualProj": {},
+    "GradNorm": {"alpha": 1.2},
+    "UW": {},
+    "DWA": {"T": 1.5},
+    "GLS": {},
+    "GradDrop": {"leak": 0.2},
+    "FAMO": {"FAMO_w_lr": 0.05, "FAMO_w_gamma": 1e-3},
+    "MoCo": {"MoCo_beta": 0.4, "MoCo_gamma": 0.2, "MoCo_rho": 0.1},
+    "ExcessMTL": {"robust_step_size": 0.5},
 }
 
 
@@ -316,7 +364,10 @@ def test_backward_is_our_weighting_of_the_true_gradients(name: str) -> None:
     torch.manual_seed(0)
     w, grads, _ = one_backward(getattr(ours, name), K, ROWS[name])
     w_ref, expected = _reference(name, K, ROWS[name])
-    np.testing.assert_allclose(w, w_ref, rtol=1e-5, atol=1e-7)
+    if w_ref is None:  # a direction: no weights, as LibMTL's GradDrop
+        assert w.shape == () and w.item() is None
+    else:
+        np.testing.assert_allclose(w, w_ref, rtol=1e-5, atol=1e-7)
     assert_same_grads(grads, expected, 1e-5)
 
 
@@ -413,6 +464,72 @@ def test_trainer_by_name_trains_like_libmtls_method(name, K, weight_args, tol, c
     capsys.readouterr()  # LibMTL prints its tables
     np.testing.assert_allclose(mine.pop("weights"), theirs.pop("weights"), rtol=1e-4, atol=1e-6)
     assert_same_grads(mine, theirs, tol)
+
+
+@pytest.mark.parametrize(("name", "weight_args"), [("DWA", {"T": 2.0}), ("GLS", {})])
+def test_trainer_loss_weightings_train_like_libmtls(name, weight_args, capsys) -> None:
+    """Three epochs: DWA's weights from the epochs' average losses from the third on (ours
+    averages the losses it is given, LibMTL reads its trainer's buffer: the same numbers in
+    float32 against float64, 1e-5); GLS the same scalarization."""
+    theirs = train_with(getattr(libmtl_weighting, name), 3, weight_args, epochs=3)
+    mine = train_with(getattr(ours, name), 3, weight_args, epochs=3)
+    capsys.readouterr()
+    if name == "DWA":  # LibMTL's GLS records L / (K prod L), not the gradient weights
+        np.testing.assert_allclose(mine.pop("weights"), theirs.pop("weights"), rtol=1e-5)
+    mine.pop("weights", None), theirs.pop("weights", None)
+    assert_same_grads(mine, theirs, 1e-4)
+
+
+NEW_ROWS = ["GradNorm", "UW", "DWA", "GLS", "GradDrop", "FAMO", "MoCo", "ExcessMTL"]
+
+
+@pytest.mark.parametrize("name", NEW_ROWS)
+def test_trainer_trains_with_the_new_rows(name: str, capsys) -> None:
+    """A short LibMTL Trainer run per method of issue 20: every parameter moves, nothing NaN."""
+    trained = train_with(getattr(ours, name), 3, ROWS[name], epochs=2)
+    capsys.readouterr()
+    weights = trained.pop("weights")
+    assert all(torch.isfinite(p).all() for p in trained.values())
+    assert np.isfinite(weights).all()
+
+
+def test_direction_methods_refuse_rep_grad() -> None:
+    for name in ("GradDrop", "MoCo"):
+        model = build(getattr(ours, name), 2, rep_grad=True)
+        with pytest.raises(ValueError, match="rep_grad=False"):
+            model.backward(losses_of(model, *batch(2)), **ROWS[name])
+
+
+def test_dwa_needs_the_trainers_epoch() -> None:
+    model = build(ours.DWA, 2)
+    del model.epoch
+    with pytest.raises(RuntimeError, match=r"model\.epoch"):
+        model.backward(losses_of(model, *batch(2)), T=2.0)
+
+
+def test_famo_update_w_equals_torchjds_famo() -> None:
+    """LibMTL's repository's FAMO protocol (backward, optimizer step, update_w with the same
+    batch's losses) against torchjd's FAMO (forward, step, update), the same algorithm: the
+    weights of each step agree (float32 losses, float64 logits: 1e-6)."""
+    from torchjd.scalarization import FAMO as TorchjdFAMO
+
+    K = 3
+    model = build(ours.FAMO, K)
+    peer = TorchjdFAMO(K)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(4):
+        x, ys = batch(K, seed=30 + step)
+        losses = losses_of(model, x, ys)
+        L = losses.detach().clone().requires_grad_(True)
+        peer(L).backward()
+        opt.zero_grad()
+        w = model.backward(losses, FAMO_w_lr=0.025, FAMO_w_gamma=1e-3)
+        np.testing.assert_allclose(w, L.grad.numpy(), rtol=1e-6)
+        opt.step()
+        with torch.no_grad():
+            after = losses_of(model, x, ys)
+        model.update_w(after)
+        peer.update(after)
 
 
 # --------------------------------------------------------------------------- weight_args, state

@@ -1,7 +1,8 @@
 """Adapters that let other libraries use this one as their accelerated backend.
 
-* :mod:`mtlsam_fast.integrations.torchjd` -- torchjd's ``Weighting`` / ``Aggregator`` classes
-  (same names, same options), for ``torchjd.autogram.Engine`` and ``torchjd.autojac.jac_to_grad``;
+* :mod:`mtlsam_fast.integrations.torchjd` -- torchjd's ``Weighting`` / ``Aggregator`` /
+  ``Scalarizer`` classes (same names, same options), for ``torchjd.autogram.Engine``,
+  ``torchjd.autojac.jac_to_grad`` and the scalarized loss;
 * :mod:`mtlsam_fast.integrations.libmtl` -- LibMTL weighting classes (its ``AbsWeighting``
   interface) for LibMTL's ``Trainer``;
 * ``examples/lightning_mtl.py`` -- the PyTorch Lightning recipe (our optimizers need no adapter).

@@ -36,11 +36,18 @@ class Plan:
     finish: Callable[[Tensor, Tensor], Tensor] | None = None
     max_grad_norm: float = 0.0
 
-    def weights(self, gram: Tensor, losses: Tensor | None = None) -> Tensor:
-        """The peer's weights for ``gram`` (``losses``: the K losses, for weightings that read
-        them)."""
+    def weights(
+        self, gram: Tensor, losses: Tensor | None = None, grads: Tensor | None = None
+    ) -> Tensor:
+        """The peer's weights for ``gram`` (``losses``: the K losses, ``grads``: the K x P
+        gradients whose Gram it is, for weightings that read them; a weighting with
+        ``returns_direction`` returns the direction instead)."""
         g = gram if self.prepare is None else self.prepare(gram)
-        w = self.weighting(g, losses if self.weighting.needs_losses else None)
+        w = self.weighting(
+            g,
+            losses if self.weighting.needs_losses else None,
+            grads=grads if self.weighting.needs_grads else None,
+        )
         return w if self.finish is None else self.finish(w, gram)
 
 

@@ -10,30 +10,35 @@ the method computes the gradients and returns the task weights. The switch is th
     trainer = Trainer(..., weighting=MGDA, ...)
 
 Every class of :data:`METHODS` is a subclass of LibMTL's ``AbsWeighting`` named as in LibMTL
-(1.1.5, or its repository's newer methods: ``Nash_MTL``, ``Aligned_MTL``, ``DB_MTL``,
-``FairGrad``, ``UPGrad``; ``DualProj`` is ours only). Its ``backward``:
+(every weighting of 1.1.5, and its repository's newer methods that we have: ``Nash_MTL``,
+``Aligned_MTL``, ``DB_MTL``, ``FairGrad``, ``UPGrad``, ``FAMO``, ``MoCo``, ``ExcessMTL``;
+``DualProj`` is ours only). Its ``backward``:
 
 * backpropagates each task's loss into the shared parameters only, capturing the K gradients
   zero-copy in one flat ``[K, P]`` device buffer (:class:`mtlsam_fast.buffers.GradBuffer`) --
   LibMTL's ``_compute_grad`` instead copies each shared parameter's gradient into a vector it
   allocates on the host and moves back to the device, K times a step;
-* computes the Gram, the weights and ``w^T G`` with our kernels and our weighting, on the device,
-  and makes the shared parameters' ``.grad`` views of that combined gradient;
+* computes the Gram, the weights and ``w^T G`` with our kernels and our weighting, on the device
+  (``GradDrop``, ``MoCo``: our weighting's direction), and makes the shared parameters'
+  ``.grad`` views of that combined gradient;
 * gives the task-specific parameters (everything in the model that is not shared: the decoders,
   IMTL's loss scale) the gradient of ``sum_i c_i L_i`` in one more backward pass, ``c_i = 1`` for
   LibMTL's gradient-based methods (each head its own task's gradient, as their K backward passes
   give it) and ``c_i = w_i`` for its loss-weighting ones (``RLW``, ``Nash_MTL``, ``FairGrad``,
-  which backpropagate ``sum_i w_i L_i``); methods whose weights need no gradient (``EW``,
-  ``RLW``) do that single backward pass only;
+  ``ExcessMTL``, which backpropagate ``sum_i w_i L_i``); methods whose weights need no gradient
+  (``EW``, ``RLW`` and the loss-based ``UW``, ``DWA``, ``GLS``, ``FAMO``) do that single
+  backward pass only;
 * returns the weights as a NumPy array, as LibMTL's trainer records them (its loss meter reads
   ``loss.item()`` at every step anyway). These are the weights of the task gradients in the
   update (``w^T G``), also where LibMTL returns an inner variable (MGDA with a gradient
-  normalization returns the normalized problem's solution; CAGrad its dual variable).
+  normalization returns the normalized problem's solution; CAGrad its dual variable); None for
+  ``GradDrop`` and ``MoCo``, whose update is a direction.
 
 ``rep_grad=True`` (gradients of the shared representation) goes through LibMTL's own
 ``_get_grads`` / ``_backward_new_grads`` with our weights, for every method but the
 loss-weighting ones (LibMTL refuses it there too; its ``EW`` accepts it but then leaves the
-encoder without a gradient, ours trains it). ``weight_args`` are read with LibMTL's key names
+encoder without a gradient, ours trains it) and the direction ones (``GradDrop``, ``MoCo``:
+ours work on the shared parameters' gradients). ``weight_args`` are read with LibMTL's key names
 and its defaults; unknown keys raise. The weighting is built at the first ``backward`` and the same
 ``weight_args`` are expected afterwards. :meth:`weighting_state_dict` /
 :meth:`load_weighting_state_dict` save and restore its state (random streams, EMAs).
@@ -57,7 +62,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -125,7 +130,10 @@ class Method:
     task-specific parameter gets its own task's gradient) or ``"weighted"`` (``w_i`` times it);
     ``losses`` maps ``(model, losses)`` to the losses whose gradients are taken (DB-MTL's
     logarithm, IMTL-L's learnable scale); ``init`` adds a method's parameters to the model
-    (``init_param``); ``uses_gram=False`` where the weights need no gradient; ``notes`` says how
+    (``init_param``); ``uses_gram=False`` where the weights need no gradient (the loss-based
+    methods: one backward pass of ``sum_i w_i L_i``); ``before`` runs before the weights are
+    computed, with the model and our weighting (DWA follows the trainer's ``epoch``);
+    ``methods`` are further methods LibMTL's class has (FAMO's ``update_w``); ``notes`` says how
     ours differs from LibMTL's.
     """
 
@@ -137,6 +145,8 @@ class Method:
     losses: Callable[[Any, Tensor], Tensor] | None = None
     init: Callable[[Any], None] | None = None
     uses_gram: bool = True
+    before: Callable[[Any, Any], None] | None = None
+    methods: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------ weight_args -> plans
@@ -239,6 +249,85 @@ def _dualproj() -> Plan:
     return Plan(method("dualproj"))
 
 
+def _gradnorm(alpha: float = 1.5) -> Plan:
+    return Plan(method("gradnorm", alpha=alpha))
+
+
+def _uw() -> Plan:
+    return Plan(method("uw", init=-0.5))  # LibMTL's initial log-variance
+
+
+def _dwa(T: float = 2.0) -> Plan:
+    return Plan(method("dwa", temperature=T))
+
+
+def _dwa_epochs(model: Any, dwa: Any) -> None:
+    """Close our DWA's epochs as LibMTL's Trainer advances ``model.epoch`` (its DWA reads the
+    trainer's per-epoch average losses; ours averages the same losses itself)."""
+    epoch = getattr(model, "epoch", None)
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
+        raise RuntimeError(
+            "DWA needs the current epoch in model.epoch (LibMTL's Trainer sets it; set it "
+            "yourself in your own loop)"
+        )
+    seen = model.__dict__.setdefault("_mtlsam_epoch", epoch)
+    for _ in range(epoch - seen):
+        dwa.end_epoch()
+    model.__dict__["_mtlsam_epoch"] = max(seen, epoch)
+
+
+def _gls() -> Plan:
+    return Plan(method("gls"))
+
+
+def _graddrop(leak: float = 0.0) -> Plan:
+    return Plan(method("graddrop", leak=leak, seed=draw_seed(None)))
+
+
+def _famo(FAMO_w_lr: float = 0.025, FAMO_w_gamma: float = 1e-3) -> Plan:
+    return Plan(method("famo", lr=FAMO_w_lr, weight_decay=FAMO_w_gamma))
+
+
+def _famo_update_w(self: Any, curr_losses: Tensor) -> None:
+    """LibMTL's ``FAMO.update_w``: one step of the logits from the change of the losses since the
+    last ``backward`` (``curr_losses``: the same batch's losses after the model step). Without
+    it, the next ``backward``'s losses drive that step (no extra forward pass)."""
+    plan = self._mtlsam_plan
+    if plan is None:
+        raise RuntimeError("FAMO.update_w must follow a backward")
+    L = curr_losses.detach().reshape(-1).to(torch.float64)
+    famo = plan.weighting
+    famo(L.new_zeros(L.shape[0], L.shape[0]), L)  # the pending step: from the last losses to L
+    state = famo.state_dict()
+    state["has_prev"] = torch.zeros_like(state["has_prev"])  # the next backward takes no step
+    famo.load_state_dict(state)
+
+
+def _moco(
+    MoCo_beta: float = 0.5,
+    MoCo_beta_sigma: float = 0.5,
+    MoCo_gamma: float = 0.1,
+    MoCo_gamma_sigma: float = 0.5,
+    MoCo_rho: float = 0.0,
+) -> Plan:
+    return Plan(
+        method(
+            "moco",
+            beta=MoCo_beta,
+            beta_sigma=MoCo_beta_sigma,
+            gamma=MoCo_gamma,
+            gamma_sigma=MoCo_gamma_sigma,
+            rho=MoCo_rho,
+            normalize=True,  # LibMTL's loss-scaled unit gradients
+        )
+    )
+
+
+def _excess_mtl(robust_step_size: float = 1.0) -> Plan:
+    # LibMTL's weights sum to K, ours to 1
+    return Plan(method("excessmtl", robust_step_size=robust_step_size), finish=scaled_by_k)
+
+
 #: LibMTL class name -> row. Every weighting of ours, by LibMTL's name where LibMTL has one.
 METHODS: dict[str, Method] = {
     m.libmtl: m
@@ -331,6 +420,78 @@ METHODS: dict[str, Method] = {
             "(default 0: the exact projection).",
         ),
         Method("DualProj", "dualproj", _dualproj, "Ours only (LibMTL has no DualProj)."),
+        Method(
+            "GradNorm",
+            "gradnorm",
+            _gradnorm,
+            "alpha: same meaning. The paper's weights (Adam on w, clipped, renormalized to sum "
+            "K) learnt from the first call on, L(0) the first call's losses (LibMTL: K "
+            "softmax(theta) stepped by the network's optimizer, plain sums in epoch 0, L(0) "
+            "that epoch's average).",
+        ),
+        Method(
+            "UW",
+            "uw",
+            _uw,
+            "No options; weights 1 / (2 exp(s)), s from -0.5 as LibMTL. s is stepped by the "
+            "weighting's own Adam (lr 1e-3) at every backward, not by the trainer's optimizer.",
+            heads="weighted",
+            uses_gram=False,
+        ),
+        Method(
+            "DWA",
+            "dwa",
+            _dwa,
+            "T: same meaning. Follows the trainer's model.epoch; the per-epoch average losses "
+            "are averaged by our weighting on the device (LibMTL: its train_loss_buffer).",
+            heads="weighted",
+            uses_gram=False,
+            before=_dwa_epochs,
+        ),
+        Method(
+            "GLS",
+            "gls",
+            _gls,
+            "No options; the gradient of (prod L)^(1/K), as LibMTL. Returns those gradient "
+            "weights (LibMTL returns L / (K prod L)).",
+            heads="weighted",
+            uses_gram=False,
+        ),
+        Method(
+            "GradDrop",
+            "graddrop",
+            _graddrop,
+            "leak: same meaning. On the shared parameters' gradients, rep_grad=False (LibMTL: "
+            "on the representation's, rep_grad=True only); uniforms from our seeded stream. "
+            "Returns None, as LibMTL.",
+        ),
+        Method(
+            "FAMO",
+            "famo",
+            _famo,
+            "FAMO_w_lr, FAMO_w_gamma: same meaning (LibMTL's repository); update_w(losses) "
+            "after the step as there, or the next backward's losses drive the logit step.",
+            heads="weighted",
+            uses_gram=False,
+            methods={"update_w": _famo_update_w},
+        ),
+        Method(
+            "MoCo",
+            "moco",
+            _moco,
+            "MoCo_beta, MoCo_beta_sigma, MoCo_gamma, MoCo_gamma_sigma, MoCo_rho: same meaning "
+            "(LibMTL's repository), loss-scaled unit gradients tracked as there; the weights "
+            "are projected onto the simplex as in the paper (LibMTL: a softmax). Returns None.",
+        ),
+        Method(
+            "ExcessMTL",
+            "excessmtl",
+            _excess_mtl,
+            "robust_step_size: same meaning (LibMTL's repository), weights summing to K as "
+            "there. The first call already steps from its raw excess risks (as the paper's "
+            "torchjd port; LibMTL keeps the weights at 1 on the first call).",
+            heads="weighted",
+        ),
     ]
 }
 
@@ -385,8 +546,9 @@ class _LibMTLWeighting:
             )
         return self._mtlsam_plan
 
-    def backward(self, losses: Tensor | Sequence[Tensor], **weight_args: Any) -> np.ndarray:
-        """Set the gradients of a step from the K task losses; returns the task weights."""
+    def backward(self, losses: Tensor | Sequence[Tensor], **weight_args: Any) -> np.ndarray | None:
+        """Set the gradients of a step from the K task losses; returns the task weights (None
+        for the methods whose update is a direction, not a combination of the gradients)."""
         K = self.task_num
         if not isinstance(losses, Tensor):
             losses = torch.stack(list(losses))
@@ -398,6 +560,13 @@ class _LibMTLWeighting:
                 "gradients too; LibMTL refuses it as well)"
             )
         plan = self._plan_for(weight_args)
+        if self.rep_grad and plan.weighting.returns_direction:
+            raise ValueError(
+                f"{self.row.libmtl} works on the shared parameters' gradients here: use "
+                "rep_grad=False (its direction is not a combination of representation gradients)"
+            )
+        if self.row.before is not None:
+            self.row.before(self, plan.weighting)
         if self.row.losses is not None:
             losses = self.row.losses(self, losses)
         if self.rep_grad:  # LibMTL's own representation gradients, our weights
@@ -406,10 +575,12 @@ class _LibMTLWeighting:
             w = plan.weights(gram, losses.detach())
             self._backward_new_grads(w, per_grads=per_grads)  # type: ignore[attr-defined]
         elif not self.row.uses_gram:
-            w = plan.weights(losses.new_zeros(K, K).detach())
+            w = plan.weights(losses.new_zeros(K, K).detach(), losses.detach())
             (w.detach().to(losses.dtype) * losses).sum().backward()
         else:
             w = self._shared_backward(plan, losses)
+            if plan.weighting.returns_direction:
+                return None  # no weights: as LibMTL's GradDrop
         return w.detach().cpu().numpy()
 
     def _shared_backward(self, plan: Plan, losses: Tensor) -> Tensor:
@@ -422,8 +593,11 @@ class _LibMTLWeighting:
         for i in range(K):
             with scratch.buffer.capture(i):
                 torch.autograd.backward(losses[i], inputs=shared, retain_graph=True)
-        w = plan.weights(ops.gram(G), losses.detach())
-        ops.combine(w, G, out=scratch.out)
+        w = plan.weights(ops.gram(G), losses.detach(), grads=G)
+        if plan.weighting.returns_direction:  # GradDrop, MoCo: the direction itself
+            scratch.out.copy_(w)
+        else:
+            ops.combine(w, G, out=scratch.out)
         for p, view in zip(shared, scratch.views):
             p.grad = view
         if plan.max_grad_norm > 0:
@@ -472,7 +646,13 @@ def _weighting_class(row: Method) -> type:
         f"(``mtlsam_fast.weighting.get({row.ours!r})``); see :mod:`mtlsam_fast.integrations."
         f"libmtl`.\n\nweight_args: {row.notes}"
     )
-    namespace = {"row": row, "__doc__": doc, "__module__": __name__, "__qualname__": row.libmtl}
+    namespace = {
+        "row": row,
+        "__doc__": doc,
+        "__module__": __name__,
+        "__qualname__": row.libmtl,
+        **row.methods,
+    }
     return type(row.libmtl, (_LibMTLWeighting, AbsWeighting), namespace)
 
 
