@@ -617,7 +617,7 @@ class MonitorSeries:
 
     def add(self, step: int, record: Any) -> None:
         """Append ``record`` (a ``StepRecord``) at step ``step``: one copy to the host."""
-        i, j = torch.triu_indices(self.num_tasks, self.num_tasks, 1)
+        i, j = torch.triu_indices(self.num_tasks, self.num_tasks, 1, device=record.skipped.device)
         parts, layout = [record.skipped.reshape(1).double()], []
         for name, agg in record.aggregations.items():
             fields = {"norms": agg.norms, "cosines": agg.cosines[i, j]}
@@ -626,7 +626,7 @@ class MonitorSeries:
             for field, t in fields.items():
                 layout.append((name, field, t.numel()))
                 parts.append(t.reshape(-1).double())
-        values = torch.cat([p.cpu() for p in parts]).tolist()
+        values = torch.cat(parts).tolist()
         self.steps.append(step)
         self.skipped.append(bool(values[0]))
         at = 1

@@ -862,11 +862,12 @@ class MTLBase(torch.optim.Optimizer):
         out: Tensor,
         *,
         subtract: bool = False,
-        name: str = "loss",
+        name: str,
     ) -> Tensor:
         """``out <- w^T G`` (``subtract``: ``out <- out - w^T G``) with ``w`` the weighting of
         ``G``'s rows; returns ``Gram(G)`` (scaled like ``G``). The Gram and the weights are kept
-        as the step record's aggregation ``name`` (monitor.py).
+        as the step record's aggregation ``name`` (``"loss"``, ``"flat"``, ``"perturbed"``:
+        monitor.py).
 
         Plain MGDA (``normalization="none"``) takes :func:`mtlsam_fast.ops.min_norm_aggregate`: on
         the fused backends, Gram, QP and combine run in two launches and the weights never leave
@@ -1058,7 +1059,9 @@ class MTLBase(torch.optim.Optimizer):
         hook may modify in place; ``skipped`` is the step's found-inf flag (0-d bool, on the
         device): the hook runs on skipped steps too (no host sync), so a stateful hook guards its
         state with it (``torch.where``). A direction the hook leaves non-finite skips the step.
-        Hooks run in registration order; returns a handle whose ``remove()`` unregisters it."""
+        Hooks run in registration order (distributed: register the same ones on every rank; the
+        direction is checked across the ranks after them); returns a handle whose ``remove()``
+        unregisters it."""
         return self._features.register(hook)
 
     def _extra_state(self) -> dict[str, Any]:

@@ -7,7 +7,7 @@ host; the fused MGDA path stays fused), clipping computes its coefficient on the
 is told whether the step will be skipped by a device flag instead of not being called. Reading a
 record's values on the host (:func:`scalars`) is the one host sync, done when the caller logs.
 
-Aggregations, named by the rows they combine (:data:`AGGREGATIONS`): ``"loss"`` the clean task
+Aggregations, named by the rows they combine: ``"loss"`` the clean task
 gradients ``g_i`` (``MTLOptimizer``; F-MTL's first weighting, the "loss" set of Phan et al. 2022,
 arXiv 2211.13723), ``"flat"`` F-MTL's flat gradients ``F_i`` (its second weighting), ``"perturbed"``
 SAMO's gradients at the perturbed points (arXiv 2507.07883).
@@ -25,13 +25,6 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 Tensor = torch.Tensor
-
-#: the aggregations of each optimizer, in the order a step runs them
-AGGREGATIONS: dict[str, tuple[str, ...]] = {
-    "MTLOptimizer": ("loss",),
-    "FMTL": ("loss", "flat"),
-    "SAMO": ("perturbed",),
-}
 
 #: ``hook(optimizer, direction, skipped)``: see :meth:`MTLBase.register_direction_hook`
 DirectionHook = Callable[[Any, Tensor, Tensor], None]
@@ -129,9 +122,11 @@ def scalars(tensors: dict[str, Tensor]) -> dict[str, float]:
     parts: list[Tensor] = []
     for name, t in tensors.items():
         if name.endswith("/cosines"):
-            i, j = torch.triu_indices(t.shape[0], t.shape[0], 1, device=t.device)
-            keys += [f"{name}/{a}_{b}" for a, b in zip(i.tolist(), j.tolist())]
-            parts.append(t[i, j].reshape(-1))
+            n = t.shape[0]
+            pairs = [(a, b) for a in range(n) for b in range(a + 1, n)]
+            keys += [f"{name}/{a}_{b}" for a, b in pairs]
+            upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=t.device), 1)
+            parts.append(t[upper])  # row-major: the order of ``pairs``
         elif t.dim() == 0:
             keys.append(name)
             parts.append(t.reshape(1))
@@ -237,6 +232,8 @@ class StepFeatures:
             for hook in list(self.hooks.values()):
                 hook(opt, direction, found)
             found = found | ~torch.isfinite(direction).all()
+            if opt._sync is not None:  # a hook's inf/NaN on any rank skips the step everywhere
+                found = opt._sync.any(found)
         grad_norms: dict[str, Tensor] = {}
         flats = [("shared", opt._shared, 0)]
         flats += [
