@@ -1055,10 +1055,11 @@ class MTLBase(torch.optim.Optimizer):
     def register_direction_hook(self, hook: DirectionHook) -> torch.utils.hooks.RemovableHandle:
         """Call ``hook(optimizer, direction, skipped)`` at every step between "direction
         computed" and "base optimizer steps": ``direction`` is the flat ``[P]`` shared direction
-        (the shared parameters' ``.grad``, unscaled, before ``max_grad_norm`` clipping), which the
-        hook may modify in place; ``skipped`` is the step's found-inf flag (0-d bool, on the
-        device): the hook runs on skipped steps too (no host sync), so a stateful hook guards its
-        state with it (``torch.where``). A direction the hook leaves non-finite skips the step.
+        (the shared parameters' ``.grad``, unscaled, before ``max_grad_norm`` clipping; with
+        FSDP2-sharded shared parameters, this rank's shard), which the hook may modify in place;
+        ``skipped`` is the step's found-inf flag (0-d bool, on the device): the hook runs on
+        skipped steps too (no host sync), so a stateful hook guards its state with it
+        (``torch.where``). A direction the hook leaves non-finite skips the step.
         Hooks run in registration order (distributed: register the same ones on every rank; the
         direction is checked across the ranks after them); returns a handle whose ``remove()``
         unregisters it."""

@@ -229,8 +229,9 @@ class StepFeatures:
         Returns the found-inf flag (``found``, or'd with a non-finite direction after hooks)."""
         direction = opt._shared.grad
         if self.hooks:
+            skipped = found.reshape(()).clone()  # the hooks' own copy of the flag
             for hook in list(self.hooks.values()):
-                hook(opt, direction, found)
+                hook(opt, direction, skipped)
             found = found | ~torch.isfinite(direction).all()
             if opt._sync is not None:  # a hook's inf/NaN on any rank skips the step everywhere
                 found = opt._sync.any(found)
