@@ -886,6 +886,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                     + f" ({res['train_time_s']:.1f} s)"
                 )
                 res.pop("history", None)
+                res.pop("monitor", None)  # the per-step series belong to `train`'s results
                 runs[m].append(res)
         if base_method is not None:
             base_acc = [

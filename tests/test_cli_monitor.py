@@ -134,3 +134,12 @@ def test_plot_weights_refuses_a_direction_weighting_before_training(tmp_path, ca
         capsys,
     )
     assert code == 2 and "returns an update direction" in err and not out.exists()
+
+
+def test_compare_keeps_its_runs_without_the_series(tmp_path, capsys):
+    out = tmp_path / "cmp.json"
+    argv = ["compare", *TINY[:-2], "--methods", "ls,mgda", "--seeds", "0", "--steps", "2"]
+    code, _, err = run([*argv, "-o", str(out)], capsys)
+    assert code == 0, err
+    runs = json.loads(out.read_text())["runs"]
+    assert all("monitor" not in r and "history" not in r for rs in runs.values() for r in rs)
