@@ -6,10 +6,11 @@
 For each optimizer (MTLOptimizer, FMTL, SAMO) x weighting (MGDA's fused path, UPGrad), four
 optimizers over identical copies of one model -- ``off`` (``opt.monitoring = False``, no clipping),
 ``monitor`` (the default: ``opt.last_step`` recorded), ``clip`` (``max_grad_norm`` and
-``max_grad_norm_head`` set, monitoring off), ``both`` -- step in turn, the order rotated every
-round, so machine noise hits every variant alike. Reported: the median step time of each variant
-and its ratio to ``off``. Nothing is read on the host inside the timed step (on CUDA the timer
-synchronizes after it).
+``max_grad_norm_head`` set, monitoring off), ``both``, and ``off-again`` (a second ``off``: the
+A/A control, whose ratio shows how much two identical optimizers differ) -- step in turn, the
+order rotated every round, so machine noise hits every variant alike. Reported: the median step
+time of each variant and its ratio to ``off``. Nothing is read on the host inside the timed step
+(on CUDA the timer synchronizes after it).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import mtlsam_fast
 
 VARIANTS = {
     "off": dict(monitoring=False, clip=False),
+    "off-again": dict(monitoring=False, clip=False),  # A/A control: the noise between instances
     "monitor": dict(monitoring=True, clip=False),
     "clip": dict(monitoring=False, clip=True),
     "both": dict(monitoring=True, clip=True),
