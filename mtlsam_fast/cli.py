@@ -33,7 +33,7 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from . import files, launch
+from . import files, launch, weighting
 from . import train as T
 from .data import DataError
 from .errors import UsageError, import_extra
@@ -306,7 +306,7 @@ def _warn(s: str) -> None:
     print(s, file=sys.stderr, flush=True)
 
 
-def _require_extras(cfgs: Sequence[T.TrainConfig], mode: str, *, plot: bool) -> None:
+def _require_extras(cfgs: Sequence[T.TrainConfig], mode: str, *, plot: str | None) -> None:
     """Import the ``[cli]`` packages this command will need, before any work starts."""
     datasets = {c.dataset for c in cfgs}
     if "multidigits" in datasets:
@@ -316,7 +316,7 @@ def _require_extras(cfgs: Sequence[T.TrainConfig], mode: str, *, plot: bool) -> 
     if mode == "bar":
         import_extra("tqdm", "tqdm", "the progress bar")
     if plot:
-        import_extra("matplotlib", "matplotlib", "the compare plot")
+        import_extra("matplotlib", "matplotlib", plot)
 
 
 # --------------------------------------------------------------------------------------------
@@ -545,7 +545,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     _check_applicable(explicit, [cfg])
     spec = Baseline.parse(args.baseline)
     mode, log = _progress_mode(args), _log(args)
-    _require_extras([cfg], mode, plot=False)
+    _require_extras([cfg], mode, plot="--plot-weights" if args.plot_weights else None)
+    if (
+        args.plot_weights
+        and weighting.get(cfg.weighting, **cfg.weighting_options).returns_direction
+    ):
+        raise UsageError(
+            f"--plot-weights: weighting {cfg.weighting!r} returns an update direction, not task "
+            "weights, so there are no weights to plot (the result JSON still records the "
+            "per-task gradient norms and cosines)"
+        )
 
     checkpoint = args.checkpoint or args.resume  # a resumed run goes on writing its checkpoint
     resumed_in_place = bool(
@@ -565,6 +574,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         output = plan.add(
             args.output or _default_output(cfg), "--output", same_run=lambda p: _same_run(p, cfg)
         )
+    weights_plot = None
+    if args.plot_weights and main_process:
+
+        def same_plot(path: str) -> bool:  # the plot of an earlier result of this same run
+            res = _read_json(output) if output else None
+            return (
+                output is not None
+                and _same_run(output, cfg)
+                and isinstance(res, dict)
+                and res.get("weights_plot") == _plot_entry(output, path)
+            )
+
+        weights_plot = plan.add(args.plot_weights, "--plot-weights", same_run=same_plot)
     if checkpoint and main_process:
         checkpoint = plan.add(
             checkpoint,
@@ -606,6 +628,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             res["delta_m"] = T.delta_m(T.accuracies(res["test"]), base_acc)
         else:
             res["baseline"], res["delta_m"] = None, None
+        written_plot = None
+        if weights_plot:
+            written_plot = plan.write(
+                weights_plot, _plot_weights(res["monitor"], data.task_names, cfg.method)
+            )
+            if output:
+                res["weights_plot"] = _plot_entry(output, written_plot)
         written = plan.write(output, T.result_json(res)) if output else None
     if not main_process:
         return 0
@@ -613,6 +642,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(format_train(res))
     if written:
         print(f"result written to {written}")
+    if written_plot:
+        print(f"weights plot written to {written_plot}")
     if checkpoint:
         print(f"checkpoint written to {checkpoint}")
     return 0
@@ -715,6 +746,36 @@ def _plot(summary: dict, tasks: list[str], title: str) -> bytes:
     return buf.getvalue()
 
 
+def _plot_weights(monitor: dict, tasks: list[str], title: str) -> bytes:
+    """The task weights over training (the result's ``"monitor"`` series) as PNG bytes: one panel
+    per aggregation (F-MTL: the loss set and the flat set), one line per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = {k: v for k, v in monitor["aggregations"].items() if v.get("weights") is not None}
+    fig, axes = plt.subplots(
+        1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 3.6), squeeze=False
+    )
+    steps = monitor["steps"]
+    for ax, (name, series) in zip(axes[0], panels.items()):
+        rows = series["weights"]
+        for k, task in enumerate(tasks):
+            values = [float("nan") if r[k] is None else r[k] for r in rows]
+            ax.plot(steps, values, label=task, linewidth=1.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel("task weight")
+        ax.set_title(f"{title}: {name} weights")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def _plot_entry(json_path: str, png_path: str) -> str:
     """The plot's path as the compare JSON records it: relative to the JSON's folder."""
     return os.path.relpath(png_path, os.path.dirname(json_path))
@@ -789,7 +850,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     base_method, spec, raw = todo.base_method, todo.spec, args.baseline or "ls"
     first = next(iter(cfgs.values()))
     mode, log = _progress_mode(args), _log(args)
-    _require_extras(list(cfgs.values()), mode, plot=True)
+    _require_extras(list(cfgs.values()), mode, plot="the compare plot")
 
     configs = {m: c.to_dict() for m, c in cfgs.items()}
     json_path = args.output or _default_compare_output(first, methods, seeds)
@@ -825,6 +886,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                     + f" ({res['train_time_s']:.1f} s)"
                 )
                 res.pop("history", None)
+                res.pop("monitor", None)  # the per-step series belong to `train`'s results
                 runs[m].append(res)
         if base_method is not None:
             base_acc = [
@@ -887,7 +949,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UsageError("--batch-size must be at least 2 (the model's BatchNorm layers)")
     if not 0 <= args.seed <= T.MAX_SEED:
         raise UsageError(f"--seed must be an integer in [0, 2**64 - 1], got {args.seed}")
-    _require_extras([T.TrainConfig()], "off", plot=False)
+    _require_extras([T.TrainConfig()], "off", plot=None)
     if args.backend:
         T.check_backend(args.backend, T.resolve_device("cpu"))
     return run_demo(
@@ -931,6 +993,13 @@ def build_parser() -> argparse.ArgumentParser:
         "-o",
         help="result JSON path, or 'none' (default: runs/DATA-METHOD-seedN.json, DATA being the "
         "data set with its -noiseR / -lowresN variant)",
+    )
+    t.add_argument(
+        "--plot-weights",
+        metavar="PATH",
+        help="also write a PNG plot of the task weights over training (one panel per "
+        "aggregation: F-MTL's loss and flat sets, SAMO's perturbed set); checked before training "
+        "like the other outputs",
     )
     t.add_argument(
         "--checkpoint",

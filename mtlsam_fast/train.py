@@ -567,6 +567,90 @@ def _checkpoint_problem(state: dict[str, Any]) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
+# the optimizer's decisions over training
+
+#: the most points of a run's ``monitor`` series (its interval is chosen to stay below)
+MONITOR_POINTS = 256
+
+
+class MonitorSeries:
+    """The optimizer's step records (``opt.last_step``, mtlsam_fast/optim/monitor.py) every
+    ``every`` steps, as the result's ``"monitor"`` entry: ``steps``, ``skipped``, ``pairs`` (the
+    task pairs ``[i, j]``, ``i < j``, of the cosines) and per aggregation (``"loss"``, ``"flat"``,
+    ``"perturbed"``) the lists ``weights`` (``None`` when the weighting returns a direction),
+    ``norms`` and ``cosines``, one row per recorded step (6 significant digits; ``None`` for a
+    non-finite value, as on a skipped step)."""
+
+    def __init__(self, steps: int, num_tasks: int):
+        self.every = max(1, math.ceil(steps / MONITOR_POINTS))
+        self.num_tasks = num_tasks
+        self.pairs = [[i, j] for i in range(num_tasks) for j in range(i + 1, num_tasks)]
+        self.steps: list[int] = []
+        self.skipped: list[bool] = []
+        self.aggregations: dict[str, dict[str, list[list[float | None]] | None]] = {}
+
+    def load(self, d: Any) -> None:
+        """Continue the series stored in a checkpoint (its interval is kept)."""
+        ok = (
+            isinstance(d, dict)
+            and isinstance(d.get("every"), int)
+            and not isinstance(d["every"], bool)
+            and d["every"] > 0
+            and d.get("pairs") == self.pairs
+            and isinstance(d.get("steps"), list)
+            and isinstance(d.get("skipped"), list)
+            and isinstance(d.get("aggregations"), dict)
+            and len(d["steps"]) == len(d["skipped"])
+        )
+        if not ok:
+            raise UsageError(
+                f"the checkpoint's monitor series is not one of this run's ({self.num_tasks} "
+                "tasks): expected every, pairs, steps, skipped and aggregations"
+            )
+        self.every = d["every"]
+        self.steps, self.skipped = list(d["steps"]), list(d["skipped"])
+        self.aggregations = {k: dict(v) for k, v in d["aggregations"].items()}
+
+    def due(self, step: int, steps: int) -> bool:
+        """Record after step ``step`` (1-based) of ``steps``."""
+        return step % self.every == 0 or step == steps
+
+    def add(self, step: int, record: Any) -> None:
+        """Append ``record`` (a ``StepRecord``) at step ``step``: one copy to the host."""
+        i, j = torch.triu_indices(self.num_tasks, self.num_tasks, 1, device=record.skipped.device)
+        parts, layout = [record.skipped.reshape(1).double()], []
+        for name, agg in record.aggregations.items():
+            fields = {"norms": agg.norms, "cosines": agg.cosines[i, j]}
+            if agg.weights is not None:
+                fields["weights"] = agg.weights
+            for field, t in fields.items():
+                layout.append((name, field, t.numel()))
+                parts.append(t.reshape(-1).double())
+        values = torch.cat(parts).tolist()
+        self.steps.append(step)
+        self.skipped.append(bool(values[0]))
+        at = 1
+        for name, field, n in layout:
+            series = self.aggregations.setdefault(
+                name, {"weights": None, "norms": [], "cosines": []}
+            )
+            row = [float(f"{v:.6g}") if math.isfinite(v) else None for v in values[at : at + n]]
+            at += n
+            if series[field] is None:
+                series[field] = []
+            series[field].append(row)  # type: ignore[union-attr]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "every": self.every,
+            "pairs": self.pairs,
+            "steps": self.steps,
+            "skipped": self.skipped,
+            "aggregations": self.aggregations,
+        }
+
+
+# --------------------------------------------------------------------------------------------
 # the loop
 
 
@@ -751,6 +835,7 @@ def _train(
     steps = total_steps(cfg, sampler)
     eval_every = cfg.eval_every or sampler.steps_per_epoch
     history: list[dict[str, Any]] = []
+    monitor = MonitorSeries(steps, data.num_tasks)
     step, train_time, train_cpu, skipped = 0, 0.0, 0.0, 0
     if resume is not None:
         saved = dict(resume["config"])
@@ -785,6 +870,8 @@ def _train(
         )
         train_cpu = float(resume["train_cpu"])
         skipped = int(resume["extra"].get("skipped_steps", 0))
+        if "monitor" in resume["extra"]:  # absent from checkpoints of earlier versions
+            monitor.load(resume["extra"]["monitor"])
         if step > steps:
             raise UsageError(f"checkpoint is at step {step}, beyond the requested {steps} steps")
         log(f"resumed from step {step}")
@@ -801,7 +888,7 @@ def _train(
             "history": history,
             "train_time": train_time,
             "train_cpu": train_cpu,
-            "extra": {**extra_state, "skipped_steps": skipped},
+            "extra": {**extra_state, "skipped_steps": skipped, "monitor": monitor.to_dict()},
         }
 
     def diverged(why: str) -> DivergedError:
@@ -854,6 +941,8 @@ def _train(
             step += 1
             train_time += time.perf_counter() - t0
             train_cpu += time.process_time() - c0
+            if monitor.due(step, steps) and opt.last_step is not None:
+                monitor.add(step, opt.last_step)
             if bool(torch.isfinite(host_losses).all()):
                 running += host_losses
                 running_n += 1
@@ -913,6 +1002,7 @@ def _train(
         "step_cpu_ms": 1000.0 * train_cpu / max(step, 1),
         "test": metrics,
         "history": history,
+        "monitor": monitor.to_dict(),
         "environment": {
             "torch": torch.__version__,
             "mtlsam_fast": mtlsam_fast.__version__,

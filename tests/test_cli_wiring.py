@@ -84,6 +84,7 @@ COMMAND_FLAGS = {
     "--methods",
     "--seeds",
     "--plot",
+    "--plot-weights",  # tests/test_cli_monitor.py
     "--nproc",  # tests/test_distributed.py runs the CLI under --nproc 2
 }
 

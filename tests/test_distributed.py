@@ -118,8 +118,17 @@ def test_fsdp2_trunk_with_replicated_heads_and_an_explicit_group(workers, method
         ("samo", {"layerwise": False, "alpha": 0.3}),
         ("fmtl", {"backend": "cpu"}),
         ("samo", {"backend": "cpu"}),
+        ("fmtl", {"max_grad_norm": 1e-3, "max_grad_norm_head": 1e-3}),  # global norms
+        ("samo", {"max_grad_norm": 1e-3}),
     ],
-    ids=["fmtl-asam", "samo-global", "fmtl-cpu-backend", "samo-cpu-backend"],
+    ids=[
+        "fmtl-asam",
+        "samo-global",
+        "fmtl-cpu-backend",
+        "samo-cpu-backend",
+        "fmtl-clipped",
+        "samo-clipped",
+    ],
 )
 @pytest.mark.parametrize("sharded", [False, True], ids=["replicated", "fsdp2"])
 def test_options_and_backends_stay_exact(workers, method, options, sharded):

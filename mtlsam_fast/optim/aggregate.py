@@ -34,7 +34,7 @@ class MTLOptimizer(MTLBase):
         scale, inv_scale = self._begin(closure, grad_scaler, micro_batches)
         assert closure is not None  # _begin raised otherwise
         det = self._capture_task_gradients(closure, scale)
-        self._aggregate(inv_scale, det, self._shared.grad)
+        self._aggregate(inv_scale, det, self._shared.grad, name="loss")
         self._finish(torch.zeros((), dtype=torch.bool, device=self.device), grad_scaler)
         self._step_count += 1
         return det

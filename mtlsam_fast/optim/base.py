@@ -36,6 +36,7 @@ from .. import weighting as _weighting
 from ..buffers import FlatLayout, GradBuffer, flatten_parameters
 from ..ops import FLOAT_DTYPES
 from ..weighting.mgda import MGDA as _MGDA
+from .monitor import DirectionHook, StepFeatures, StepRecord, max_norm_or_none
 
 Tensor = torch.Tensor
 Closure = Callable[[], "Sequence[Tensor] | Tensor"]
@@ -273,6 +274,10 @@ class MTLBase(torch.optim.Optimizer):
             the parameters are FSDP2 shards), ``True`` (require it), ``False`` (never: each process
             steps on its own). See docs/distributed.md: a step over R ranks equals the one-process
             step over the union of their batches.
+        max_grad_norm: clip the shared direction to this L2 norm before the base optimizer steps
+            (``torch.nn.utils.clip_grad_norm_``'s coefficient, on the device); ``None``: off.
+        max_grad_norm_head: the same for each head's gradient, each head on its own (default
+            ``None``: off). Both are param-group hyperparameters (schedulable).
 
     Closure contract: ``closure()`` runs the forward pass at the current weights and returns the K
     task losses (a sequence of K scalar tensors or one ``[K]`` tensor). It must not call
@@ -300,7 +305,10 @@ class MTLBase(torch.optim.Optimizer):
     """
 
     #: hyperparameter name -> validator ``(where, value) -> value``; subclasses declare theirs
-    HYPERPARAMETERS: ClassVar[dict[str, Callable[[str, Any], Any]]] = {}
+    #: (``{**MTLBase.HYPERPARAMETERS, ...}``: every optimizer has ``max_grad_norm``, monitor.py)
+    HYPERPARAMETERS: ClassVar[dict[str, Callable[[str, Any], Any]]] = {
+        "max_grad_norm": max_norm_or_none,
+    }
 
     def __init__(
         self,
@@ -317,8 +325,13 @@ class MTLBase(torch.optim.Optimizer):
         head_hyperparameters: dict[str, Any] | None = None,
         process_group: Any = None,
         distributed: bool | None = None,
+        max_grad_norm: float | None = None,
+        max_grad_norm_head: float | None = None,
         **base_kwargs: Any,
     ):
+        # gradient-norm clipping (monitor.py): hyperparameters of every optimizer
+        hyperparameters = {**(hyperparameters or {}), "max_grad_norm": max_grad_norm}
+        head_hyperparameters = {**(head_hyperparameters or {}), "max_grad_norm": max_grad_norm_head}
         sync = _distributed.connect(process_group, distributed)
         try:  # every check, before anything is moved
             shared, heads, groups, shared_hyper = self._prepare(
@@ -393,6 +406,7 @@ class MTLBase(torch.optim.Optimizer):
         self.state = self.base_optimizer.state
         self._state_has_host_values = False
         self._step_count = 0  # host counter (SAMO's noise offsets); part of state_dict
+        self._features = StepFeatures()  # monitoring records, direction hooks (monitor.py)
         self._built = True
 
     def _prepare(
@@ -842,10 +856,18 @@ class MTLBase(torch.optim.Optimizer):
         )
 
     def _aggregate(
-        self, inv_scale: Tensor, losses: Tensor, out: Tensor, *, subtract: bool = False
+        self,
+        inv_scale: Tensor,
+        losses: Tensor,
+        out: Tensor,
+        *,
+        subtract: bool = False,
+        name: str,
     ) -> Tensor:
         """``out <- w^T G`` (``subtract``: ``out <- out - w^T G``) with ``w`` the weighting of
-        ``G``'s rows; returns ``Gram(G)`` (scaled like ``G``).
+        ``G``'s rows; returns ``Gram(G)`` (scaled like ``G``). The Gram and the weights are kept
+        as the step record's aggregation ``name`` (``"loss"``, ``"flat"``, ``"perturbed"``:
+        monitor.py).
 
         Plain MGDA (``normalization="none"``) takes :func:`mtlsam_fast.ops.min_norm_aggregate`: on
         the fused backends, Gram, QP and combine run in two launches and the weights never leave
@@ -863,19 +885,28 @@ class MTLBase(torch.optim.Optimizer):
                 out.copy_(result)
             else:
                 sync.combine(result, G, out, subtract=subtract, backend=be)
-            return gram
-        if type(wt) is _MGDA and wt.normalization == "none" and wt.backend in (None, be):
-            return ops.min_norm_aggregate(
+        elif type(wt) is _MGDA and wt.normalization == "none" and wt.backend in (None, be):
+            fused = ops.min_norm_aggregate(
                 G, out, subtract=subtract, max_iter=wt.max_iter, tol=wt.tol, backend=be
-            ).gram
-        gram = ops.gram(G, backend=be)
-        result = self._weights(gram, inv_scale, losses)
-        if wt.returns_direction and subtract:
-            out.sub_(result)
-        elif wt.returns_direction:
-            out.copy_(result)
+            )
+            gram, result = fused.gram, fused.weights
         else:
-            ops.combine(result, G, out=out, subtract=subtract, backend=be)
+            gram = ops.gram(G, backend=be)
+            result = self._weights(gram, inv_scale, losses)
+            if wt.returns_direction and subtract:
+                out.sub_(result)
+            elif wt.returns_direction:
+                out.copy_(result)
+            else:
+                ops.combine(result, G, out=out, subtract=subtract, backend=be)
+        self._features.record(
+            name,
+            gram,
+            result,
+            inv_scale,
+            returns_direction=wt.returns_direction,
+            reads_grads=wt.needs_grads,
+        )
         return gram
 
     def _perturb_head(self, k: int, scale: Tensor) -> None:
@@ -933,6 +964,7 @@ class MTLBase(torch.optim.Optimizer):
             # (FSDP2: every rank holds part of the shared parameters, see _check_grad_scaler)
             self._shared.grad[:1].masked_fill_(found.reshape(1), float("nan"))
             grad_scaler.unscale_(self)
+        found = self._features.before_base_step(self, found)  # hooks, clipping, record
         self._found_inf = found.reshape(1).to(torch.float32)
         self.weighting.restore_where(found, self._weighting_snapshot)
         self._guarded_base_step(found)
@@ -1001,6 +1033,37 @@ class MTLBase(torch.optim.Optimizer):
     def found_inf(self) -> Tensor | None:
         """The last step's device flag ([1], fp32): 1 when the step was skipped (inf/NaN)."""
         return getattr(self, "_found_inf", None)
+
+    # ------------------------------------------------------------ monitoring, hooks (monitor.py)
+    @property
+    def last_step(self) -> StepRecord | None:
+        """The last completed step's record (device tensors, no host sync): its aggregations by
+        name -- ``record["loss"].weights``, ``.gram``, ``.norms``, ``.cosines`` -- and
+        ``record.skipped``; ``None`` before the first step or with :attr:`monitoring` off."""
+        return self._features.last if self._features.monitoring else None
+
+    @property
+    def monitoring(self) -> bool:
+        """Record each step's aggregations in :attr:`last_step` (default True)."""
+        return self._features.monitoring
+
+    @monitoring.setter
+    def monitoring(self, on: bool) -> None:
+        self._features.monitoring = flag("monitoring", on)
+        self._features.last = None
+
+    def register_direction_hook(self, hook: DirectionHook) -> torch.utils.hooks.RemovableHandle:
+        """Call ``hook(optimizer, direction, skipped)`` at every step between "direction
+        computed" and "base optimizer steps": ``direction`` is the flat ``[P]`` shared direction
+        (the shared parameters' ``.grad``, unscaled, before ``max_grad_norm`` clipping; with
+        FSDP2-sharded shared parameters, this rank's shard), which the hook may modify in place;
+        ``skipped`` is the step's found-inf flag (0-d bool, on the device): the hook runs on
+        skipped steps too (no host sync), so a stateful hook guards its state with it
+        (``torch.where``). A direction the hook leaves non-finite skips the step.
+        Hooks run in registration order (distributed: register the same ones on every rank; the
+        direction is checked across the ranks after them); returns a handle whose ``remove()``
+        unregisters it."""
+        return self._features.register(hook)
 
     def _extra_state(self) -> dict[str, Any]:
         """A subclass's own entries of the :data:`STATE_KEY` state (e.g. SAMO's seed)."""

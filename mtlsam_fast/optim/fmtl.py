@@ -60,6 +60,7 @@ class FMTL(MTLBase):
     """
 
     HYPERPARAMETERS: ClassVar[dict[str, Callable[[str, Any], Any]]] = {
+        **MTLBase.HYPERPARAMETERS,
         "rho": nonnegative_float,
         "adaptive": flag,
     }
@@ -122,7 +123,9 @@ class FMTL(MTLBase):
         local = self.perturbation == "local" and self._sync is not None
         det = self._capture_task_gradients(closure, scale, rows="keep" if local else "full")
 
-        gram = self._aggregate(inv_scale, det, sh.grad)  # d_loss = w_loss^T G, scaled like G
+        gram = self._aggregate(
+            inv_scale, det, sh.grad, name="loss"
+        )  # d_loss = w_loss^T G, scaled like G
 
         if adaptive or local:  # ASAM's ||T g_i||; local: this rank's own ||g_i||
             weight = sh.backup.abs() if adaptive else None
@@ -163,7 +166,7 @@ class FMTL(MTLBase):
 
         # 3. flat weights on -F (same Gram, same weights as F):
         #    d_loss + w_flat^T F = d_loss - w_flat^T (-F)
-        self._aggregate(inv_scale, det, sh.grad, subtract=True)
+        self._aggregate(inv_scale, det, sh.grad, subtract=True, name="flat")
 
         self._finish(bad, grad_scaler)
         self._step_count += 1

@@ -56,6 +56,7 @@ class SAMO(MTLBase):
     """
 
     HYPERPARAMETERS: ClassVar[dict[str, Callable[[str, Any], Any]]] = {
+        **MTLBase.HYPERPARAMETERS,
         "rho": nonnegative_float,
         "alpha": unit_float,
         "zo_eps": positive_float,
@@ -228,7 +229,7 @@ class SAMO(MTLBase):
             self._task_gradient_ready(i)
 
         # 3. aggregate the perturbed gradients
-        self._aggregate(inv_scale, det, sh.grad)
+        self._aggregate(inv_scale, det, sh.grad, name="perturbed")
         self._finish(bad, grad_scaler)
         self._step_count += 1
         return det
