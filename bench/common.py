@@ -18,6 +18,9 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: where the CPU benchmarks write by default: untracked (``.gitignore``), so a run never changes
+#: the committed results by accident; refresh ``bench/results/cpu`` on purpose with ``--out``
+CPU_OUT = REPO_ROOT / "runs" / "bench" / "cpu"
 
 DTYPES = {
     "fp32": torch.float32,

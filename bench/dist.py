@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .common import REPO_ROOT, machine_info
+from .common import CPU_OUT, machine_info
 
 
 def collectives(
@@ -259,7 +259,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--project-only", action="store_true", help="only the ring-model table (no timing)"
     )
-    ap.add_argument("--out", type=Path, default=None, help="default bench/results/cpu")
+    ap.add_argument("--out", type=Path, default=None, help="default runs/bench/cpu (untracked)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -346,7 +346,7 @@ def main(args: argparse.Namespace) -> int:
     table = "\n".join(lines)
     print()
     print(table)
-    out = args.out or REPO_ROOT / "bench" / "results" / "cpu"
+    out = args.out or CPU_OUT
     out.mkdir(parents=True, exist_ok=True)
     doc = {
         "meta": machine_info(torch.device("cpu")),

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .common import Timing, machine_info
+from .common import CPU_OUT, Timing, machine_info
 
 Tensor = torch.Tensor
 
@@ -122,7 +122,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--steps", type=int, default=3, help="steps per implementation per round")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: default)")
     ap.add_argument("--methods", default=None, help="only these torchjd/LibMTL names (comma list)")
-    ap.add_argument("--out", default="bench/results/cpu")
+    ap.add_argument("--out", default=str(CPU_OUT), help="default runs/bench/cpu (untracked)")
     ap.add_argument(
         "--name", default="integrations", help="file stem of the results in --out (and --render)"
     )

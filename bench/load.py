@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .common import REPO_ROOT, machine_info
+from .common import CPU_OUT, machine_info
 
 
 def _spin(deadline: float) -> None:
@@ -147,7 +147,7 @@ def main(args: argparse.Namespace) -> int:
         f"{os.getloadavg()[0]:.1f} at the end"
     )
     print("\n".join(lines))
-    out = args.out or REPO_ROOT / "bench" / "results" / "cpu"
+    out = args.out or CPU_OUT
     out.mkdir(parents=True, exist_ok=True)
     doc = {"meta": machine_info(torch.device("cpu")), "config": vars(args), "rows": rows}
     (out / "load.json").write_text(json.dumps(doc, indent=1, default=str))
@@ -167,4 +167,4 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rounds", type=int, default=5, help="alternations of the thread counts")
     ap.add_argument("--window", type=float, default=0.05, help="seconds per timing window")
     ap.add_argument("--max-load-s", type=float, default=900.0, help="bound on the load processes")
-    ap.add_argument("--out", type=Path, default=None, help="default bench/results/cpu")
+    ap.add_argument("--out", type=Path, default=None, help="default runs/bench/cpu (untracked)")

@@ -20,7 +20,7 @@ import torch
 
 from . import peers
 from .bench_cpu_kernels import interleaved_times
-from .common import REPO_ROOT, machine_info
+from .common import CPU_OUT, machine_info
 
 
 def _inputs(K: int, P: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
                 f"{name:12s} K={K:3d}  ours {r['ours_us']:10.1f} us   peer {r['peer_us']:10.1f} us"
                 f"  x{speedup:7.2f}  {r['peer'] or 'no installed peer'}"
             )
-    out = args.out or REPO_ROOT / "bench" / "results" / "cpu"
+    out = args.out or CPU_OUT
     out.mkdir(parents=True, exist_ok=True)
     doc = {"meta": machine_info(torch.device("cpu")), "config": vars(args), "rows": rows}
     (out / "peers.json").write_text(json.dumps(doc, indent=1, default=str))
@@ -76,4 +76,4 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--P", type=int, default=4096, help="gradient length of the matrix methods")
     ap.add_argument("--weightings", type=lambda s: s.split(","), default=None)
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing windows")
-    ap.add_argument("--out", type=Path, default=None, help="default bench/results/cpu")
+    ap.add_argument("--out", type=Path, default=None, help="default runs/bench/cpu (untracked)")

@@ -225,3 +225,21 @@ def test_load_and_peers_subcommands(tmp_path: Path):
     assert set(peers) == {"upgrad", "uw", "graddrop", "moco"}
     assert peers["upgrad"]["peer"] == "torchjd UPGradWeighting" and peers["upgrad"]["peer_us"] > 0
     assert peers["uw"]["peer"].startswith("torchjd UW") and peers["moco"]["peer"] is None
+
+
+@pytest.mark.parametrize("name", ["ops", "e2e", "integrations", "dist", "load", "peers"])
+def test_every_subcommand_writes_to_an_untracked_folder_by_default(name: str):
+    """A benchmark run never overwrites the committed results unless asked (``--out``): the
+    default output is under ``runs/`` (git-ignored), or resolved there at run time (None)."""
+    from bench.__main__ import SUBCOMMANDS, build_parser
+    from bench.common import REPO_ROOT
+
+    assert name in SUBCOMMANDS
+    parser, rest, module = build_parser([] if name == "ops" else [name])
+    out = parser.parse_args(rest).out
+    if out is None:  # resolved by the module: its default_out or CPU_OUT, both under runs/
+        src = Path(module.__file__).read_text()
+        assert "bench\" / \"results" not in src and "bench/results/cpu\")" not in src
+    else:
+        assert Path(out).resolve().is_relative_to(REPO_ROOT / "runs"), out
+    assert (REPO_ROOT / ".gitignore").read_text().count("/runs/") == 1
