@@ -956,20 +956,16 @@ MTLSAM_HD int qp_solve_one(const Team& team, int K, const T* gram, const T* q, c
   for (int i = rk; i < K; i += ts) c[i] = c[i] / ref * d[i];
   team.sync();
 
-  double beta = 0.0, x0 = 1.0;
+  double beta = 0.0;
   if (simplex) {
     double dm = 0.0;
     for (int i = rk; i < K; i += ts) dm = qp_dmax(dm, d[i]);
     dm = team.max(dm);
-    double asum = 0.0;
     for (int i = rk; i < K; i += ts) {
       a[i] = d[i] / dm;
       lo[i] = 0.0;
-      asum += a[i];
     }
-    asum = team.sum(asum);
     beta = 1.0 / dm;
-    x0 = beta / asum;
   } else {
     for (int i = rk; i < K; i += ts) {
       lo[i] = lower ? qp_load(lower, i) / d[i] : 0.0;
@@ -988,7 +984,6 @@ MTLSAM_HD int qp_solve_one(const Team& team, int K, const T* gram, const T* q, c
   double cmax = 0.0;
   for (int i = rk; i < K; i += ts) cmax = qp_dmax(cmax, fabs(c[i]));
   cmax = team.max(cmax);
-  const double c_scale = 1.0 + cmax;
 
   // ---- exact active-set method first; the interior point below is its fallback ---------------------
   // (workspace: x; g in rd; the reciprocal diagonal of the factor in z; the free set and positions in
@@ -1003,30 +998,38 @@ MTLSAM_HD int qp_solve_one(const Team& team, int K, const T* gram, const T* q, c
   if (as_steps >= 0) {
     it = as_steps;
   } else {  // the interior point: the active set failed (or a truncated budget was asked for)
+    // The start and the stopping rule in the units of v, as the reference (mtlsam_fast/ops/qp.py):
+    // the centre v = 1/K of the simplex with x_i z_i = 1/K for every variable (z_u = d z_v, z_v = 1);
+    // under "lower", x = z = 1.
     for (int i = rk; i < K; i += ts) {
-      x[i] = x0;
-      z[i] = 1.0;
+      x[i] = simplex ? beta / (K * a[i]) : 1.0;
+      z[i] = simplex ? d[i] : 1.0;
     }
     team.sync();
     double y = 0.0;
     double prox = kQpProx;  // current proximal term on the diagonal of H (grows if H is indefinite)
     for (; it < max_iter; ++it) {
       // ---- residuals and convergence ---------------------------------------------------------
-      double rdmax = 0.0, xz = 0.0, ax = 0.0;
+      // converged when the residuals are small against the problem's own magnitude, in v-units: the
+      // gradient's terms |g_i| + |c_i| and the multiplier |y| of sum v = 1 (2 f* for a min-norm
+      // problem, however tiny the Gram matrix)
+      double rdmax = 0.0, gscale = 0.0, xz = 0.0, ax = 0.0;
       for (int i = rk; i < K; i += ts) {
         double g = c[i];
         for (int k = 0; k < K; ++k) g += H[k * ld + i] * x[k];
         const double r = g - z[i] - (simplex ? a[i] * y : 0.0);
         rd[i] = r;
-        rdmax = qp_dmax(rdmax, fabs(r));
+        rdmax = qp_dmax(rdmax, fabs(r) / d[i]);
+        gscale = qp_dmax(gscale, (fabs(g) + fabs(c[i])) / d[i]);
         xz += x[i] * z[i];
         ax += a[i] * x[i];
       }
       rdmax = team.max(rdmax);
+      const double scale = qp_dmax(qp_dmax(team.max(gscale), simplex ? fabs(y) * beta : 0.0), 1e-300);
       const double mu = team.sum(xz) / K;
       const double rp = simplex ? beta - team.sum(ax) : 0.0;
-      bool conv = rdmax <= tol * c_scale && mu <= tol * tol;
-      if (simplex) conv = conv && fabs(rp) <= tol;
+      bool conv = rdmax <= tol * scale && mu <= tol * tol * scale;
+      if (simplex) conv = conv && fabs(rp) <= tol * beta;
       if (conv || !(mu == mu)) break;  // uniform across the team
 
       // ---- Newton matrix and its factorization ---------------------------------------------------
