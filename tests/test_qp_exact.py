@@ -22,7 +22,7 @@ from mtlsam_fast import ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import qp_exactness as oracle  # noqa: E402
+from bench import qp_exactness as oracle
 
 #: the example of the bug: v = (0.938, 0.062) came back, objective 1.89e12 for 1.15e12
 ISSUE_GRAM = [[6.2747e12, 1.7481], [1.7481, 1.4943e-11]]

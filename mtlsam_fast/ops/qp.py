@@ -105,17 +105,8 @@ def solve_qp(
         c = c + (H @ lo.unsqueeze(-1)).squeeze(-1)  # shift u = x + lo, x >= 0
     r = None
     if norm_coef is not None:
-        if not simplex:
-            raise ValueError("norm_coef is only supported with constraint='simplex'")
-        norm_coef = torch.as_tensor(norm_coef, device=H0.device)
-        if norm_coef.numel() not in (1, B):
-            raise ValueError(
-                f"norm_coef must hold one coefficient per problem ({B}), "
-                f"got shape {tuple(norm_coef.shape)}"
-            )
-        r = (
-            norm_coef.to(dt).reshape(-1, 1).expand(B, 1) / ref.sqrt()
-        )  # r sqrt(v'Gv) = ref (r/sqrt(ref)) sqrt(u'Hu)
+        coef = norm_coefficients(norm_coef, batch_shape, constraint, H0.device)
+        r = coef.to(dt).reshape(B, 1) / ref.sqrt()  # r sqrt(v'Gv) = ref (r/sqrt(ref)) sqrt(u'Hu)
         finite = (
             finite & torch.isfinite(r).squeeze(-1) & (r >= 0).squeeze(-1)
         )  # negative r: not convex -> NaN
@@ -200,6 +191,23 @@ def solve_qp(
         # bound (with cost 0: anywhere above it; the bound is the defined, minimal answer)
         x = torch.where((diag_rel <= 1e-300) & (c >= 0), torch.zeros_like(x), x)
     return _finish(x, lo, lo_v, d, simplex, finite, batch_shape, K, out_dtype)
+
+
+def norm_coefficients(
+    norm_coef: Tensor | float, batch_shape: torch.Size, constraint: str, device: torch.device
+) -> Tensor:
+    """``norm_coef`` as one coefficient per problem, shaped ``batch_shape`` (a view when expanded
+    from one value); ``ValueError`` unless the constraint is the simplex and it holds 1 or one per
+    problem."""
+    if constraint != "simplex":
+        raise ValueError("norm_coef is only supported with constraint='simplex'")
+    coef = torch.as_tensor(norm_coef, device=device)
+    B = batch_shape.numel()
+    if coef.numel() not in (1, B):
+        raise ValueError(
+            f"norm_coef must hold one coefficient per problem ({B}), got shape {tuple(coef.shape)}"
+        )
+    return coef.reshape(-1).expand(B).reshape(batch_shape)
 
 
 def _finish(
