@@ -68,7 +68,7 @@ int main(int argc, char** argv) {
   std::vector<float> out(static_cast<size_t>(B) * K);
   std::vector<int32_t> iters(B);
   const auto solve = [&] {
-    mtlsam::cpu::solve_qp(gram.data(), nullptr, nullptr, mtlsam::kF32, B, K, true, 60, 1e-9, out.data(),
+    mtlsam::cpu::solve_qp(gram.data(), nullptr, nullptr, nullptr, mtlsam::kF32, B, K, true, 60, 1e-9, out.data(),
                           iters.data(), 1);
   };
   solve();  // warm-up

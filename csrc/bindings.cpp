@@ -330,13 +330,15 @@ Tensor philox_words(uint64_t seed, uint64_t offset, int64_t n, const Tensor& lik
   return out;
 }
 
-// gram [..., K, K], q / lower [..., K] (float32 or float64, contiguous, same dtype). Returns the
+// gram [..., K, K], q / lower [..., K], norm_coef [...] (simplex only: CAGrad's norm objective) (float32 or
+// float64, contiguous, same dtype). Returns the
 // weights [..., K] and, with_iters, the solver's steps [...] (int32; zeros on CUDA), else None. The
 // batch shape is handled here, not by reshapes in Python (each a dispatcher call, ~1-3 us: the K = 8
 // solve itself takes ~1 us).
 std::tuple<Tensor, c10::optional<Tensor>> solve_qp(const Tensor& gram, const c10::optional<Tensor>& q,
                                                    const c10::optional<Tensor>& lower, bool simplex,
-                                                   int64_t max_iter, double tol, bool with_iters) {
+                                                   int64_t max_iter, double tol, bool with_iters,
+                                                   const c10::optional<Tensor>& norm_coef) {
   TORCH_CHECK(gram.dim() >= 2 && gram.size(-1) == gram.size(-2) && gram.is_contiguous(),
               "mtlsam_fast._C: gram must be a contiguous [..., K, K] tensor");
   const int dt = dtype_code(gram);
@@ -353,8 +355,16 @@ std::tuple<Tensor, c10::optional<Tensor>> solve_qp(const Tensor& gram, const c10
       same_device(**t, gram);
     }
   }
+  if (norm_coef.has_value()) {
+    TORCH_CHECK(simplex, "mtlsam_fast._C: norm_coef is only supported with the simplex constraint");
+    TORCH_CHECK(norm_coef->scalar_type() == gram.scalar_type() && norm_coef->is_contiguous() &&
+                    norm_coef->sizes() == batch,
+                "mtlsam_fast._C: norm_coef must be a contiguous [...] tensor of gram's dtype and batch shape");
+    same_device(*norm_coef, gram);
+  }
   TORCH_CHECK(max_iter >= 0, "mtlsam_fast._C: max_iter must be >= 0");
   const void* qp = q.has_value() ? q->data_ptr() : nullptr;
+  const void* rp = norm_coef.has_value() ? norm_coef->data_ptr() : nullptr;
   const void* lp = lower.has_value() ? lower->data_ptr() : nullptr;
   Tensor out = at::empty(vec_sizes, gram.options());
   c10::optional<Tensor> iters;
@@ -364,14 +374,14 @@ std::tuple<Tensor, c10::optional<Tensor>> solve_qp(const Tensor& gram, const c10
 #ifdef MTLSAM_WITH_CUDA
     MTLSAM_CUDA_GUARD(gram);
     Tensor ws = workspace(mtlsam::cuda::qp_workspace(B, static_cast<int>(K)), gram);
-    mtlsam::cuda::solve_qp(gram.data_ptr(), qp, lp, dt, B, static_cast<int>(K), simplex, static_cast<int>(max_iter),
-                           tol, out.data_ptr(), ws.data_ptr(), stream_of(gram));
+    mtlsam::cuda::solve_qp(gram.data_ptr(), qp, lp, rp, dt, B, static_cast<int>(K), simplex,
+                           static_cast<int>(max_iter), tol, out.data_ptr(), ws.data_ptr(), stream_of(gram));
 #else
     no_cuda();
 #endif
   } else {
-    mtlsam::cpu::solve_qp(gram.data_ptr(), qp, lp, dt, B, static_cast<int>(K), simplex, static_cast<int>(max_iter), tol,
-                          out.data_ptr(), with_iters ? iters->data_ptr<int32_t>() : nullptr, nthreads());
+    mtlsam::cpu::solve_qp(gram.data_ptr(), qp, lp, rp, dt, B, static_cast<int>(K), simplex, static_cast<int>(max_iter),
+                          tol, out.data_ptr(), with_iters ? iters->data_ptr<int32_t>() : nullptr, nthreads());
   }
   return {out, iters};
 }
@@ -460,7 +470,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("philox_words", &philox_words, py::arg("seed"), py::arg("offset"), py::arg("n"), py::arg("like"));
   m.attr("QP_MAX_K") = mtlsam::kQpMaxK;
   m.def("solve_qp", &solve_qp, py::arg("gram"), py::arg("q"), py::arg("lower"), py::arg("simplex"),
-        py::arg("max_iter"), py::arg("tol"), py::arg("with_iters") = false);
+        py::arg("max_iter"), py::arg("tol"), py::arg("with_iters") = false, py::arg("norm_coef") = py::none());
 #ifdef MTLSAM_WITH_CUDA
   m.def("fused_workspace_bytes", &fused_workspace_bytes, py::arg("K"), py::arg("P"), py::arg("like"));
   m.def("fused_gram_qp", &fused_gram_qp, py::arg("G"), py::arg("gram_out"), py::arg("weights"), py::arg("ws"),

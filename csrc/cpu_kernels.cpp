@@ -91,9 +91,9 @@ void philox_words(uint64_t seed, uint64_t offset, int64_t n, uint32_t* out, int 
   kernels().philox_words(seed, offset, n, out, nthreads);
 }
 
-void solve_qp(const void* gram, const void* q, const void* lower, int dt, int64_t B, int K, bool simplex,
-              int max_iter, double tol, void* out, int32_t* iters, int nthreads) {
-  kernels().solve_qp(gram, q, lower, dt, B, K, simplex, max_iter, tol, out, iters, nthreads);
+void solve_qp(const void* gram, const void* q, const void* lower, const void* norm_coef, int dt, int64_t B, int K,
+              bool simplex, int max_iter, double tol, void* out, int32_t* iters, int nthreads) {
+  kernels().solve_qp(gram, q, lower, norm_coef, dt, B, K, simplex, max_iter, tol, out, iters, nthreads);
 }
 
 }  // namespace cpu

@@ -774,8 +774,8 @@ static void perturb_noise_stats(void* theta, const void* backup, int tdt, const 
 // The batched QP (qp_core.h, one problem per thread). A batch smaller than the thread count gets
 // one thread per problem, a single problem no parallel region at all (latency).
 template <class T>
-static void solve_qp_impl(const T* gram, const T* q, const T* lower, int64_t B, int K, bool simplex, int max_iter,
-                          double tol, T* out, int32_t* iters, int nthreads) {
+static void solve_qp_impl(const T* gram, const T* q, const T* lower, const T* norm_coef, int64_t B, int K,
+                          bool simplex, int max_iter, double tol, T* out, int32_t* iters, int nthreads) {
   const int64_t KK = static_cast<int64_t>(K) * K;
   const int nt = static_cast<int>(B < nthreads ? B : nthreads);
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -786,21 +786,26 @@ static void solve_qp_impl(const T* gram, const T* q, const T* lower, int64_t B, 
     SerialTeam team;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < B; ++b) {
-      const int it = qp_solve_one(team, K, gram + b * KK, q ? q + b * K : nullptr, lower ? lower + b * K : nullptr,
-                                  simplex, max_iter, tol, ws, out + b * K);
+      const T* qb = q ? q + b * K : nullptr;
+      const int it = norm_coef ? qp_solve_norm_one(team, K, gram + b * KK, qb, static_cast<double>(norm_coef[b]),
+                                                   max_iter, tol, ws, out + b * K)
+                               : qp_solve_one(team, K, gram + b * KK, qb, lower ? lower + b * K : nullptr, simplex,
+                                              max_iter, tol, ws, out + b * K);
       if (iters) iters[b] = it;
     }
   }
 }
 
-static void solve_qp(const void* gram, const void* q, const void* lower, int dt, int64_t B, int K, bool simplex,
-                     int max_iter, double tol, void* out, int32_t* iters, int nthreads) {
+static void solve_qp(const void* gram, const void* q, const void* lower, const void* norm_coef, int dt, int64_t B,
+                     int K, bool simplex, int max_iter, double tol, void* out, int32_t* iters, int nthreads) {
   if (dt == kF64) {
     solve_qp_impl(static_cast<const double*>(gram), static_cast<const double*>(q), static_cast<const double*>(lower),
-                  B, K, simplex, max_iter, tol, static_cast<double*>(out), iters, nthreads);
+                  static_cast<const double*>(norm_coef), B, K, simplex, max_iter, tol, static_cast<double*>(out), iters,
+                  nthreads);
   } else {
-    solve_qp_impl(static_cast<const float*>(gram), static_cast<const float*>(q), static_cast<const float*>(lower), B,
-                  K, simplex, max_iter, tol, static_cast<float*>(out), iters, nthreads);
+    solve_qp_impl(static_cast<const float*>(gram), static_cast<const float*>(q), static_cast<const float*>(lower),
+                  static_cast<const float*>(norm_coef), B, K, simplex, max_iter, tol, static_cast<float*>(out), iters,
+                  nthreads);
   }
 }
 

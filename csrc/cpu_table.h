@@ -16,7 +16,8 @@ struct CpuTable {
   void (*noise_stats)(uint64_t, uint64_t, const void*, int, const int64_t*, int64_t, float*, int);
   void (*gaussian_noise)(uint64_t, uint64_t, int64_t, float*, int);
   void (*philox_words)(uint64_t, uint64_t, int64_t, uint32_t*, int);
-  void (*solve_qp)(const void*, const void*, const void*, int, int64_t, int, bool, int, double, void*, int32_t*, int);
+  void (*solve_qp)(const void*, const void*, const void*, const void*, int, int64_t, int, bool, int, double, void*,
+                   int32_t*, int);
   void (*perturb_noise_stats)(void*, const void*, int, const float*, int64_t, uint64_t, uint64_t, const void*, int,
                               const int64_t*, int64_t, float*, int);
 };

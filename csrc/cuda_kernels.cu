@@ -524,17 +524,24 @@ constexpr int64_t kQpSmemLimit = 96 * 1024;
 int64_t qp_smem_bytes(int K) { return (qp_workspace_doubles(K) + 32) * 8; }
 
 template <class T, bool WARP>
-__global__ void __launch_bounds__(kQpThreads) qp_kernel(const T* gram, const T* q, const T* lower, int K,
-                                                        bool simplex, int max_iter, double tol, T* out,
+__global__ void __launch_bounds__(kQpThreads) qp_kernel(const T* gram, const T* q, const T* lower, const T* norm_coef,
+                                                        int K, bool simplex, int max_iter, double tol, T* out,
                                                         double* gws) {
   extern __shared__ double smem[];
   const int64_t b = blockIdx.x, KK = static_cast<int64_t>(K) * K;
   double* ws = gws ? gws + b * qp_workspace_doubles(K) : smem + 32;
   const T *g = gram + b * KK, *qb = q ? q + b * K : nullptr, *lb = lower ? lower + b * K : nullptr;
-  if (WARP)
+  if (norm_coef) {  // uniform: the same pointer for every thread
+    const double r = static_cast<double>(norm_coef[b]);
+    if (WARP)
+      qp_solve_norm_one(WarpTeam{}, K, g, qb, r, max_iter, tol, ws, out + b * K);
+    else
+      qp_solve_norm_one(BlockTeam{smem}, K, g, qb, r, max_iter, tol, ws, out + b * K);
+  } else if (WARP) {
     qp_solve_one(WarpTeam{}, K, g, qb, lb, simplex, max_iter, tol, ws, out + b * K);
-  else
+  } else {
     qp_solve_one(BlockTeam{smem}, K, g, qb, lb, simplex, max_iter, tol, ws, out + b * K);
+  }
 }
 
 // ---- fused aggregation, launch 1: Gram partials -> last CTA: reduce + QP + ||d|| --------------------------
@@ -696,8 +703,8 @@ void philox_words(uint64_t seed, uint64_t offset, int64_t n, uint32_t* out, void
 }
 
 template <class T>
-void launch_qp(const T* gram, const T* q, const T* lower, int64_t B, int K, bool simplex, int max_iter, double tol,
-               T* out, double* gws, cudaStream_t st) {
+void launch_qp(const T* gram, const T* q, const T* lower, const T* norm_coef, int64_t B, int K, bool simplex,
+               int max_iter, double tol, T* out, double* gws, cudaStream_t st) {
   const int64_t smem = gws ? 32 * 8 : qp_smem_bytes(K);
   const bool warp = K <= kQpWarpMaxK;
   const auto kernel = warp ? qp_kernel<T, true> : qp_kernel<T, false>;
@@ -707,24 +714,24 @@ void launch_qp(const T* gram, const T* q, const T* lower, int64_t B, int K, bool
   if (smem > 48 * 1024)
     check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kQpSmemLimit)),
           "qp shared memory");
-  kernel<<<static_cast<unsigned>(B), warp ? 32 : kQpThreads, smem, st>>>(gram, q, lower, K, simplex, max_iter, tol,
-                                                                        out, gws);
+  kernel<<<static_cast<unsigned>(B), warp ? 32 : kQpThreads, smem, st>>>(gram, q, lower, norm_coef, K, simplex,
+                                                                        max_iter, tol, out, gws);
   MTLSAM_CHECK_LAUNCH("solve_qp");
 }
 
 int64_t qp_workspace(int64_t B, int K) { return qp_smem_bytes(K) > kQpSmemLimit ? B * qp_workspace_doubles(K) * 8 : 0; }
 
-void solve_qp(const void* gram, const void* q, const void* lower, int dt, int64_t B, int K, bool simplex, int max_iter,
-              double tol, void* out, void* ws, void* stream) {
+void solve_qp(const void* gram, const void* q, const void* lower, const void* norm_coef, int dt, int64_t B, int K,
+              bool simplex, int max_iter, double tol, void* out, void* ws, void* stream) {
   if (B == 0) return;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   double* gws = qp_smem_bytes(K) > kQpSmemLimit ? static_cast<double*>(ws) : nullptr;
   if (dt == kF64)
-    launch_qp(static_cast<const double*>(gram), static_cast<const double*>(q), static_cast<const double*>(lower), B, K,
-              simplex, max_iter, tol, static_cast<double*>(out), gws, st);
+    launch_qp(static_cast<const double*>(gram), static_cast<const double*>(q), static_cast<const double*>(lower),
+              static_cast<const double*>(norm_coef), B, K, simplex, max_iter, tol, static_cast<double*>(out), gws, st);
   else
-    launch_qp(static_cast<const float*>(gram), static_cast<const float*>(q), static_cast<const float*>(lower), B, K,
-              simplex, max_iter, tol, static_cast<float*>(out), gws, st);
+    launch_qp(static_cast<const float*>(gram), static_cast<const float*>(q), static_cast<const float*>(lower),
+              static_cast<const float*>(norm_coef), B, K, simplex, max_iter, tol, static_cast<float*>(out), gws, st);
 }
 
 void fused_gram_qp(const void* G, int dt, int64_t K, int64_t P, int64_t ld, float* gram_out, float* weights, void* ws,

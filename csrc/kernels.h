@@ -32,9 +32,10 @@ void perturb_noise_stats(void* theta, const void* backup, int tdt, const float* 
                          uint64_t seed, uint64_t offset, const void* ref, int rdt, const int64_t* offsets, int64_t S,
                          float* out, int nthreads);
 void philox_words(uint64_t seed, uint64_t offset, int64_t n, uint32_t* out, int nthreads);  // [n, 2] words r0, r1
-// batch of B problems, gram [B, K, K], q / lower [B, K] (may be null), dt kF32 or kF64 for all
-void solve_qp(const void* gram, const void* q, const void* lower, int dt, int64_t B, int K, bool simplex,
-              int max_iter, double tol, void* out, int32_t* iters, int nthreads);
+// batch of B problems, gram [B, K, K], q / lower [B, K] (may be null), dt kF32 or kF64 for all; with
+// norm_coef [B] (not null; simplex only) the norm objective q^T v + r sqrt(v^T Gamma v) (qp_solve_norm_one)
+void solve_qp(const void* gram, const void* q, const void* lower, const void* norm_coef, int dt, int64_t B, int K,
+              bool simplex, int max_iter, double tol, void* out, int32_t* iters, int nthreads);
 
 }  // namespace cpu
 
@@ -61,8 +62,8 @@ void noise_stats(uint64_t seed, uint64_t offset, const void* ref, int dt, int64_
                  int64_t S, float* out, void* ws, void* stream);
 void philox_words(uint64_t seed, uint64_t offset, int64_t n, uint32_t* out, void* stream);
 int64_t qp_workspace(int64_t B, int K);  // bytes of global workspace solve_qp needs (0: shared memory only)
-void solve_qp(const void* gram, const void* q, const void* lower, int dt, int64_t B, int K, bool simplex,
-              int max_iter, double tol, void* out, void* ws, void* stream);
+void solve_qp(const void* gram, const void* q, const void* lower, const void* norm_coef, int dt, int64_t B, int K,
+              bool simplex, int max_iter, double tol, void* out, void* ws, void* stream);
 
 // Fused aggregation (DESIGN.md section 6), launch 1: Gram partials over a persistent grid; the
 // last CTA to finish (atomic ticket, reset by that CTA) reduces the partials in a fixed order,

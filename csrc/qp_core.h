@@ -956,20 +956,16 @@ MTLSAM_HD int qp_solve_one(const Team& team, int K, const T* gram, const T* q, c
   for (int i = rk; i < K; i += ts) c[i] = c[i] / ref * d[i];
   team.sync();
 
-  double beta = 0.0, x0 = 1.0;
+  double beta = 0.0;
   if (simplex) {
     double dm = 0.0;
     for (int i = rk; i < K; i += ts) dm = qp_dmax(dm, d[i]);
     dm = team.max(dm);
-    double asum = 0.0;
     for (int i = rk; i < K; i += ts) {
       a[i] = d[i] / dm;
       lo[i] = 0.0;
-      asum += a[i];
     }
-    asum = team.sum(asum);
     beta = 1.0 / dm;
-    x0 = beta / asum;
   } else {
     for (int i = rk; i < K; i += ts) {
       lo[i] = lower ? qp_load(lower, i) / d[i] : 0.0;
@@ -988,7 +984,6 @@ MTLSAM_HD int qp_solve_one(const Team& team, int K, const T* gram, const T* q, c
   double cmax = 0.0;
   for (int i = rk; i < K; i += ts) cmax = qp_dmax(cmax, fabs(c[i]));
   cmax = team.max(cmax);
-  const double c_scale = 1.0 + cmax;
 
   // ---- exact active-set method first; the interior point below is its fallback ---------------------
   // (workspace: x; g in rd; the reciprocal diagonal of the factor in z; the free set and positions in
@@ -1003,30 +998,38 @@ MTLSAM_HD int qp_solve_one(const Team& team, int K, const T* gram, const T* q, c
   if (as_steps >= 0) {
     it = as_steps;
   } else {  // the interior point: the active set failed (or a truncated budget was asked for)
+    // The start and the stopping rule in the units of v, as the reference (mtlsam_fast/ops/qp.py):
+    // the centre v = 1/K of the simplex with x_i z_i = 1/K for every variable (z_u = d z_v, z_v = 1);
+    // under "lower", x = z = 1.
     for (int i = rk; i < K; i += ts) {
-      x[i] = x0;
-      z[i] = 1.0;
+      x[i] = simplex ? beta / (K * a[i]) : 1.0;
+      z[i] = simplex ? d[i] : 1.0;
     }
     team.sync();
     double y = 0.0;
     double prox = kQpProx;  // current proximal term on the diagonal of H (grows if H is indefinite)
     for (; it < max_iter; ++it) {
       // ---- residuals and convergence ---------------------------------------------------------
-      double rdmax = 0.0, xz = 0.0, ax = 0.0;
+      // converged when the residuals are small against the problem's own magnitude, in v-units: the
+      // gradient's terms |g_i| + |c_i| and the multiplier |y| of sum v = 1 (2 f* for a min-norm
+      // problem, however tiny the Gram matrix)
+      double rdmax = 0.0, gscale = 0.0, xz = 0.0, ax = 0.0;
       for (int i = rk; i < K; i += ts) {
         double g = c[i];
         for (int k = 0; k < K; ++k) g += H[k * ld + i] * x[k];
         const double r = g - z[i] - (simplex ? a[i] * y : 0.0);
         rd[i] = r;
-        rdmax = qp_dmax(rdmax, fabs(r));
+        rdmax = qp_dmax(rdmax, fabs(r) / d[i]);
+        gscale = qp_dmax(gscale, (fabs(g) + fabs(c[i])) / d[i]);
         xz += x[i] * z[i];
         ax += a[i] * x[i];
       }
       rdmax = team.max(rdmax);
+      const double scale = qp_dmax(qp_dmax(team.max(gscale), simplex ? fabs(y) * beta : 0.0), 1e-300);
       const double mu = team.sum(xz) / K;
       const double rp = simplex ? beta - team.sum(ax) : 0.0;
-      bool conv = rdmax <= tol * c_scale && mu <= tol * tol;
-      if (simplex) conv = conv && fabs(rp) <= tol;
+      bool conv = rdmax <= tol * scale && mu <= tol * tol * scale;
+      if (simplex) conv = conv && fabs(rp) <= tol * beta;
       if (conv || !(mu == mu)) break;  // uniform across the team
 
       // ---- Newton matrix and its factorization ---------------------------------------------------
@@ -1133,6 +1136,230 @@ MTLSAM_HD int qp_solve_one(const Team& team, int K, const T* gram, const T* q, c
   if (simplex) vsum = team.sum(vsum);
   team.sync();
   for (int i = rk; i < K; i += ts) out[i] = static_cast<T>(simplex ? tmp[K + i] / vsum : tmp[K + i]);
+  team.sync();
+  return it;
+}
+
+// ---- CAGrad's inner problem: min q^T v + r sqrt(v^T Gamma v) over the simplex -------------------------
+//
+// A port of the reference's barrier method (mtlsam_fast/ops/qp.py, _barrier_norm; docs/ARCHITECTURE.md
+// §4) on the same Jacobi-scaled problem  min c^T x + r sqrt(x^T H x)  s.t. x >= 0, a^T x = beta: the
+// second-order-cone barrier eliminated in closed form (t = rho + sqrt(rho^2 + w^2), rho = mu / r),
+// damped Newton steps on Phi_mu with the best of the fixed grid alpha_max 2^-j (j < kQpNormLsSteps) and
+// the damped step 1 / (1 + lambda), mu shrunk by kQpNormMuShrink once centred (lambda <= kQpNormCentred),
+// frozen at mu_final = tol^2 relative or when the Newton matrix stops factoring; the same expressions in
+// the same order as the reference (sums may round in another order), the same iteration budget.
+constexpr double kQpNormMuShrink = 100.0;
+constexpr double kQpNormCentred = 2.0;
+constexpr double kQpNormW2Err = 2.220446049250313e-16;  // 2^-52: relative rounding of x^T H x, per term
+constexpr int kQpNormLsSteps = 8;
+
+// Phi_mu at cand = x + s dx (up to a constant in x); every thread returns the same value (inf when not
+// finite). cand: K doubles of workspace.
+template <class Team>
+MTLSAM_HD double qp_norm_phi(const Team& team, int K, int ld, const double* H, const double* c, double r, double rho,
+                             double mu, double w2_err, const double* x, const double* dx, double s, double* cand) {
+  const int rk = team.rank(), ts = team.size();
+  team.sync();
+  for (int i = rk; i < K; i += ts) cand[i] = x[i] + s * dx[i];
+  team.sync();
+  double lin = 0.0, quad = 0.0, logs = 0.0;
+  for (int i = rk; i < K; i += ts) {
+    double hi = 0.0;
+    for (int k = 0; k < K; ++k) hi += H[k * ld + i] * cand[k];
+    quad += cand[i] * hi;
+    lin += c[i] * cand[i];
+    logs += log(cand[i]);
+  }
+  lin = team.sum(lin);
+  quad = team.sum(quad);
+  logs = team.sum(logs);
+  const double w2 = qp_dmax(quad, 0.0) + w2_err;
+  const double t = rho + sqrt(rho * rho + w2);
+  const double norm_term = r > 0 ? r * t - mu * log(t) : 0.0;
+  const double phi = lin + norm_term - mu * logs;
+  return qp_isfinite(phi) ? phi : kQpInf;
+}
+
+// Solve one problem of the norm objective. gram: K x K, q: K or null, r: the norm coefficient; out: K.
+// Every thread of the team calls this with the same arguments; ws (qp_workspace_doubles(K)) is shared.
+// Returns the number of iterations. A non-finite input or a negative r gives NaN weights.
+template <class Team, class T>
+MTLSAM_HD int qp_solve_norm_one(const Team& team, int K, const T* gram, const T* q, double r_in, int max_iter,
+                                double tol, double* ws, T* out) {
+  const int ld = qp_ld(K);
+  const int rk = team.rank(), ts = team.size();
+  double* H = ws;
+  double* L = H + static_cast<int64_t>(K) * ld;
+  double* d = L + static_cast<int64_t>(K) * ld;
+  double* c = d + K;
+  double* a = c + K;
+  double* x = a + K;
+  double* Hx = x + K;
+  double* g = Hx + K;
+  double* rhs = g + K;  // 2 * K: [p | m]
+  double* dx = rhs + 2 * K;
+  double* aHx = dx + K;  // |H| x, then H dx
+  double* cand = aHx + K;
+
+  // ---- scaling, as qp_solve_one without the proximal term (the reference's) ---------------------------
+  double ref = 0.0, qref = 0.0, bad = 0.0;
+  for (int i = rk; i < K; i += ts) {
+    const double qi = q ? qp_load(q, i) : 0.0;
+    c[i] = qi;
+    if (!qp_isfinite(qi)) bad = 1.0;
+    ref = qp_dmax(ref, qp_load(gram, static_cast<int64_t>(i) * K + i));
+    qref = qp_dmax(qref, fabs(qi));
+  }
+  ref = team.max(ref);
+  qref = team.max(qref);
+  if (!(ref > 0)) ref = qref > 0 ? qref : 1.0;
+  for (int i = rk; i < K; i += ts) {
+    const double rel = qp_load(gram, static_cast<int64_t>(i) * K + i) / ref;
+    d[i] = rel > 1e-300 ? 1.0 / sqrt(rel) : 1.0;
+  }
+  team.sync();
+  for (int t = rk; t < K * K; t += ts) {
+    const int i = t / K, j = t % K;
+    const double v = 0.5 * (qp_load(gram, static_cast<int64_t>(i) * K + j) + qp_load(gram, static_cast<int64_t>(j) * K + i));
+    if (!qp_isfinite(v)) bad = 1.0;
+    H[j * ld + i] = v / ref * d[i] * d[j];
+  }
+  const double r = r_in / sqrt(ref);  // r sqrt(v'Gv) = ref (r / sqrt(ref)) sqrt(u'Hu)
+  if (!qp_isfinite(r) || !(r >= 0)) bad = 1.0;
+  bad = team.max(bad);
+  if (bad > 0) {
+    for (int i = rk; i < K; i += ts) out[i] = static_cast<T>(NAN);
+    team.sync();
+    return 0;
+  }
+  double dm = 0.0;
+  for (int i = rk; i < K; i += ts) {
+    c[i] = c[i] / ref * d[i];
+    dm = qp_dmax(dm, d[i]);
+  }
+  dm = team.max(dm);
+  const double beta = 1.0 / dm;
+  double asum = 0.0, cmax = 0.0;
+  for (int i = rk; i < K; i += ts) {
+    a[i] = d[i] / dm;
+    asum += a[i];
+    cmax = qp_dmax(cmax, fabs(c[i]));
+  }
+  asum = team.sum(asum);
+  cmax = team.max(cmax);
+  for (int i = rk; i < K; i += ts) x[i] = beta / asum;
+  team.sync();
+
+  const double r_safe = r > 0 ? r : 1.0;
+  const double obj_scale = 1.0 + cmax + r;
+  double xsum = 0.0;
+  for (int i = rk; i < K; i += ts) xsum += x[i];
+  const double xmean = team.sum(xsum) / K;
+  double mu = obj_scale * xmean;
+  const double mu_final = tol * tol * obj_scale * xmean;
+  int it = 0;
+  for (; it < max_iter; ++it) {
+    // H x, and |H| x for the rounding bound of w^2 = x^T H x
+    double xhx = 0.0, xahx = 0.0, ax = 0.0;
+    for (int i = rk; i < K; i += ts) {
+      double sh = 0.0, sa = 0.0;
+      for (int k = 0; k < K; ++k) {
+        const double h = H[k * ld + i];
+        sh += h * x[k];
+        sa += fabs(h) * x[k];
+      }
+      Hx[i] = sh;
+      xhx += x[i] * sh;
+      xahx += x[i] * sa;
+      ax += a[i] * x[i];
+    }
+    const double w2_err = kQpNormW2Err * K * team.sum(xahx);
+    const double w2 = qp_dmax(team.sum(xhx), 0.0) + w2_err;
+    const double r_p = beta - team.sum(ax);
+    const double rho = mu / r_safe;
+    const double h = sqrt(rho * rho + w2);
+    const double t = rho + h;
+    const double tth = t * t * h;
+    team.sync();
+    // gradient, the Newton matrix hess + diag(mu / x^2) + gamma a a^T (gamma: its largest diagonal)
+    double gamma = 0.0;
+    for (int i = rk; i < K; i += ts) {
+      g[i] = c[i] + r * Hx[i] / t - mu / x[i];
+      const double hii = r * (H[i * ld + i] / t - Hx[i] * Hx[i] / tth);
+      gamma = qp_dmax(gamma, hii + mu / (x[i] * x[i]));
+    }
+    gamma = team.max(gamma);
+    for (int tt = rk; tt < K * K; tt += ts) {
+      const int j = tt / K, i = tt % K;
+      if (i >= j)
+        L[j * ld + i] = r * (H[j * ld + i] / t - Hx[i] * Hx[j] / tth) + (i == j ? mu / (x[i] * x[i]) : 0.0) +
+                        gamma * a[i] * a[j];
+    }
+    const bool factored = qp_cholesky(team, K, ld, L, 2e-300);  // fails below a pivot of 1e-300 (or NaN)
+    if (!factored) break;  // uniform: frozen at the last, feasible iterate
+    for (int i = rk; i < K; i += ts) {
+      rhs[i] = -g[i] + gamma * a[i] * r_p;
+      rhs[K + i] = a[i];
+    }
+    team.sync();
+    qp_chol_solve(team, K, ld, L, rhs, 2);
+    double ap = 0.0, am = 0.0;
+    for (int i = rk; i < K; i += ts) {
+      ap += a[i] * rhs[i];
+      am += a[i] * rhs[K + i];
+    }
+    const double dy = (r_p - team.sum(ap)) / team.sum(am);
+    for (int i = rk; i < K; i += ts) dx[i] = rhs[i] + rhs[K + i] * dy;
+    team.sync();
+    // the Newton decrement lambda^2 = dx^T hess dx + mu sum (dx / x)^2, relative to mu
+    double dhd = 0.0, hxdx = 0.0, bar = 0.0, nonfinite = 0.0;
+    for (int i = rk; i < K; i += ts) {
+      double sh = 0.0;
+      for (int k = 0; k < K; ++k) sh += H[k * ld + i] * dx[k];
+      dhd += dx[i] * sh;
+      hxdx += Hx[i] * dx[i];
+      bar += mu * (dx[i] / x[i]) * (dx[i] / x[i]);
+      if (!qp_isfinite(dx[i])) nonfinite = 1.0;
+    }
+    hxdx = team.sum(hxdx);
+    const double quad = r * (team.sum(dhd) / t - hxdx * hxdx / tth) + team.sum(bar);
+    const double lam = sqrt(qp_dmax(quad, 0.0) / mu);
+    if (team.max(nonfinite) > 0 || !qp_isfinite(lam)) break;  // uniform
+    // the line search over the fixed grid: the least Phi_mu (first index on ties, as torch.argmin)
+    const double a_max = qp_max_step(team, K, x, dx);
+    const double damped = qp_dmin(1.0 / (1.0 + lam), a_max);
+    double best = kQpInf, alpha = a_max, step = a_max;
+    for (int j = 0; j <= kQpNormLsSteps; ++j) {
+      const double sj = j < kQpNormLsSteps ? step : damped;
+      const double phi = qp_norm_phi(team, K, ld, H, c, r, rho, mu, w2_err, x, dx, sj, cand);
+      if (phi < best) {
+        best = phi;
+        alpha = sj;
+      }
+      step *= 0.5;
+    }
+    if (!(best < kQpInf)) alpha = a_max;  // every candidate non-finite: the reference's argmin picks index 0
+    team.sync();
+    for (int i = rk; i < K; i += ts) x[i] += alpha * dx[i];
+    team.sync();
+    const bool centred = lam <= kQpNormCentred;
+    if (centred && mu <= mu_final) {
+      ++it;
+      break;
+    }
+    if (centred) mu = qp_dmax(mu / kQpNormMuShrink, mu_final);
+  }
+
+  double vsum = 0.0;
+  for (int i = rk; i < K; i += ts) {
+    const double v = x[i] * d[i];
+    cand[i] = v > 0 ? v : 0.0;
+    vsum += cand[i];
+  }
+  vsum = team.sum(vsum);
+  team.sync();
+  for (int i = rk; i < K; i += ts) out[i] = static_cast<T>(cand[i] / vsum);
   team.sync();
   return it;
 }

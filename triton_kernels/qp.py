@@ -16,9 +16,10 @@ scaled by 1e-12 ... 1e12 look alike to the solver), in float64 registers:
   column extraction (a masked row-wise reduction; symmetry gives the row) and one rank-1 update
   of the tile, no pivoting needed for SPD matrices; after all pivots the tile holds ``-M^{-1}``. The
   predictor, the corrector and the simplex constraint's extra solve are then mat-vecs;
-* a ``while`` loop runs at most ``max_iter`` iterations and exits as soon as the scaled KKT
-  conditions hold to ``tol`` (dual residual, complementarity, primal residual), checked in the
-  kernel: no host round trip;
+* the reference's start (the centre of the simplex) and stopping rule (the residuals in the
+  units of v, against the problem's own magnitude); a ``while`` loop runs at most ``max_iter``
+  iterations and exits as soon as the KKT conditions hold to ``tol``, checked in the kernel: no
+  host round trip;
 * non-finite ``Gamma`` or ``q`` gives NaN weights (the optimizers' found-inf flag).
 """
 
@@ -119,7 +120,10 @@ def qp_core(
         a = tl.where(km, d / dmax, 0.0)
         beta = 1.0 / dmax
         lo = zero_v
-        x = tl.where(km, beta / tl.sum(a, axis=0), 1.0)
+        if HAS_R:
+            x = tl.where(km, beta / tl.sum(a, axis=0), 1.0)
+        else:  # the reference's start: v = 1/K with z = 1 in v-units (z_u = d)
+            x = tl.where(km, beta / (tl.sum(kmf, axis=0) * tl.where(km, a, 1.0)), 1.0)
     else:
         a = zero_v
         beta = 0.0
@@ -128,6 +132,11 @@ def qp_core(
         x = zero_v + 1.0
     r = r_in / tl.sqrt(ref)
     z = zero_v + 1.0
+    if SIMPLEX:
+        if HAS_R:
+            z = zero_v + 1.0
+        else:
+            z = tl.where(km, d, 1.0)  # z = 1 in v-units
     y = tl.sum(zero_v, axis=0)
     c_scale = 1.0 + tl.max(tl.abs(c), axis=0)
     nk = tl.sum(kmf, axis=0)
@@ -138,16 +147,22 @@ def qp_core(
         g, hess = _grad_hess(H, c, x, r, HAS_R)
         r_d = tl.where(km, g - z - a * y, 0.0)
         mu = tl.sum(tl.where(km, x * z, 0.0), axis=0) / nk
-        if SIMPLEX:
+        if HAS_R:  # the smoothed norm objective: residuals against 1 + max |c|
             r_p = beta - tl.sum(a * x, axis=0)
-            conv = (
-                (tl.max(tl.abs(r_d), axis=0) <= tol * c_scale)
-                & (mu <= tol * tol)
-                & (tl.abs(r_p) <= tol)
-            )
-        else:
-            r_p = 0.0
             conv = (tl.max(tl.abs(r_d), axis=0) <= tol * c_scale) & (mu <= tol * tol)
+            conv = conv & (tl.abs(r_p) <= tol)
+        else:  # the reference's rule, in v-units, against the problem's own magnitude
+            scale = tl.max(tl.where(km, (tl.abs(g) + tl.abs(c)) / d, 0.0), axis=0)
+            rd_v = tl.max(tl.abs(r_d) / d, axis=0)
+            if SIMPLEX:
+                r_p = beta - tl.sum(a * x, axis=0)
+                scale = tl.maximum(tl.maximum(scale, tl.abs(y) * beta), 1e-300)
+                conv = (rd_v <= tol * scale) & (mu <= tol * tol * scale)
+                conv = conv & (tl.abs(r_p) <= tol * beta)
+            else:
+                r_p = 0.0
+                scale = tl.maximum(scale, 1e-300)
+                conv = (rd_v <= tol * scale) & (mu <= tol * tol * scale)
         if conv | (it >= max_iter):
             go = 0
         else:

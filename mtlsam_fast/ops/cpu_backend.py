@@ -4,8 +4,8 @@ Same functions and semantics as :mod:`.torch_backend` (the oracle). The kernels 
 and fp16 buffers (fp32 accumulation; Gram / norm partials in fp64, combined in a fixed order, so
 results do not depend on the thread count) with 64-bit offsets. Inputs the kernels do not handle
 fall back to the torch backend: float64 buffers, buffers without a unit column stride,
-``solve_qp(..., norm_coef=...)`` (CAGrad's norm objective) or with more than ``_C.QP_MAX_K`` (32768)
-variables, a ``backup`` whose dtype differs from ``theta``.
+``solve_qp`` with more than ``_C.QP_MAX_K`` (32768) variables, a ``backup`` whose dtype differs
+from ``theta``. ``solve_qp(..., norm_coef=...)`` (CAGrad's norm objective) runs in the kernel.
 """
 
 from __future__ import annotations
@@ -205,16 +205,16 @@ def philox_words(
     return words[:, 0], words[:, 1]
 
 
-def _qp_kernel_ok(gram: Tensor, norm_coef) -> bool:
-    return norm_coef is None and 1 <= gram.shape[-1] <= _C().QP_MAX_K
+def _qp_kernel_ok(gram: Tensor) -> bool:
+    return 1 <= gram.shape[-1] <= _C().QP_MAX_K
 
 
 def solve_qp(
     gram: Tensor, q, lower, constraint: str, norm_coef, max_iter: int, tol: float
 ) -> Tensor:
-    if not _qp_kernel_ok(gram, norm_coef):
+    if not _qp_kernel_ok(gram):
         return _ref.solve_qp(gram, q, lower, constraint, norm_coef, max_iter, tol)
-    return _solve_qp_kernel(gram, q, lower, constraint, max_iter, tol)[0]
+    return _solve_qp_kernel(gram, q, lower, constraint, max_iter, tol, norm_coef=norm_coef)[0]
 
 
 def _as_kernel_input(t: Tensor, dt: torch.dtype) -> Tensor:
@@ -226,11 +226,22 @@ def _as_kernel_input(t: Tensor, dt: torch.dtype) -> Tensor:
 
 
 def _solve_qp_kernel(
-    gram: Tensor, q, lower, constraint: str, max_iter: int, tol: float, with_iters: bool = False
+    gram: Tensor,
+    q,
+    lower,
+    constraint: str,
+    max_iter: int,
+    tol: float,
+    with_iters: bool = False,
+    norm_coef=None,
 ) -> tuple[Tensor, Tensor | None]:
     """The kernel's weights ``[..., K]`` and, ``with_iters``, its step counts ``[...]`` (else
     None)."""
     dt = torch.float64 if gram.dtype == torch.float64 else torch.float32
+    if norm_coef is not None:
+        norm_coef = _as_kernel_input(
+            _qp.norm_coefficients(norm_coef, gram.shape[:-2], constraint, gram.device), dt
+        )
     return _C().solve_qp(
         _as_kernel_input(gram, dt),
         None if q is None else _as_kernel_input(q, dt),
@@ -239,6 +250,7 @@ def _solve_qp_kernel(
         int(max_iter),
         float(tol),
         with_iters,
+        norm_coef,
     )
 
 

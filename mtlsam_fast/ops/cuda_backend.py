@@ -9,8 +9,8 @@ per-CTA partial and a deterministic second pass; registers for K <= 8, shared-me
 K <= 64), fused difference + Gram, segmented norms, combine, perturb with Philox noise, noise
 statistics, and the batched QP with one warp (K <= 64) or one CTA per problem (the
 ``__host__ __device__`` solver of ``csrc/qp_core.h`` that the CPU backend runs too). Fallbacks to
-the torch backend: float64 buffers, K > 64 for the Gram, ``norm_coef`` in ``solve_qp``, layouts
-without a unit column stride.
+the torch backend: float64 buffers, K > 64 for the Gram, layouts without a unit column stride
+(``solve_qp(..., norm_coef=...)``, CAGrad's norm objective, runs in the QP kernel).
 
 :class:`FusedAggregator` / :func:`fused_aggregate` expose the two-launch aggregation path of
 DESIGN.md section 6 (MGDA weights without leaving the device).

@@ -105,32 +105,27 @@ def solve_qp(
         c = c + (H @ lo.unsqueeze(-1)).squeeze(-1)  # shift u = x + lo, x >= 0
     r = None
     if norm_coef is not None:
-        if not simplex:
-            raise ValueError("norm_coef is only supported with constraint='simplex'")
-        norm_coef = torch.as_tensor(norm_coef, device=H0.device)
-        if norm_coef.numel() not in (1, B):
-            raise ValueError(
-                f"norm_coef must hold one coefficient per problem ({B}), "
-                f"got shape {tuple(norm_coef.shape)}"
-            )
-        r = (
-            norm_coef.to(dt).reshape(-1, 1).expand(B, 1) / ref.sqrt()
-        )  # r sqrt(v'Gv) = ref (r/sqrt(ref)) sqrt(u'Hu)
+        coef = norm_coefficients(norm_coef, batch_shape, constraint, H0.device)
+        r = coef.to(dt).reshape(B, 1) / ref.sqrt()  # r sqrt(v'Gv) = ref (r/sqrt(ref)) sqrt(u'Hu)
         finite = (
             finite & torch.isfinite(r).squeeze(-1) & (r >= 0).squeeze(-1)
         )  # negative r: not convex -> NaN
 
     eye = torch.eye(K, dtype=dt, device=H.device)
-    x = torch.ones(B, K, dtype=dt, device=H.device)
-    if simplex:
-        x = x * (beta / a.sum(-1))[:, None]
     check_early = H.device.type == "cpu" and not torch.compiler.is_compiling()
     if r is not None:
+        x = torch.ones(B, K, dtype=dt, device=H.device) * (beta / a.sum(-1))[:, None]
         x = _barrier_norm(H, c, r, a, beta, x, eye, max_iter, tol, check_early)
         return _finish(x, lo, lo_v, d, simplex, finite, batch_shape, K, out_dtype)
-    z = torch.ones_like(x)
+    # The interior point is invariant to the scaling u = v / d given the image of its start, so the
+    # start and the stopping rule are set in the units of v (the problem over Gamma / ref): the
+    # centre v = 1/K of the simplex with z = 1 in v-units (z_u = d z_v), i.e. the same x_i z_i = 1/K
+    # for every variable ("lower": x = z = 1). Starting at v proportional to d instead leaves the
+    # variables of tiny Gamma_ii many orders of magnitude from a linear term's optimum:
+    # the iteration cycles there and stops far from the optimum (docs/ARCHITECTURE.md §4).
+    x = beta[:, None] / (K * a) if simplex else torch.ones(B, K, dtype=dt, device=H.device)
+    z = d.clone() if simplex else torch.ones_like(x)
     y = torch.zeros(B, 1, dtype=dt, device=H.device)
-    c_scale = 1.0 + c.abs().amax(-1, keepdim=True)
     done = torch.zeros(B, 1, dtype=torch.bool, device=H.device)
 
     for it in range(max_iter):
@@ -139,10 +134,17 @@ def solve_qp(
         r_d = g - z - (a * y if simplex else 0.0)
         r_p = (beta - (a * x).sum(-1)).unsqueeze(-1) if simplex else None
         mu = (x * z).mean(-1, keepdim=True)
-        conv = (r_d.abs().amax(-1, keepdim=True) <= tol * c_scale) & (mu <= tol * tol)
+        # converged when the residuals are small against the problem's own magnitude, in v-units:
+        # the gradient's terms |g_i| + |c_i| and the multiplier y of sum v = 1 (2 f* for a min-norm
+        # problem, however tiny the Gram matrix); the duality gap K mu is then below tol^2 K scale
+        scale = ((g.abs() + c.abs()) / d).amax(-1, keepdim=True)
+        if simplex:
+            scale = torch.maximum(scale, y.abs() * beta.unsqueeze(-1))  # y_v = y_u / max d
+        scale = scale.clamp_min(1e-300)
+        conv = ((r_d / d).abs().amax(-1, keepdim=True) <= tol * scale) & (mu <= tol * tol * scale)
         if simplex:
             assert r_p is not None  # computed above when simplex
-            conv &= r_p.abs() <= tol
+            conv &= r_p.abs() <= tol * beta.unsqueeze(-1)
         done = done | conv
         if check_early and it % 4 == 3 and bool(done.all()):
             break
@@ -189,6 +191,23 @@ def solve_qp(
         # bound (with cost 0: anywhere above it; the bound is the defined, minimal answer)
         x = torch.where((diag_rel <= 1e-300) & (c >= 0), torch.zeros_like(x), x)
     return _finish(x, lo, lo_v, d, simplex, finite, batch_shape, K, out_dtype)
+
+
+def norm_coefficients(
+    norm_coef: Tensor | float, batch_shape: torch.Size, constraint: str, device: torch.device
+) -> Tensor:
+    """``norm_coef`` as one coefficient per problem, shaped ``batch_shape`` (a view when expanded
+    from one value); ``ValueError`` unless the constraint is the simplex and it holds 1 or one per
+    problem."""
+    if constraint != "simplex":
+        raise ValueError("norm_coef is only supported with constraint='simplex'")
+    coef = torch.as_tensor(norm_coef, device=device)
+    B = batch_shape.numel()
+    if coef.numel() not in (1, B):
+        raise ValueError(
+            f"norm_coef must hold one coefficient per problem ({B}), got shape {tuple(coef.shape)}"
+        )
+    return coef.reshape(-1).expand(B).reshape(batch_shape)
 
 
 def _finish(
