@@ -30,8 +30,41 @@ def _compiled_inner(module: torch.nn.Module) -> torch.nn.Module | None:
     return inner if isinstance(inner, torch.nn.Module) else None
 
 
-#: the outermost open :func:`frozen_running_stats` block (inner blocks join it)
-_open: list[bool] = []
+class _Blocks:
+    """The state of :func:`frozen_running_stats` (one per process): the buffers saved by the
+    outermost open block (``None`` when no block is open) and the one global pre-hook."""
+
+    saved: dict[int, list[tuple[Tensor, Tensor]]] | None = None
+    handle: Any = None
+    #: a compiled module was met: the hook stays registered, so the compiled graphs (which guard
+    #: on the global hooks' ids) are not compiled again for every block
+    keep_hook = False
+
+
+def _save(module: torch.nn.Module) -> None:
+    saved = _Blocks.saved
+    if saved is None or id(module) in saved or not _tracking(module):
+        return
+    bufs = [
+        b
+        for b in (module.running_mean, module.running_var, module.num_batches_tracked)
+        if isinstance(b, Tensor)
+    ]
+    saved[id(module)] = [(b, b.clone()) for b in bufs]
+
+
+def _pre_hook(module: torch.nn.Module, args: Any) -> None:
+    if torch.compiler.is_compiling():
+        return  # traced into a compiled graph: the compiled module's own call saved its layers
+    if _Blocks.saved is None:
+        return
+    inner = _compiled_inner(module)
+    if inner is None:
+        _save(module)
+    else:
+        _Blocks.keep_hook = True
+        for m in inner.modules():
+            _save(m)
 
 
 @contextlib.contextmanager
@@ -44,45 +77,30 @@ def frozen_running_stats() -> Iterator[None]:
     time it runs, and copied back on exit. The forward itself is unchanged (same batch statistics,
     same autograd graph, so gradient checkpointing's recomputation sees the same tensors), and the
     buffers come back bitwise. A ``torch.compile(model)`` wrapper is met as one module: the layers
-    of the model it wraps are saved when it runs, since their own hooks do not fire inside the
-    compiled graph. (A closure compiled as a whole calls no module hook at all; compile the model
-    instead.)
+    of the model it wraps are saved when it runs, since no hook runs inside the compiled graph; once
+    one was met the hook stays registered (a compiled graph guards on the global hooks, and a new
+    hook each block would compile the model again each time). A closure compiled as a whole calls
+    no module hook at all: compile the model instead.
 
     Blocks nest: an inner block joins the outermost one, which restores on its exit. A forward
     whose backward is still to come must sit in the same block as that backward (autograd saved
     the buffers, and restoring them bumps their version): the optimizers open one block around
     each perturbed forward and its backward.
     """
-    if _open:
+    if _Blocks.saved is not None:
         yield
         return
     saved: dict[int, list[tuple[Tensor, Tensor]]] = {}
-
-    def save(module: torch.nn.Module) -> None:
-        if id(module) in saved or not _tracking(module):
-            return
-        bufs = [
-            b
-            for b in (module.running_mean, module.running_var, module.num_batches_tracked)
-            if isinstance(b, Tensor)
-        ]
-        saved[id(module)] = [(b, b.clone()) for b in bufs]
-
-    def pre_hook(module: torch.nn.Module, args: Any) -> None:
-        inner = _compiled_inner(module)
-        if inner is None:
-            save(module)
-        else:
-            for m in inner.modules():
-                save(m)
-
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
-    _open.append(True)
+    _Blocks.saved = saved
+    if _Blocks.handle is None:
+        _Blocks.handle = torch.nn.modules.module.register_module_forward_pre_hook(_pre_hook)
     try:
         yield
     finally:
-        _open.pop()
-        handle.remove()
+        _Blocks.saved = None
+        if not _Blocks.keep_hook:
+            _Blocks.handle.remove()
+            _Blocks.handle = None
         with torch.no_grad():
             for pairs in saved.values():
                 for buf, copy in pairs:
