@@ -203,6 +203,60 @@ STATE_KEY = "mtlsam_fast"
 STATE_FORMAT = 2
 
 
+#: group entries that choose how the base optimizer runs here (kept when a state is loaded)
+_IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+#: torch's optimizers whose state tensors are scalars or shaped like their parameter
+_SHAPED_STATE_OPTIMIZERS = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+    torch.optim.ASGD,
+    torch.optim.Rprop,
+)
+
+
+def _weighting_options(w: _weighting.Weighting) -> dict[str, str]:
+    """A weighting's construction options (its public attributes) as reprs, but its ``backend``
+    (where it runs, not what it computes)."""
+    return {k: repr(v) for k, v in vars(w).items() if not k.startswith("_") and k != "backend"}
+
+
+def _check_group_values(index: int, group: dict[str, Any], current: dict[str, Any]) -> None:
+    """A loaded param group's values have the types of this optimizer's (a number stays a number,
+    a flag a flag, a pair of numbers a pair): a corrupted value raises here, not inside the base
+    optimizer's next step."""
+
+    def number(v: Any) -> bool:
+        return (isinstance(v, (int, float)) and not isinstance(v, bool)) or (
+            isinstance(v, torch.Tensor) and v.numel() == 1
+        )
+
+    for key, want in current.items():
+        if key in ("params", STATE_KEY) or key not in group or want is None:
+            continue
+        got = group[key]
+        if isinstance(want, bool):
+            ok = isinstance(got, bool)
+        elif number(want):
+            ok = number(got)
+        elif isinstance(want, (tuple, list)):
+            ok = isinstance(got, (tuple, list)) and len(got) == len(want)
+            ok = ok and all(number(g) == number(w) for g, w in zip(got, want))
+        else:
+            ok = True
+        if not ok:
+            raise ValueError(
+                f"corrupted state_dict: param_groups[{index}][{key!r}] is {got!r}, "
+                f"expected a value like {want!r}"
+            )
+
+
 class MTLBase(torch.optim.Optimizer):
     """Common base of :class:`MTLOptimizer`, :class:`FMTL` and :class:`SAMO` (not used directly).
 
@@ -1091,6 +1145,7 @@ class MTLBase(torch.optim.Optimizer):
             "shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
             "weighting": {
                 "class": type(self.weighting).__name__,
+                "options": _weighting_options(self.weighting),
                 "state": self.weighting.state_dict(),
             },
             "step_count": self._step_count,
@@ -1101,11 +1156,26 @@ class MTLBase(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict` (or one of the format before hyperparameters moved into the
         param groups). Everything is checked first -- this optimizer's class, K, the base
-        optimizer's and the weighting's classes, the parameter shapes, the hyperparameters, the
-        weighting's state -- so a mismatch raises before anything is replaced."""
+        optimizer's and the weighting's classes, the weighting's options, the parameter shapes, the
+        hyperparameters and the other group values' types, the structure of the base optimizer's
+        state and the shapes of its tensors, the weighting's state, the counters -- so a mismatch
+        or a corrupted state raises before anything is replaced. The base optimizer's
+        implementation flags (``foreach``, ``fused``, ``capturable``, ``differentiable``) stay this
+        optimizer's: they choose how it runs here, not what it computes."""
         sd = self._upgrade_state_dict(state_dict)
         groups = [dict(g) for g in sd["param_groups"]]
         mine = groups[0].pop(STATE_KEY)
+        if not isinstance(mine.get("weighting"), dict) or not isinstance(
+            mine["weighting"].get("state"), dict
+        ):
+            raise ValueError(
+                f"corrupted state_dict: param_groups[0][{STATE_KEY!r}]['weighting'] must be a "
+                "dict with a 'state' dict"
+            )
+        for key in ("step_count", *self._extra_state()):
+            value = mine.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"corrupted state_dict: {key} is {value!r}, expected an int >= 0")
         expected = {
             "optimizer": type(self).__name__,
             "base_optimizer": type(self.base_optimizer).__name__,
@@ -1126,6 +1196,12 @@ class MTLBase(torch.optim.Optimizer):
                 f"state_dict does not match this optimizer: the weighting is "
                 f"{got_weighting!r} in the state_dict, {expected_weighting!r} here"
             )
+        got_options = mine["weighting"].get("options")
+        if got_options is not None and got_options != _weighting_options(self.weighting):
+            raise ValueError(
+                f"state_dict does not match this optimizer: the weighting's options are "
+                f"{got_options!r} in the state_dict, {_weighting_options(self.weighting)!r} here"
+            )
         if len(groups) != len(self.param_groups):
             raise ValueError(
                 f"state_dict has {len(groups)} param groups, this optimizer "
@@ -1136,6 +1212,11 @@ class MTLBase(torch.optim.Optimizer):
             for name in self.HYPERPARAMETERS:
                 group.setdefault(name, current[name])
             self._check_hyperparameters(i, group)
+            _check_group_values(i, group, current)
+            for flag_name in _IMPLEMENTATION_FLAGS:
+                if flag_name in current:
+                    group[flag_name] = current[flag_name]
+        self._check_base_state(sd["state"], groups)
         copy.deepcopy(self.weighting).load_state_dict(mine["weighting"]["state"])  # raises first
         self.base_optimizer.load_state_dict({**sd, "param_groups": groups})
         self.param_groups = self.base_optimizer.param_groups  # load_state_dict rebinds the list
@@ -1144,6 +1225,45 @@ class MTLBase(torch.optim.Optimizer):
         self._step_count = int(mine["step_count"])
         self._load_extra_state(mine)
         self._check_reached = True  # a resumed model may hold new parameters (assign=True)
+
+    def _check_base_state(self, state: Any, groups: list[dict[str, Any]]) -> None:
+        """The base optimizer's saved state fits these parameters: entries keyed by the groups'
+        parameter indices, dicts of named values; for torch's built-in optimizers every tensor is
+        a scalar (a step count) or shaped like its parameter (moments, buffers)."""
+        if not isinstance(state, dict):
+            raise ValueError(
+                f"corrupted state_dict: 'state' is a {type(state).__name__}, not a dict"
+            )
+        params: dict[Any, Tensor] = {}
+        for i, (group, current) in enumerate(zip(groups, self.param_groups)):
+            ids = group.get("params")
+            if not isinstance(ids, list) or len(ids) != len(current["params"]):
+                raise ValueError(
+                    f"state_dict's param_groups[{i}]['params'] lists "
+                    f"{len(ids) if isinstance(ids, list) else ids!r} parameters, this optimizer's "
+                    f"{len(current['params'])}"
+                )
+            params.update(zip(ids, current["params"]))
+        builtin = type(self.base_optimizer) in _SHAPED_STATE_OPTIMIZERS
+        for key, entry in state.items():
+            if key not in params:
+                raise ValueError(
+                    f"corrupted state_dict: state entry {key!r} belongs to no parameter of the "
+                    f"param groups"
+                )
+            if not isinstance(entry, dict) or not all(isinstance(k, str) for k in entry):
+                raise ValueError(
+                    f"corrupted state_dict: state[{key!r}] must be a dict of named values"
+                )
+            p = params[key]
+            shapes = (p.shape, _distributed.local_tensor(p).shape)  # FSDP2: global or local
+            for name, value in entry.items():
+                shaped = builtin and isinstance(value, torch.Tensor) and value.dim() != 0
+                if shaped and value.shape not in shapes:
+                    raise ValueError(
+                        f"state_dict does not match this optimizer: state[{key!r}][{name!r}] "
+                        f"has shape {tuple(value.shape)}, its parameter {tuple(p.shape)}"
+                    )
 
     def _upgrade_state_dict(self, sd: Any) -> dict[str, Any]:
         """``sd`` in the current format (format 1 is converted), or a clear error."""
@@ -1165,11 +1285,17 @@ class MTLBase(torch.optim.Optimizer):
                 f"not a {name} state_dict: expected the keys 'state' and "
                 f"'param_groups', got {sorted(sd)}"
             )
+        if not isinstance(sd["param_groups"], list) or not all(
+            isinstance(g, dict) for g in sd["param_groups"]
+        ):
+            raise ValueError(f"corrupted {name} state_dict: 'param_groups' must be a list of dicts")
         if STATE_KEY not in sd["param_groups"][0]:
             raise ValueError(
                 f"not a {name} state_dict: param_groups[0] has no {STATE_KEY!r} entry (a plain "
                 "torch.optim state_dict? load that into opt.base_optimizer instead)"
             )
+        if not isinstance(sd["param_groups"][0][STATE_KEY], dict):
+            raise ValueError(f"corrupted {name} state_dict: its {STATE_KEY!r} entry is not a dict")
         fmt = sd["param_groups"][0][STATE_KEY].get("format")
         if fmt != STATE_FORMAT:
             raise ValueError(
