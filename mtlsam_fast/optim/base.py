@@ -860,7 +860,9 @@ class MTLBase(torch.optim.Optimizer):
             seed = seed / self._micro_batches  # in the loss's precision (1/3 is inexact in fp32)
         watched = self._watch_reached(task) if self._check_reached else None
         try:
-            with frozen_running_stats():
+            # (inside a perturbed pass's block this joins it; alone, around a clean forward's
+            # backward, checkpointing's recomputation must build the forward's graph: save mode)
+            with frozen_running_stats(switch_off=False):
                 torch.autograd.backward(loss, grad_tensors=seed, retain_graph=retain_graph)
         finally:
             for h in others:
