@@ -222,9 +222,16 @@ _SHAPED_STATE_OPTIMIZERS = (
 
 
 def _weighting_options(w: _weighting.Weighting) -> dict[str, str]:
-    """A weighting's construction options (its public attributes) as reprs, but its ``backend``
+    """A weighting's construction options as reprs: its public attributes that are plain scalars
+    (numbers, strings, flags, None; not its state, not a wrapped object), but its ``backend``
     (where it runs, not what it computes)."""
-    return {k: repr(v) for k, v in vars(w).items() if not k.startswith("_") and k != "backend"}
+    return {
+        k: repr(v)
+        for k, v in vars(w).items()
+        if not k.startswith("_")
+        and k != "backend"
+        and (v is None or isinstance(v, (bool, int, float, str)))
+    }
 
 
 def _check_group_values(index: int, group: dict[str, Any], current: dict[str, Any]) -> None:
