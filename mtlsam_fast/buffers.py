@@ -3,7 +3,9 @@
 The shared parameters are described by segments (offset, numel, shape) of one flat index space of
 size P. Per-task gradients live in rows of ``G: [K, P]``. Capture is zero-copy: while task ``k`` is
 captured, each parameter's ``.grad`` is a view into row ``k`` of ``G``, so autograd's in-place
-accumulation writes straight into the buffer (no ``torch.cat``, no per-parameter copies).
+accumulation writes straight into the buffer (no ``torch.cat``, no per-parameter copies). Each
+segment holds its parameter in the parameter's memory order (``Segment.stride``), so a
+``channels_last`` parameter, its ``.grad`` and its rows of ``G`` all stay ``channels_last``.
 """
 
 from __future__ import annotations
@@ -22,11 +24,25 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class Segment:
-    """One parameter tensor's place in the flat index space."""
+    """One parameter tensor's place in the flat index space.
+
+    ``stride`` is the memory layout of the segment's views: ``None`` for row-major (contiguous), or
+    the strides of a parameter that is dense in another order (``channels_last``, a transposed
+    weight), whose elements then lie in the segment in memory order so its views keep that layout.
+    """
 
     offset: int
     numel: int
     shape: torch.Size
+    stride: tuple[int, ...] | None = None
+
+
+def dense_stride(t: Tensor) -> tuple[int, ...] | None:
+    """The strides of ``t`` if it is dense in a non-row-major order (``channels_last``, a
+    transposed weight), else ``None`` (row-major; a non-dense tensor becomes row-major)."""
+    stride = tuple(torch.empty_like(t, device="meta").stride())  # t's own if non-overlapping, dense
+    row_major = tuple(torch.empty(t.shape, device="meta").stride())
+    return None if stride == row_major else stride
 
 
 def check_params(params: Iterable[Tensor], what: str = "parameters") -> list[Tensor]:
@@ -58,7 +74,7 @@ class FlatLayout:
         params = check_params(params)
         segs, off = [], 0
         for p in params:
-            segs.append(Segment(off, p.numel(), p.shape))
+            segs.append(Segment(off, p.numel(), p.shape, dense_stride(p)))
             off += p.numel()
         self.segments: tuple[Segment, ...] = tuple(segs)
         self.numel: int = off
@@ -77,12 +93,19 @@ class FlatLayout:
         return self._offsets[device]
 
     def views(self, flat: Tensor) -> list[Tensor]:
-        """Per-parameter views (shaped like the parameters) of a flat ``[P]`` buffer."""
-        if flat.dim() != 1 or flat.numel() != self.numel:
+        """Per-parameter views of a flat ``[P]`` buffer, shaped and strided like the parameters
+        (``Segment.stride``)."""
+        if flat.dim() != 1 or flat.numel() != self.numel or (flat.numel() and flat.stride(0) != 1):
             raise ValueError(
-                f"expected a flat buffer of {self.numel} elements, got shape {tuple(flat.shape)}"
+                f"expected a contiguous flat buffer of {self.numel} elements, got shape "
+                f"{tuple(flat.shape)}"
             )
-        return [flat[s.offset : s.offset + s.numel].view(s.shape) for s in self.segments]
+        return [
+            flat[s.offset : s.offset + s.numel].view(s.shape)
+            if s.stride is None
+            else flat[s.offset : s.offset + s.numel].as_strided(s.shape, s.stride)
+            for s in self.segments
+        ]
 
     def gather(
         self, tensors: Sequence[Tensor], out: Tensor | None = None, dtype: torch.dtype | None = None
@@ -99,7 +122,8 @@ def flatten_parameters(params: Sequence[Tensor], layout: FlatLayout | None = Non
     """Move ``params`` into one contiguous flat buffer and make each ``.data`` a view of it.
 
     Returns the flat buffer ``[P]``. Parameter identities (and so optimizer state keyed on them)
-    are kept; their values are unchanged; non-contiguous parameters become contiguous. All
+    are kept; their values are unchanged; a parameter dense in another memory order
+    (``channels_last``) keeps its strides, a non-dense one becomes contiguous. All
     parameters must share one dtype (one buffer holds one dtype).
     """
     params = check_params(params)
@@ -160,9 +184,9 @@ class GradBuffer:
 
         The row is zeroed first unless ``accumulate``. Parameters that get no gradient keep a zero
         row. The parameters' previous ``.grad`` tensors are put back on exit. Rows hold each
-        parameter in logical (row-major) order, like :func:`flatten_parameters`; a non-contiguous
-        parameter therefore gets a contiguous ``.grad`` view (autograd warns that the layout
-        differs from the parameter's; flatten the parameters first to avoid it). Higher-order
+        parameter in its memory order (``Segment.stride``), like :func:`flatten_parameters`; a
+        non-dense parameter therefore gets a contiguous ``.grad`` view (autograd warns that the
+        layout differs from the parameter's; flatten the parameters first to avoid it). Higher-order
         gradients (``create_graph=True``) are not captured in place: autograd replaces ``.grad``
         instead of accumulating into it.
         """

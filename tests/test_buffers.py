@@ -27,17 +27,14 @@ class TwoTaskNet(nn.Module):
 
 
 def reference_rows(model, x):
+    """Each task's gradient, laid out like the buffer: every parameter in its memory order
+    (``extra`` is dense transposed, so its segment holds its elements column by column)."""
+    layout = FlatLayout(model.shared())
     rows = []
     for loss in model.losses(x):
         grads = torch.autograd.grad(loss, model.shared(), allow_unused=True, retain_graph=True)
-        rows.append(
-            torch.cat(
-                [
-                    (torch.zeros_like(p) if g is None else g).reshape(-1)
-                    for g, p in zip(grads, model.shared())
-                ]
-            )
-        )
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, model.shared())]
+        rows.append(layout.gather(grads))
     return torch.stack(rows)
 
 

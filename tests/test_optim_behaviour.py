@@ -498,7 +498,7 @@ def test_step_without_closure_raises():
         (
             lambda n: mtlsam_fast.MTLOptimizer([torch.zeros(3)], num_tasks=2),
             ValueError,
-            "does not require grad",
+            "none of its parameters requires grad",
         ),
         (
             lambda n: mtlsam_fast.MTLOptimizer([torch.zeros(3, dtype=torch.int64)], num_tasks=2),

@@ -24,71 +24,22 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import torch
-from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from .. import distributed as _distributed
 from .. import ops
 from .. import weighting as _weighting
-from ..buffers import FlatLayout, GradBuffer, flatten_parameters
+from ..buffers import FlatLayout, GradBuffer, dense_stride, flatten_parameters
 from ..ops import FLOAT_DTYPES
 from ..weighting.mgda import MGDA as _MGDA
 from .monitor import DirectionHook, StepFeatures, StepRecord, max_norm_or_none
+from .running_stats import frozen_running_stats
 
 Tensor = torch.Tensor
 Closure = Callable[[], "Sequence[Tensor] | Tensor"]
-
-
-# --------------------------------------------------------------------------------------------
-# BatchNorm running statistics: updated by the clean forward only
-# --------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def frozen_running_stats() -> Iterator[None]:
-    """Within the block, no normalization layer updates its running statistics.
-
-    A global module forward pre-hook catches every ``_BatchNorm`` (BatchNorm1d/2d/3d, SyncBatchNorm,
-    lazy variants) that runs in training mode with ``track_running_stats`` and switches
-    ``track_running_stats`` off for the duration: in training mode this makes the layer normalize
-    with the batch statistics exactly as before, but neither ``running_mean``/``running_var`` nor
-    ``num_batches_tracked`` are touched (no arithmetic on them at all, so the result is exact).
-    Other normalization layers with running statistics (InstanceNorm with
-    ``track_running_stats=True``) have their buffers saved and copied back on exit.
-    """
-    toggled: list[_BatchNorm] = []
-    saved: dict[int, tuple[_NormBase, list[tuple[Tensor, Tensor]]]] = {}
-
-    def pre_hook(module: torch.nn.Module, args: Any) -> None:
-        if (
-            not isinstance(module, _NormBase)
-            or not module.training
-            or not module.track_running_stats
-        ):
-            return
-        if isinstance(module, _BatchNorm):
-            module.track_running_stats = False
-            toggled.append(module)
-        elif id(module) not in saved:
-            bufs = [
-                b
-                for b in (module.running_mean, module.running_var, module.num_batches_tracked)
-                if b is not None
-            ]
-            saved[id(module)] = (module, [(b, b.clone()) for b in bufs])
-
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
-    try:
-        yield
-    finally:
-        handle.remove()
-        for m in toggled:
-            m.track_running_stats = True
-        with torch.no_grad():
-            for _, pairs in saved.values():
-                for buf, copy in pairs:
-                    buf.copy_(copy)
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,6 +202,67 @@ STATE_KEY = "mtlsam_fast"
 #: param groups) had the top-level keys ``base_optimizer``, ``weighting``, ``step_count`` and
 #: ``extra``.
 STATE_FORMAT = 2
+
+
+#: group entries that choose how the base optimizer runs here (kept when a state is loaded)
+_IMPLEMENTATION_FLAGS = ("foreach", "fused", "capturable", "differentiable")
+#: torch's optimizers whose state tensors are scalars or shaped like their parameter
+_SHAPED_STATE_OPTIMIZERS = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+    torch.optim.ASGD,
+    torch.optim.Rprop,
+)
+
+
+def _weighting_options(w: _weighting.Weighting) -> dict[str, str]:
+    """A weighting's construction options as reprs: its public attributes that are plain scalars
+    (numbers, strings, flags, None; not its state, not a wrapped object), but its ``backend``
+    (where it runs, not what it computes)."""
+    return {
+        k: repr(v)
+        for k, v in vars(w).items()
+        if not k.startswith("_")
+        and k != "backend"
+        and (v is None or isinstance(v, (bool, int, float, str)))
+    }
+
+
+def _check_group_values(index: int, group: dict[str, Any], current: dict[str, Any]) -> None:
+    """A loaded param group's values have the types of this optimizer's (a number stays a number,
+    a flag a flag, a pair of numbers a pair): a corrupted value raises here, not inside the base
+    optimizer's next step."""
+
+    def number(v: Any) -> bool:
+        return (isinstance(v, (int, float)) and not isinstance(v, bool)) or (
+            isinstance(v, torch.Tensor) and v.numel() == 1
+        )
+
+    for key, want in current.items():
+        if key in ("params", STATE_KEY) or key not in group or want is None:
+            continue
+        got = group[key]
+        if isinstance(want, bool):
+            ok = isinstance(got, bool)
+        elif number(want):
+            ok = number(got)
+        elif isinstance(want, (tuple, list)):
+            ok = isinstance(got, (tuple, list)) and len(got) == len(want)
+            ok = ok and all(number(g) == number(w) for g, w in zip(got, want))
+        else:
+            ok = True
+        if not ok:
+            raise ValueError(
+                f"corrupted state_dict: param_groups[{index}][{key!r}] is {got!r}, "
+                f"expected a value like {want!r}"
+            )
 
 
 class MTLBase(torch.optim.Optimizer):
@@ -426,7 +438,8 @@ class MTLBase(torch.optim.Optimizer):
         """Every check of the constructor and the base optimizer, before any parameter moves.
         Returns the shared and per-task parameter lists, the param groups and the shared group's
         hyperparameters."""
-        shared, heads = self._validate_params(shared_params, task_params, num_tasks)
+        shared, heads, self._listed = self._validate_params(shared_params, task_params, num_tasks)
+        self._check_reached = True  # the first step checks the losses reach the parameters
         # a subclass's hyperparameters: values for the shared group, and where heads differ
         shared_hyper = dict(hyperparameters or {})
         head_hyper = {**shared_hyper, **(head_hyperparameters or {})}
@@ -488,9 +501,17 @@ class MTLBase(torch.optim.Optimizer):
         """What the ranks must agree on (:data:`mtlsam_fast.distributed.AGREEMENT_FIELDS`)."""
         canonical = _distributed.canonical
 
-        def described(ps: list[Tensor]) -> str:
+        def described(ps: list[Tensor]) -> str:  # the memory layout too: G's rows are reduced
             return canonical(
-                [(list(p.shape), str(p.dtype), _distributed.is_dtensor(p)) for p in ps]
+                [
+                    (
+                        list(p.shape),
+                        str(p.dtype),
+                        _distributed.is_dtensor(p),
+                        None if _distributed.is_dtensor(p) else dense_stride(p),
+                    )
+                    for p in ps
+                ]
             )
 
         base = self.base_optimizer
@@ -550,7 +571,10 @@ class MTLBase(torch.optim.Optimizer):
         shared_params: Iterable[Tensor],
         task_params: Sequence[Iterable[Tensor]] | None,
         num_tasks: int | None,
-    ) -> tuple[list[Tensor], list[list[Tensor]]]:
+    ) -> tuple[list[Tensor], list[list[Tensor]], list[tuple[str, Tensor, bool]]]:
+        """The trainable shared and per-task parameter lists, and every listed parameter as
+        ``(name, tensor, requires_grad)``: parameters that do not require grad are left out of
+        the lists, as torch.optim's optimizers leave them alone (:meth:`_check_trainable`)."""
         if isinstance(shared_params, torch.Tensor):
             raise TypeError(
                 "shared_params must be an iterable of tensors (e.g. model.trunk.parameters()), "
@@ -595,18 +619,6 @@ class MTLBase(torch.optim.Optimizer):
                 raise TypeError(
                     f"{name} is a {type(p).__name__}, expected a torch.Tensor (nn.Parameter)"
                 )
-            if p.dtype not in FLOAT_DTYPES:
-                raise TypeError(
-                    f"{name} has unsupported dtype {p.dtype}; "
-                    "supported: float32, float64, bfloat16, float16"
-                )
-            if not p.requires_grad:
-                raise ValueError(f"{name} does not require grad")
-            if not p.is_leaf:
-                raise ValueError(
-                    f"{name} is not a leaf tensor "
-                    "(pass the model's parameters, not results of operations)"
-                )
             if id(p) in owner:
                 prev = owner[id(p)]
                 both = (
@@ -616,11 +628,31 @@ class MTLBase(torch.optim.Optimizer):
                 )
                 raise ValueError(f"a parameter is {both}: {prev} and {name} are the same tensor")
             owner[id(p)] = name
+            if p.dtype not in FLOAT_DTYPES:
+                raise TypeError(
+                    f"{name} has unsupported dtype {p.dtype}; "
+                    "supported: float32, float64, bfloat16, float16"
+                )
+            if not p.requires_grad:
+                continue  # frozen: skipped
+            if not p.is_leaf:
+                raise ValueError(
+                    f"{name} is not a leaf tensor "
+                    "(pass the model's parameters, not results of operations)"
+                )
             devices.setdefault(str(p.device), name)
         if len(devices) > 1:
             desc = ", ".join(f"{name} on {dev}" for dev, name in devices.items())
             raise ValueError(
                 f"parameters are on different devices ({desc}); move the model to one device first"
+            )
+        listed = [(name, p, p.requires_grad) for name, p in named]
+        shared = [p for p in shared if p.requires_grad]
+        heads = [[p for p in h if p.requires_grad] for h in heads]
+        if not shared:
+            raise ValueError(
+                "shared_params: none of its parameters requires grad (frozen parameters are "
+                "skipped); a multi-task optimizer needs at least one trainable shared parameter"
             )
         for what, group in [("shared_params", shared)] + [
             (f"task_params[{k}]", h) for k, h in enumerate(heads)
@@ -631,7 +663,21 @@ class MTLBase(torch.optim.Optimizer):
                     f"{what}: all parameters must share one dtype (one flat buffer each), "
                     f"got {sorted(map(str, dtypes))}"
                 )
-        return shared, heads
+        return shared, heads, listed
+
+    def _check_trainable(self) -> None:
+        """Which listed parameters train is fixed when the optimizer is built (those that require
+        grad then): a parameter frozen or unfrozen since raises, before the step changes
+        anything."""
+        for name, p, trainable in self._listed:
+            if p.requires_grad != trainable:
+                change = "unfrozen" if p.requires_grad else "frozen"
+                raise RuntimeError(
+                    f"{name} was {change} (requires_grad set to {p.requires_grad}) after "
+                    f"{type(self).__name__} was built: the trainable parameters are fixed at "
+                    "construction (they live in flat buffers, one gradient row per task). Build a "
+                    "new optimizer after changing requires_grad, or set it back"
+                )
 
     def _check_losses(self, losses: Any, *, need_grad: bool) -> list[Tensor]:
         K = self.num_tasks
@@ -693,6 +739,7 @@ class MTLBase(torch.optim.Optimizer):
         for i, group in enumerate(self.param_groups):  # a scheduler may have changed them
             self._check_hyperparameters(i, group)
         self._check_grad_scaler(grad_scaler)
+        self._check_trainable()
         flats = [self._shared] + [h for h in self._heads if h is not None]
         for f in flats:
             f.check_intact()
@@ -770,11 +817,33 @@ class MTLBase(torch.optim.Optimizer):
         self, closure: Closure, micro: int = 0, *, grad: bool, perturbed: bool
     ) -> list[Tensor]:
         """One closure call: ``closure()``, or ``closure(micro)`` when the step has
-        ``micro_batches``."""
+        ``micro_batches``.
+
+        The parameters have no ``.grad`` during the call, so a ``zero_grad()`` in the closure
+        (the optimizer's or the model's, either ``set_to_none``) touches none of the step's
+        buffers; a closure that runs a backward pass itself is refused (its gradients would
+        otherwise be lost, or counted twice)."""
         ctx = frozen_running_stats() if perturbed else contextlib.nullcontext()
         scope = self._sync.forward_scope() if self._sync is not None else contextlib.nullcontext()
-        with scope, ctx, torch.set_grad_enabled(grad):
-            losses = closure() if self._micro_batches is None else closure(micro)  # type: ignore[call-arg]
+        flats = [self._shared] + [h for h in self._heads if h is not None]
+        for f in flats:
+            for p in f.params:
+                p.grad = None
+        try:
+            with scope, ctx, torch.set_grad_enabled(grad):
+                losses = closure() if self._micro_batches is None else closure(micro)  # type: ignore[call-arg]
+            given = next(
+                (i for f in flats for i, p in enumerate(f.params) if p.grad is not None), None
+            )
+        finally:
+            for f in flats:
+                f.attach_grads()
+        if given is not None:
+            raise RuntimeError(
+                f"the closure gave the parameters gradients (it called backward() or set .grad): "
+                f"{type(self).__name__} runs the backward passes itself. Return the K task losses "
+                "from the closure without calling backward() (calling zero_grad() there is fine)"
+            )
         return self._check_losses(losses, need_grad=grad)
 
     def _mean_losses(self, per_micro: list[Tensor]) -> Tensor:
@@ -789,14 +858,20 @@ class MTLBase(torch.optim.Optimizer):
     ) -> None:
         """Backward of ``loss`` seeded with ``seed`` into the shared params and head ``task`` (all
         heads if None). With M micro-batches the seed is ``seed / M``: the gradients of the M
-        backward passes add up to the gradient of their mean loss. With FSDP2-sharded groups no
-        ``inputs`` are named (autograd must reach the unsharded parameters FSDP2 gathers)."""
-        inputs: list[Tensor] | None = None
-        if self._sync is None or not self._sync.sharded:
-            inputs = list(self._shared.params)
-            for h in self._heads if task is None else [self._heads[task]]:
-                if h is not None:
-                    inputs.extend(h.params)
+        backward passes add up to the gradient of their mean loss.
+
+        No ``inputs`` are named (reentrant gradient checkpointing refuses them, and with FSDP2
+        autograd must reach the unsharded parameters it gathers): the other heads have no
+        ``.grad`` during the pass, so whatever reaches them is dropped. Normalization layers run
+        again by gradient checkpointing keep their running statistics
+        (:func:`~mtlsam_fast.optim.running_stats.frozen_running_stats`). On the first step (and
+        after :meth:`load_state_dict`) the pass checks that the losses reach the parameters."""
+        others = [h for k, h in enumerate(self._heads) if h is not None and k != task]
+        if task is None:
+            others = []
+        for h in others:
+            for p in h.params:
+                p.grad = None
         if loss.dtype not in (torch.float32, torch.float64):
             loss = (
                 loss.float()
@@ -804,7 +879,62 @@ class MTLBase(torch.optim.Optimizer):
         seed = seed.to(loss.dtype)
         if self._micro_batches is not None and self._micro_batches > 1:
             seed = seed / self._micro_batches  # in the loss's precision (1/3 is inexact in fp32)
-        torch.autograd.backward(loss, grad_tensors=seed, retain_graph=retain_graph, inputs=inputs)
+        watched = self._watch_reached(task) if self._check_reached else None
+        try:
+            # (inside a perturbed pass's block this joins it; alone, around a clean forward's
+            # backward, checkpointing's recomputation must build the forward's graph: save mode)
+            with frozen_running_stats(switch_off=False):
+                torch.autograd.backward(loss, grad_tensors=seed, retain_graph=retain_graph)
+        finally:
+            for h in others:
+                h.attach_grads()
+            if watched is not None:
+                for handle in watched[1]:
+                    handle.remove()
+        if watched is not None:
+            self._raise_unreached(watched[0], task)
+
+    def _watch_reached(self, task: int | None) -> tuple[set[int], list[Any]]:
+        """Hooks that record which groups (-1: shared, k: head k) of a backward pass's targets
+        receive a gradient (not for FSDP2 shards, whose gradients FSDP2 assigns)."""
+        reached: set[int] = set()
+        if self._sync is not None and self._sync.sharded:
+            return reached, []
+        groups = [(-1, self._shared)]
+        groups += [
+            (k, h)
+            for k, h in enumerate(self._heads)
+            if h is not None and (task is None or k == task)
+        ]
+        handles = []
+        for key, flat in groups:
+            for p in flat.params:
+                handles.append(
+                    p.register_post_accumulate_grad_hook(lambda _, key=key: reached.add(key))
+                )
+        return reached, handles
+
+    def _raise_unreached(self, reached: set[int], task: int | None) -> None:
+        """Refuse a step whose losses do not depend on a whole parameter group: the parameters
+        the optimizer holds are no longer the model's (``model.load_state_dict(...,
+        assign=True)`` or a rebuilt module after the optimizer was built)."""
+        if self._sync is not None and self._sync.sharded:
+            return
+        missing = [] if -1 in reached else ["shared_params"]
+        missing += [
+            f"task_params[{k}]"
+            for k, h in enumerate(self._heads)
+            if h is not None and (task is None or k == task) and k not in reached
+        ]
+        if missing:
+            loss = "the mean loss" if task is None else f"loss {task}"
+            raise RuntimeError(
+                f"no parameter of {', '.join(missing)} received a gradient from {loss}: the "
+                f"parameters {type(self).__name__} holds are not the ones the closure's model "
+                "uses (was model.load_state_dict(..., assign=True) called, or a module replaced, "
+                "after the optimizer was built?). Build the optimizer after loading with "
+                "assign=True, or load without assign (copies into the same parameters)"
+            )
 
     def _task_gradient_ready(self, i: int, *, rows: str = "shard") -> None:
         """Row ``i`` of ``G`` and head ``i``'s gradient are complete on this rank (distributed:
@@ -951,6 +1081,7 @@ class MTLBase(torch.optim.Optimizer):
     def _finish(self, bad: Tensor, grad_scaler: Any) -> None:
         """Set the found-inf flag (``bad`` or a non-finite final gradient), unscale through the
         scaler, step the base optimizer guarded by the flag."""
+        self._check_reached = False  # this step's backward passes reached every group
         if self._sync is not None:
             self._sync.wait()
         grads = [self._shared.grad] + [h.grad for h in self._heads if h is not None]
@@ -1086,6 +1217,7 @@ class MTLBase(torch.optim.Optimizer):
             "shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
             "weighting": {
                 "class": type(self.weighting).__name__,
+                "options": _weighting_options(self.weighting),
                 "state": self.weighting.state_dict(),
             },
             "step_count": self._step_count,
@@ -1096,11 +1228,26 @@ class MTLBase(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict` (or one of the format before hyperparameters moved into the
         param groups). Everything is checked first -- this optimizer's class, K, the base
-        optimizer's and the weighting's classes, the parameter shapes, the hyperparameters, the
-        weighting's state -- so a mismatch raises before anything is replaced."""
+        optimizer's and the weighting's classes, the weighting's options, the parameter shapes, the
+        hyperparameters and the other group values' types, the structure of the base optimizer's
+        state and the shapes of its tensors, the weighting's state, the counters -- so a mismatch
+        or a corrupted state raises before anything is replaced. The base optimizer's
+        implementation flags (``foreach``, ``fused``, ``capturable``, ``differentiable``) stay this
+        optimizer's: they choose how it runs here, not what it computes."""
         sd = self._upgrade_state_dict(state_dict)
         groups = [dict(g) for g in sd["param_groups"]]
         mine = groups[0].pop(STATE_KEY)
+        if not isinstance(mine.get("weighting"), dict) or not isinstance(
+            mine["weighting"].get("state"), dict
+        ):
+            raise ValueError(
+                f"corrupted state_dict: param_groups[0][{STATE_KEY!r}]['weighting'] must be a "
+                "dict with a 'state' dict"
+            )
+        for key in ("step_count", *self._extra_state()):
+            value = mine.get(key, 0)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"corrupted state_dict: {key} is {value!r}, expected an int >= 0")
         expected = {
             "optimizer": type(self).__name__,
             "base_optimizer": type(self.base_optimizer).__name__,
@@ -1121,6 +1268,12 @@ class MTLBase(torch.optim.Optimizer):
                 f"state_dict does not match this optimizer: the weighting is "
                 f"{got_weighting!r} in the state_dict, {expected_weighting!r} here"
             )
+        got_options = mine["weighting"].get("options")
+        if got_options is not None and got_options != _weighting_options(self.weighting):
+            raise ValueError(
+                f"state_dict does not match this optimizer: the weighting's options are "
+                f"{got_options!r} in the state_dict, {_weighting_options(self.weighting)!r} here"
+            )
         if len(groups) != len(self.param_groups):
             raise ValueError(
                 f"state_dict has {len(groups)} param groups, this optimizer "
@@ -1131,6 +1284,11 @@ class MTLBase(torch.optim.Optimizer):
             for name in self.HYPERPARAMETERS:
                 group.setdefault(name, current[name])
             self._check_hyperparameters(i, group)
+            _check_group_values(i, group, current)
+            for flag_name in _IMPLEMENTATION_FLAGS:
+                if flag_name in current:
+                    group[flag_name] = current[flag_name]
+        self._check_base_state(sd["state"], groups)
         copy.deepcopy(self.weighting).load_state_dict(mine["weighting"]["state"])  # raises first
         self.base_optimizer.load_state_dict({**sd, "param_groups": groups})
         self.param_groups = self.base_optimizer.param_groups  # load_state_dict rebinds the list
@@ -1138,6 +1296,46 @@ class MTLBase(torch.optim.Optimizer):
         self.weighting.load_state_dict(mine["weighting"]["state"])
         self._step_count = int(mine["step_count"])
         self._load_extra_state(mine)
+        self._check_reached = True  # a resumed model may hold new parameters (assign=True)
+
+    def _check_base_state(self, state: Any, groups: list[dict[str, Any]]) -> None:
+        """The base optimizer's saved state fits these parameters: entries keyed by the groups'
+        parameter indices, dicts of named values; for torch's built-in optimizers every tensor is
+        a scalar (a step count) or shaped like its parameter (moments, buffers)."""
+        if not isinstance(state, dict):
+            raise ValueError(
+                f"corrupted state_dict: 'state' is a {type(state).__name__}, not a dict"
+            )
+        params: dict[Any, Tensor] = {}
+        for i, (group, current) in enumerate(zip(groups, self.param_groups)):
+            ids = group.get("params")
+            if not isinstance(ids, list) or len(ids) != len(current["params"]):
+                raise ValueError(
+                    f"state_dict's param_groups[{i}]['params'] lists "
+                    f"{len(ids) if isinstance(ids, list) else ids!r} parameters, this optimizer's "
+                    f"{len(current['params'])}"
+                )
+            params.update(zip(ids, current["params"]))
+        builtin = type(self.base_optimizer) in _SHAPED_STATE_OPTIMIZERS
+        for key, entry in state.items():
+            if key not in params:
+                raise ValueError(
+                    f"corrupted state_dict: state entry {key!r} belongs to no parameter of the "
+                    f"param groups"
+                )
+            if not isinstance(entry, dict) or not all(isinstance(k, str) for k in entry):
+                raise ValueError(
+                    f"corrupted state_dict: state[{key!r}] must be a dict of named values"
+                )
+            p = params[key]
+            shapes = (p.shape, _distributed.local_tensor(p).shape)  # FSDP2: global or local
+            for name, value in entry.items():
+                shaped = builtin and isinstance(value, torch.Tensor) and value.dim() != 0
+                if shaped and value.shape not in shapes:
+                    raise ValueError(
+                        f"state_dict does not match this optimizer: state[{key!r}][{name!r}] "
+                        f"has shape {tuple(value.shape)}, its parameter {tuple(p.shape)}"
+                    )
 
     def _upgrade_state_dict(self, sd: Any) -> dict[str, Any]:
         """``sd`` in the current format (format 1 is converted), or a clear error."""
@@ -1159,11 +1357,17 @@ class MTLBase(torch.optim.Optimizer):
                 f"not a {name} state_dict: expected the keys 'state' and "
                 f"'param_groups', got {sorted(sd)}"
             )
+        if not isinstance(sd["param_groups"], list) or not all(
+            isinstance(g, dict) for g in sd["param_groups"]
+        ):
+            raise ValueError(f"corrupted {name} state_dict: 'param_groups' must be a list of dicts")
         if STATE_KEY not in sd["param_groups"][0]:
             raise ValueError(
                 f"not a {name} state_dict: param_groups[0] has no {STATE_KEY!r} entry (a plain "
                 "torch.optim state_dict? load that into opt.base_optimizer instead)"
             )
+        if not isinstance(sd["param_groups"][0][STATE_KEY], dict):
+            raise ValueError(f"corrupted {name} state_dict: its {STATE_KEY!r} entry is not a dict")
         fmt = sd["param_groups"][0][STATE_KEY].get("format")
         if fmt != STATE_FORMAT:
             raise ValueError(

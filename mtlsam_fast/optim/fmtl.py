@@ -14,6 +14,7 @@ import torch
 from .. import ops
 from .. import weighting as _weighting
 from .base import Closure, MTLBase, Tensor, _safe_scale, flag, nonnegative_float
+from .running_stats import frozen_running_stats
 
 #: ``FMTL(perturbation=...)``: ``"exact"`` (eps_i from the rank-averaged g_i) or ``"local"``
 PERTURBATIONS = ("exact", "local")
@@ -153,11 +154,12 @@ class FMTL(MTLBase):
                 self._perturb_head(i, head_scales[i])
                 if (head := self._heads[i]) is not None:
                     head.grad.zero_()
-                for m in self._micro:
-                    lp = self._forward(closure, m, grad=True, perturbed=True)
-                    with self._gbuf.capture(i, accumulate=True):
-                        self._backward(lp[i], neg, i)
-                    del lp
+                with frozen_running_stats():  # the perturbed forwards and their backward passes
+                    for m in self._micro:
+                        lp = self._forward(closure, m, grad=True, perturbed=True)
+                        with self._gbuf.capture(i, accumulate=True):
+                            self._backward(lp[i], neg, i)
+                        del lp
             finally:
                 self._restore(i)
             if (head := self._heads[i]) is not None:

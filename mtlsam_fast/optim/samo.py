@@ -22,6 +22,7 @@ from .base import (
     positive_float,
     unit_float,
 )
+from .running_stats import frozen_running_stats
 
 
 class SAMO(MTLBase):
@@ -219,11 +220,12 @@ class SAMO(MTLBase):
                 # 2c. G_i at the perturbed point; head i's perturbed-point gradient
                 if (head := self._heads[i]) is not None:
                     head.grad.zero_()
-                for m in self._micro:
-                    lg = self._forward(closure, m, grad=True, perturbed=True)
-                    with self._gbuf.capture(i, accumulate=m > 0):
-                        self._backward(lg[i], scale, i)
-                    del lg
+                with frozen_running_stats():  # the perturbed forwards and their backward passes
+                    for m in self._micro:
+                        lg = self._forward(closure, m, grad=True, perturbed=True)
+                        with self._gbuf.capture(i, accumulate=m > 0):
+                            self._backward(lg[i], scale, i)
+                        del lg
             finally:
                 self._restore(i)
             self._task_gradient_ready(i)
