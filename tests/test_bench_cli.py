@@ -239,7 +239,7 @@ def test_every_subcommand_writes_to_an_untracked_folder_by_default(name: str):
     out = parser.parse_args(rest).out
     if out is None:  # resolved by the module: its default_out or CPU_OUT, both under runs/
         src = Path(module.__file__).read_text()
-        assert "bench\" / \"results" not in src and "bench/results/cpu\")" not in src
+        assert 'bench" / "results' not in src and 'bench/results/cpu")' not in src
     else:
         assert Path(out).resolve().is_relative_to(REPO_ROOT / "runs"), out
     assert (REPO_ROOT / ".gitignore").read_text().count("/runs/") == 1
