@@ -126,7 +126,9 @@ def register_backend(name: str, module: ModuleType) -> None:
     ``"auto"`` keeps :data:`AUTO_ORDER`."""
     global BACKEND_NAMES
     if not isinstance(name, str) or not name or name == "auto":
-        raise ValueError(f"a backend name must be a non-empty string other than 'auto', got {name!r}")
+        raise ValueError(
+            f"a backend name must be a non-empty string other than 'auto', got {name!r}"
+        )
     check_backend(name, module)
     BACKEND_MODULES[name] = module.__name__
     _modules[name] = module
@@ -151,11 +153,9 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     return [n for n in BACKEND_MODULES if any(unavailable_reason(n, t) is None for t in types)]
 
 
-@torch.compiler.assume_constant_result
 def _reason_while_tracing(name: str, device_type: str) -> str | None:
-    """:func:`unavailable_reason` for backends already imported, run once at trace time (its
-    result is a constant of the graph); ``"not imported"`` for the others (never import while
-    dynamo traces)."""
+    """:func:`unavailable_reason` for backends already imported (dynamo traces it: plain Python on
+    module state); ``"not imported"`` for the others (never import while dynamo traces)."""
     if name != "auto" and name not in _modules:
         return "not imported before torch.compile traced the call"
     return unavailable_reason(name, device_type)
@@ -213,7 +213,9 @@ def resolve(
         mod, ran = _modules[name], name  # imported by unavailable_reason
     if grad and ran != "torch":
         if _sinks:
-            _note(Dispatch(op, name, "torch", f"{ran}: autograd needs the differentiable reference"))
+            _note(
+                Dispatch(op, name, "torch", f"{ran}: autograd needs the differentiable reference")
+            )
         return _modules["torch"]  # type: ignore[return-value]
     if _sinks:
         _note(Dispatch(op, name, ran, None))

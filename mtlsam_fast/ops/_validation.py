@@ -79,7 +79,10 @@ def check_offsets(offsets: object, P: int) -> None:
         )
     if offsets.numel() < 2:
         raise ValueError("offsets must hold at least two boundaries")
-    if getattr(offsets, _CHECKED, None) != (P, offsets._version):
+    if not torch.compiler.is_compiling() and getattr(offsets, _CHECKED, None) != (
+        P,
+        offsets._version,
+    ):
         check_offset_values(offsets, P)
 
 
@@ -87,7 +90,10 @@ def check_offset_values(offsets: Tensor, P: int) -> None:
     """The values of ``offsets`` (one host read, skipped when this tensor version passed for this
     ``P`` before; skipped while dynamo traces: the compiled kernels' custom ops check at run time,
     ``mtlsam_fast.ops._library``)."""
-    if torch.compiler.is_compiling() or getattr(offsets, _CHECKED, None) == (P, offsets._version):
+    if torch.compiler.is_compiling() or getattr(offsets, _CHECKED, None) == (
+        P,
+        offsets._version,
+    ):
         return
     if offsets.device.type == "meta":
         return  # no values (shape-only tracing)
