@@ -85,7 +85,11 @@ def segment_norms(x: Tensor, offsets: Tensor, weight: Tensor | None = None) -> T
     v = x.to(acc)
     if weight is not None:
         v = v * weight.to(acc)
-    return _segment_sum(v * v, offsets).sqrt().to(acc)
+    squares = _segment_sum(v * v, offsets)
+    # sqrt has an infinite derivative at 0: an empty or zero segment gets the zero subgradient
+    # (as torch.linalg.norm), not NaN; NaN and inf still propagate
+    zero = squares == 0
+    return torch.where(zero, 0.0, torch.where(zero, 1.0, squares).sqrt()).to(acc)
 
 
 def combine(w: Tensor, G: Tensor, w2: Tensor | None, H: Tensor | None, out: Tensor) -> Tensor:
