@@ -182,7 +182,7 @@ def needs_grad(*ts: Tensor | None) -> bool:
     """Whether autograd records an op on these inputs (grad mode on, one of them requires grad)."""
     if not torch.is_grad_enabled():
         return False
-    for t in ts:
+    for t in ts:  # noqa: SIM110 (a loop, not any(generator): this runs on every op call)
         if t is not None and t.requires_grad:
             return True
     return False

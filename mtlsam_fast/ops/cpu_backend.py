@@ -15,9 +15,9 @@ While ``torch.compile`` traces, the kernels are called as the custom ops of :mod
 
 from __future__ import annotations
 
-import torch
-
 import sys
+
+import torch
 
 from .. import _ext
 from . import _registry

@@ -20,9 +20,9 @@ traces, the kernels are the custom ops of :mod:`._library` (``TRACEABLE``) and
 
 from __future__ import annotations
 
-import torch
-
 import sys
+
+import torch
 
 from .. import _ext
 from . import _registry
