@@ -188,6 +188,7 @@ def test_no_host_sync_on_cuda():
     backup = torch.randn(4096, device="cuda")
     w = mtlsam_fast.weighting.get("mgda")
     ops.gram(G)  # warm-up (lazy init, library loading)
+    ops.segment_norms(G[0], offsets)  # a new offsets tensor: its one host read
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

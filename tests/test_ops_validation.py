@@ -521,3 +521,21 @@ if HAS_CUDA:  # the device checks above on CUDA tensors too
                     noise_scale=torch.tensor(1.0, device="cuda"),
                     backend=backend,
                 )
+
+
+def test_an_optimizer_layout_is_never_read_back():
+    """``FlatLayout.offsets`` checks its boundaries on the host when it builds the tensor: the ops
+    never read it from the device (on CUDA: no synchronization, even on the first step)."""
+    from mtlsam_fast.buffers import FlatLayout
+    from mtlsam_fast.ops import _validation
+
+    layout = FlatLayout([torch.zeros(3, 2), torch.zeros(4)])
+    offsets = layout.offsets()
+    reads = []
+    real = _validation.check_offset_values
+    _validation.check_offset_values = lambda o, n: reads.append(n) or real(o, n)
+    try:
+        ops.segment_norms(torch.randn(10), offsets)
+    finally:
+        _validation.check_offset_values = real
+    assert reads == []

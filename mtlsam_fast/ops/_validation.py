@@ -11,6 +11,7 @@ optimizer's own layout (``FlatLayout.offsets``, cached) is read once, not per st
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 
@@ -113,6 +114,21 @@ def check_offset_values(offsets: Tensor, P: int) -> None:
             f"offsets[{i + 1}] = {int(v[i + 1])}"
         )
     setattr(offsets, _CHECKED, (P, offsets._version))
+
+
+def mark_offsets_checked(offsets: Tensor, bounds: list[int], P: int) -> Tensor:
+    """Check the boundaries from their host copy ``bounds`` (the list ``offsets`` was made from),
+    then mark ``offsets`` as checked: a layout built on the host (``FlatLayout.offsets``) is never
+    read back from the device (no synchronization on CUDA, even on first use)."""
+    if not bounds or bounds[0] != 0 or bounds[-1] != P:
+        raise ValueError(f"offsets must run from 0 to P = {P}, got {bounds[:1]} ... {bounds[-1:]}")
+    for i, (a, b) in enumerate(itertools.pairwise(bounds)):
+        if a > b:
+            raise ValueError(
+                f"offsets must be non-decreasing: offsets[{i}] = {a} > offsets[{i + 1}] = {b}"
+            )
+    setattr(offsets, _CHECKED, (P, offsets._version))
+    return offsets
 
 
 def check_weights(name: str, w: object, K: int) -> None:
