@@ -89,3 +89,28 @@ def test_compiled_kernels_still_check_the_offsets():
     )
     with pytest.raises(ValueError, match="non-decreasing"):
         compiled(x, torch.tensor([0, 15, 5, 20]))
+
+
+@pytest.mark.gpu
+def test_aggregation_pipeline_traces_the_cuda_kernels():
+    """The same pipeline on CUDA tensors with the cuda backend (its fused MGDA pair is composed
+    while tracing)."""
+    if not _ext.has_cuda():
+        pytest.skip("mtlsam_fast._C has no CUDA kernels")
+    torch._dynamo.reset()
+    offsets = torch.tensor([0, 30, 64], device="cuda")
+    step = _step("cuda", offsets)
+    G, backup = torch.randn(3, 64, device="cuda"), torch.randn(64, device="cuda")
+    eager_w, eager_theta = step(G, backup.clone(), backup)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    w, theta = torch.compile(step, fullgraph=True, backend=capture)(G, backup.clone(), backup)
+    found = " ".join(_ops_in(graphs))
+    for op in ("gram", "solve_qp", "combine", "segment_norms", "perturb"):
+        assert f"mtlsam_fast.{op}" in found, (op, found)
+    torch.testing.assert_close(w, eager_w, rtol=0, atol=0)
+    torch.testing.assert_close(theta, eager_theta, rtol=0, atol=0)
