@@ -18,6 +18,7 @@ from typing import cast
 import torch
 
 from .ops import FLOAT_DTYPES
+from .ops._validation import mark_offsets_checked
 
 Tensor = torch.Tensor
 
@@ -89,7 +90,8 @@ class FlatLayout:
         device = torch.device(device) if device is not None else self.device
         if device not in self._offsets:
             bounds = [s.offset for s in self.segments] + [self.numel]
-            self._offsets[device] = torch.tensor(bounds, dtype=torch.int64, device=device)
+            t = torch.tensor(bounds, dtype=torch.int64, device=device)
+            self._offsets[device] = mark_offsets_checked(t, bounds, self.numel)  # no device read
         return self._offsets[device]
 
     def views(self, flat: Tensor) -> list[Tensor]:

@@ -2,8 +2,10 @@
 
 Every op takes ``backend=None`` (the default from :func:`set_backend` / ``MTLSAM_BACKEND``, else
 ``"auto"``). Backends: ``"torch"`` (reference, always available), ``"triton"``, ``"cuda"``,
-``"cpu"`` (C++). Inputs are validated here, from metadata only, so every backend sees the same
-checked arguments and no op reads a tensor value on the host.
+``"cpu"`` (C++). Inputs are validated here (:mod:`._validation`), so every backend sees the same
+checked arguments: from metadata, and the segment boundaries' values once per ``offsets`` tensor;
+no op reads any other tensor value on the host. Which backend ran each call:
+:func:`dispatch_log`.
 
 Shapes: ``G``, ``A``, ``B``, ``H`` are ``[K, P]`` buffers (fp32/fp64/bf16/fp16); ``offsets`` is an
 int64 tensor ``[S + 1]`` of segment boundaries (``FlatLayout.offsets(device)``), ``offsets[0] = 0``
@@ -19,98 +21,83 @@ import torch
 from . import _registry
 from . import qp as _qp
 from . import torch_backend as _torch_backend
-from ._registry import available_backends, get_backend, resolve, set_backend
+from ._contract import Backend, check_backend, combine_subtract
+from ._registry import (
+    Dispatch,
+    available_backends,
+    dispatch_log,
+    get_backend,
+    log_dispatches,
+    register_backend,
+    resolve,
+    set_backend,
+)
+from ._validation import (
+    FLOAT_DTYPES,
+    check_buffer,
+    check_counter,
+    check_flag,
+    check_numel,
+    check_offsets,
+    check_qp_budget,
+    check_same_device,
+    check_scale,
+    check_weights,
+    check_writable,
+    needs_grad,
+    refuse_grad,
+)
 from .threads import single_threaded
 
+check_backend("torch", _torch_backend)
 _registry._modules["torch"] = _torch_backend  # the reference is always loaded (and traceable)
 
 Tensor = torch.Tensor
 
 __all__ = [
+    "Backend",
+    "Dispatch",
     "MinNormAggregate",
     "available_backends",
     "combine",
     "diff_gram",
+    "dispatch_log",
     "gaussian_noise",
     "get_backend",
     "gram",
     "kkt_residual",
+    "log_dispatches",
     "min_norm_aggregate",
     "noise_stats",
     "perturb",
     "perturb_noise_stats",
+    "register_backend",
     "restore",
     "segment_norms",
     "set_backend",
     "solve_qp",
 ]
 
-FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _check_buffer(name: str, t: Tensor, ndim: int | tuple[int, ...] = 2) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    dims = (ndim,) if isinstance(ndim, int) else ndim
-    if t.dim() not in dims:
-        raise ValueError(
-            f"{name} must have {' or '.join(map(str, dims))} dimensions, got shape {tuple(t.shape)}"
-        )
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} has unsupported dtype {t.dtype}; "
-            "supported: float32, float64, bfloat16, float16"
-        )
-
-
-def _check_same_device(**tensors: Tensor | None) -> torch.device:
-    """The device the given tensors share (``None`` entries are skipped); at least one is given.
-
-    Called by every op: one ``.device`` per tensor and no containers on the common path."""
-    device = None
-    for t in tensors.values():
-        if t is None:
-            continue
-        if device is None:
-            device = t.device
-        elif t.device != device:
-            desc = ", ".join(f"{k} on {v.device}" for k, v in tensors.items() if v is not None)
-            raise ValueError(f"tensors are on different devices: {desc}")
-    return device  # type: ignore[return-value]
-
-
-def _check_offsets(offsets: Tensor, P: int) -> None:
-    if not isinstance(offsets, torch.Tensor) or offsets.dtype != torch.int64 or offsets.dim() != 1:
-        raise TypeError(
-            "offsets must be a 1-D int64 tensor of segment boundaries (FlatLayout.offsets(device))"
-        )
-    if offsets.numel() < 2:
-        raise ValueError("offsets must hold at least two boundaries")
-
-
-def _check_weights(name: str, w: Tensor, K: int) -> None:
-    if not isinstance(w, torch.Tensor) or w.dim() != 1 or w.shape[0] != K:
-        shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
-        raise ValueError(f"{name} must be a 1-D tensor of K={K} weights, got {shape}")
-
 
 def gram(G: Tensor, *, backend: str | None = None) -> Tensor:
-    """``G @ G.T`` accumulated in fp32 (fp64 for fp64 input): a symmetric ``[K, K]`` matrix."""
-    _check_buffer("G", G)
-    return resolve(backend, G.device, "gram", G.dtype, G.shape[0]).gram(G)
+    """``G @ G.T`` accumulated in fp32 (fp64 for fp64 input): a symmetric ``[K, K]`` matrix.
+    Differentiable (on the reference, whichever backend was asked for)."""
+    check_buffer("G", G)
+    return resolve(backend, G.device, "gram", G.dtype, G.shape[0], grad=needs_grad(G)).gram(G)
 
 
 def diff_gram(A: Tensor, B: Tensor, *, backend: str | None = None) -> Tensor:
     """In place ``A <- A - B``, then return ``gram(A)`` (one pass over the bytes in fused
     backends)."""
-    _check_buffer("A", A)
-    _check_buffer("B", B)
+    check_buffer("A", A)
+    check_buffer("B", B)
     if A.shape != B.shape or A.dtype != B.dtype:
         raise ValueError(
             f"A and B must match: {tuple(A.shape)} {A.dtype} vs {tuple(B.shape)} {B.dtype}"
         )
-    dev = _check_same_device(A=A, B=B)
-    return resolve(backend, dev, "diff_gram").diff_gram(A, B)
+    check_writable("A", A)
+    dev = check_same_device(A=A, B=B)
+    return resolve(backend, dev, "diff_gram", grad=needs_grad(A, B)).diff_gram(A, B)
 
 
 def segment_norms(
@@ -120,14 +107,15 @@ def segment_norms(
 
     With ``weight`` ([P]), the norms are of ``weight * x`` (ASAM's ``||T g||``, ``T = |theta|``).
     """
-    _check_buffer("x", x, (1, 2))
-    _check_offsets(offsets, x.shape[-1])
+    check_buffer("x", x, (1, 2))
+    check_offsets(offsets, x.shape[-1])
     if weight is not None:
-        _check_buffer("weight", weight, 1)
+        check_buffer("weight", weight, 1)
         if weight.shape[0] != x.shape[-1]:
             raise ValueError(f"weight has {weight.shape[0]} elements, x rows have {x.shape[-1]}")
-    dev = _check_same_device(x=x, offsets=offsets, weight=weight)
-    return resolve(backend, dev, "segment_norms").segment_norms(x, offsets, weight)
+    dev = check_same_device(x=x, offsets=offsets, weight=weight)
+    mod = resolve(backend, dev, "segment_norms", grad=needs_grad(x, weight))
+    return mod.segment_norms(x, offsets, weight)
 
 
 def combine(
@@ -145,33 +133,33 @@ def combine(
 
     With ``subtract`` (needs ``out``, no ``H``): ``out <- out - w^T G`` (F-MTL's flat-set update of
     its direction), computed as one combine of ``G`` and ``out`` into a temporary, then copied."""
-    _check_buffer("G", G)
-    _check_weights("w", w, G.shape[0])
+    check_buffer("G", G)
+    check_weights("w", w, G.shape[0])
     if (w2 is None) != (H is None):
         raise ValueError("w2 and H must be given together")
     if H is not None:
-        _check_buffer("H", H)
+        check_buffer("H", H)
         if H.shape[1] != G.shape[1]:
             raise ValueError(f"H has {H.shape[1]} columns, G has {G.shape[1]}")
-        assert w2 is not None  # given together with H: checked above
-        _check_weights("w2", w2, H.shape[0])
+        check_weights("w2", w2, H.shape[0])
+    check_flag("subtract", subtract)
     if subtract and (out is None or H is not None):
         raise ValueError("subtract needs out and no second set (w2, H)")
-    dev = _check_same_device(w=w, G=G, w2=w2, H=H, out=out)
+    if out is not None:
+        check_buffer("out", out, 1)
+        if out.shape[0] != G.shape[1]:
+            raise ValueError(f"out must have shape ({G.shape[1]},), got {tuple(out.shape)}")
+        check_writable("out", out)
+    elif dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+    dev = check_same_device(w=w, G=G, w2=w2, H=H, out=out)
+    mod = resolve(backend, dev, "combine", grad=needs_grad(w, G, w2, H, out))
     if subtract:
         assert out is not None  # subtract without out raised above
-        if out.shape != (G.shape[1],):
-            raise ValueError(f"out must have shape ({G.shape[1]},), got {tuple(out.shape)}")
-        one = torch.ones(1, dtype=w.dtype, device=dev)
-        d = resolve(backend, dev, "combine").combine(
-            -w, G, one, out.view(1, -1), torch.empty_like(out)
-        )
-        return out.copy_(d)
+        return combine_subtract(mod, w, G, out)
     if out is None:
         out = torch.empty(G.shape[1], dtype=dtype or G.dtype, device=dev)
-    elif out.shape != (G.shape[1],):
-        raise ValueError(f"out must have shape ({G.shape[1]},), got {tuple(out.shape)}")
-    return resolve(backend, dev, "combine").combine(w, G, w2, H, out)
+    return mod.combine(w, G, w2, H, out)
 
 
 def _check_perturb(
@@ -181,21 +169,28 @@ def _check_perturb(
     direction: Tensor | None,
     scale: Tensor | None,
     noise_scale: Tensor | None,
+    adaptive: bool,
 ) -> torch.device:
-    _check_buffer("theta", theta, 1)
-    _check_buffer("backup", backup, 1)
+    check_buffer("theta", theta, 1)
+    check_buffer("backup", backup, 1)
     if backup.shape != theta.shape:
         raise ValueError(f"backup shape {tuple(backup.shape)} != theta shape {tuple(theta.shape)}")
-    _check_offsets(offsets, theta.numel())
+    check_writable("theta", theta)
+    check_offsets(offsets, theta.numel())
+    S = offsets.numel() - 1
     if (direction is None) != (scale is None):
         raise ValueError("direction and scale must be given together")
     if direction is not None:
-        _check_buffer("direction", direction, 1)
+        check_buffer("direction", direction, 1)
         if direction.shape != theta.shape:
             raise ValueError(
                 f"direction shape {tuple(direction.shape)} != theta shape {tuple(theta.shape)}"
             )
-    return _check_same_device(
+        check_scale("scale", scale, S)
+    if noise_scale is not None:
+        check_scale("noise_scale", noise_scale, S)
+    check_flag("adaptive", adaptive)
+    return check_same_device(
         theta=theta,
         backup=backup,
         direction=direction,
@@ -225,25 +220,24 @@ def perturb(
     noise stream :func:`gaussian_noise` ``(seed, noise_offset)``. ``theta`` is computed from
     ``backup`` every time, so repeated perturbations never accumulate rounding error.
     """
-    dev = _check_perturb(theta, backup, offsets, direction, scale, noise_scale)
-    return resolve(backend, dev, "perturb").perturb(
-        theta,
-        backup,
-        direction,
-        scale,
-        offsets,
-        adaptive,
-        noise_scale,
-        int(seed),
-        int(noise_offset),
+    dev = _check_perturb(theta, backup, offsets, direction, scale, noise_scale, adaptive)
+    seed = check_counter("seed", seed)
+    noise_offset = check_counter("noise_offset", noise_offset, theta.numel())
+    grad = needs_grad(theta, backup, direction, scale, noise_scale)
+    return resolve(backend, dev, "perturb", grad=grad).perturb(
+        theta, backup, direction, scale, offsets, adaptive, noise_scale, seed, noise_offset
     )
 
 
 def restore(theta: Tensor, backup: Tensor) -> Tensor:
     """Exact restore: ``theta`` becomes bitwise equal to ``backup`` (a copy, never a
     subtraction)."""
+    check_buffer("theta", theta, 1)
+    check_buffer("backup", backup, 1)
     if theta.shape != backup.shape or theta.dtype != backup.dtype:
         raise ValueError("theta and backup must have the same shape and dtype")
+    check_writable("theta", theta)
+    check_same_device(theta=theta, backup=backup)
     return theta.copy_(backup)
 
 
@@ -257,12 +251,11 @@ def gaussian_noise(
 ) -> Tensor:
     """``numel`` fp32 standard normals of the counter-based stream ``(seed, offset)`` (see
     ``philox``)."""
-    if numel < 0 or offset < 0:
-        raise ValueError("numel and offset must be non-negative")
+    numel = check_numel(numel)
+    seed = check_counter("seed", seed)
+    offset = check_counter("offset", offset, numel)
     dev = torch.device(device)
-    return resolve(backend, dev, "gaussian_noise").gaussian_noise(
-        int(seed), int(offset), int(numel), dev
-    )
+    return resolve(backend, dev, "gaussian_noise").gaussian_noise(seed, offset, numel, dev)
 
 
 def noise_stats(
@@ -273,10 +266,13 @@ def noise_stats(
 
     SAMO needs these to normalize its zeroth-order estimates without ever storing ``z``.
     """
-    _check_buffer("ref", ref, 1)
-    _check_offsets(offsets, ref.numel())
-    dev = _check_same_device(ref=ref, offsets=offsets)
-    return resolve(backend, dev, "noise_stats").noise_stats(int(seed), int(offset), ref, offsets)
+    check_buffer("ref", ref, 1)
+    check_offsets(offsets, ref.numel())
+    seed = check_counter("seed", seed)
+    offset = check_counter("offset", offset, ref.numel())
+    dev = check_same_device(ref=ref, offsets=offsets)
+    mod = resolve(backend, dev, "noise_stats", grad=needs_grad(ref))
+    return mod.noise_stats(seed, offset, ref, offsets)
 
 
 def perturb_noise_stats(
@@ -299,29 +295,26 @@ def perturb_noise_stats(
         raise TypeError(
             f"noise_scale must be a tensor ([S] or one element), got {type(noise_scale).__name__}"
         )
-    dev = _check_perturb(theta, backup, offsets, None, None, noise_scale)
-    _check_buffer("ref", ref, 1)
+    dev = _check_perturb(theta, backup, offsets, None, None, noise_scale, False)
+    check_buffer("ref", ref, 1)
     if ref.shape != theta.shape:
         raise ValueError(f"ref shape {tuple(ref.shape)} != theta shape {tuple(theta.shape)}")
-    _check_same_device(ref=ref, theta=theta)
-    mod = resolve(backend, dev, "perturb")
-    fused = getattr(mod, "perturb_noise_stats", None)
-    stats = (
-        fused(theta, backup, offsets, noise_scale, int(seed), int(noise_offset), ref)
-        if fused
-        else None
+    check_same_device(ref=ref, theta=theta)
+    seed = check_counter("seed", seed)
+    noise_offset = check_counter("noise_offset", noise_offset, theta.numel())
+    mod = resolve(
+        backend, dev, "perturb_noise_stats", grad=needs_grad(theta, backup, noise_scale, ref)
     )
-    if stats is not None:
-        return stats
-    mod.perturb(
-        theta, backup, None, None, offsets, False, noise_scale, int(seed), int(noise_offset)
-    )
-    return resolve(backend, dev, "noise_stats").noise_stats(
-        int(seed), int(noise_offset), ref, offsets
-    )
+    return mod.perturb_noise_stats(theta, backup, offsets, noise_scale, seed, noise_offset, ref)
 
 
-def _check_qp(gram: Tensor, q: Tensor | None, lower: Tensor | None, constraint: str) -> None:
+def _check_qp(
+    gram: Tensor,
+    q: Tensor | None,
+    lower: Tensor | None,
+    constraint: str,
+    norm_coef: Tensor | None,
+) -> None:
     if not isinstance(gram, torch.Tensor) or gram.dim() < 2 or gram.shape[-1] != gram.shape[-2]:
         shape = tuple(gram.shape) if isinstance(gram, torch.Tensor) else type(gram).__name__
         raise ValueError(f"gram must be a square [..., K, K] matrix, got {shape}")
@@ -329,8 +322,14 @@ def _check_qp(gram: Tensor, q: Tensor | None, lower: Tensor | None, constraint: 
         raise TypeError(f"gram has unsupported dtype {gram.dtype}")
     if constraint not in ("simplex", "lower"):
         raise ValueError(f"constraint must be 'simplex' or 'lower', got {constraint!r}")
-    for name, t in (("q", q), ("lower", lower)):
-        if t is not None and tuple(t.shape) != tuple(gram.shape[:-1]):
+    for name, t in (("q", q), ("lower", lower), ("norm_coef", norm_coef)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if name != "norm_coef" and tuple(t.shape) != tuple(gram.shape[:-1]):
             raise ValueError(
                 f"{name} must have shape {tuple(gram.shape[:-1])}, got {tuple(t.shape)}"
             )
@@ -350,13 +349,15 @@ def solve_qp(
     backend: str | None = None,
 ) -> Tensor:
     """Batched ``min 1/2 v^T Gamma v + q^T v`` over the simplex or ``v >= lower``; see
-    :mod:`.qp`. On the CPU it runs on one thread (:func:`.threads.single_threaded`)."""
-    _check_qp(gram, q, lower, constraint)
-    dev = _check_same_device(gram=gram, q=q, lower=lower, norm_coef=norm_coef)
+    :mod:`.qp`. On the CPU it runs on one thread (:func:`.threads.single_threaded`). Not
+    differentiable (inputs that require grad are refused)."""
+    _check_qp(gram, q, lower, constraint, norm_coef)
+    max_iter, tol = check_qp_budget(max_iter, tol)
+    refuse_grad("solve_qp", gram=gram, q=q, lower=lower, norm_coef=norm_coef)
+    dev = check_same_device(gram=gram, q=q, lower=lower, norm_coef=norm_coef)
     impl = resolve(backend, dev, "solve_qp")
     return single_threaded(
-        lambda: impl.solve_qp(gram, q, lower, constraint, norm_coef, int(max_iter), float(tol)),
-        dev,
+        lambda: impl.solve_qp(gram, q, lower, constraint, norm_coef, max_iter, tol), dev
     )
 
 
@@ -385,24 +386,20 @@ def min_norm_aggregate(
     ``subtract``, ``out <- out - w^T G``), accumulated in fp32 and written in ``out``'s dtype.
 
     The backends with a fused path (``"triton"``, ``"cuda"``) do this in the two launches of
-    DESIGN.md section 6: weights and Gram never leave the device. The others compose
+    docs/ARCHITECTURE.md §6: weights and Gram never leave the device. The others compose
     :func:`gram`, :func:`solve_qp` and :func:`combine` (the same numbers). Non-finite entries in
     ``G`` give NaN weights and a NaN ``out`` (the found-inf signal). Scaling ``G`` by any positive
-    factor leaves the weights unchanged.
+    factor leaves the weights unchanged. Not differentiable (inputs that require grad are
+    refused).
     """
-    _check_buffer("G", G)
-    _check_buffer("out", out, 1)
+    check_buffer("G", G)
+    check_buffer("out", out, 1)
     if out.shape[0] != G.shape[1]:
         raise ValueError(f"out must have shape ({G.shape[1]},), got {tuple(out.shape)}")
-    dev = _check_same_device(G=G, out=out)
-    mod = resolve(backend, dev, "gram", G.dtype, G.shape[0])
-    fused = getattr(mod, "min_norm_aggregate", None)
-    res = fused(G, out, bool(subtract), int(max_iter), float(tol)) if fused is not None else None
-    if res is not None:
-        return MinNormAggregate(*res)
-    g = mod.gram(G)
-    w = single_threaded(
-        lambda: mod.solve_qp(g, None, None, "simplex", None, int(max_iter), float(tol)), dev
-    )
-    combine(w, G, out=out, subtract=subtract, backend=backend)
-    return MinNormAggregate(w, g)
+    check_writable("out", out)
+    check_flag("subtract", subtract)
+    max_iter, tol = check_qp_budget(max_iter, tol)
+    refuse_grad("min_norm_aggregate", G=G, out=out)
+    dev = check_same_device(G=G, out=out)
+    mod = resolve(backend, dev, "min_norm_aggregate", G.dtype, G.shape[0])
+    return MinNormAggregate(*mod.min_norm_aggregate(G, out, subtract, max_iter, tol))

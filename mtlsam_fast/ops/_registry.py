@@ -1,20 +1,30 @@
 """Backend registry and selection for :mod:`mtlsam_fast.ops`.
 
-A backend is a module exposing the op functions of :mod:`mtlsam_fast.ops` (same names and
-signatures, without ``backend=``) plus ``unavailable_reason(device_type) -> str | None``. A backend
-whose functions ``torch.compile`` can trace sets ``TRACEABLE = True``; while a function is being
-compiled, ``"auto"`` only picks such backends (an opaque extension call would break the graph).
+A backend is a module implementing the op contract (:class:`._contract.Backend`: the op functions
+of :mod:`mtlsam_fast.ops` with their validated arguments, plus ``unavailable_reason``), checked
+when the registry loads it. A backend whose functions ``torch.compile`` can trace sets
+``TRACEABLE = True``; while a function is being compiled, ``"auto"`` only picks such backends.
 Backend modules are imported lazily, so ``import mtlsam_fast`` never imports Triton or the
 compiled extension.
+
+Which backend ran is observable: :func:`dispatch_log` records every dispatch (and every hand-off
+of a compiled backend to the reference, with its reason) and, at ``DEBUG`` level, the logger
+``mtlsam_fast.ops`` reports the same while :func:`log_dispatches` is on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import os
+from collections.abc import Iterator
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
+
+from ._contract import check_backend
 
 #: backend name -> module implementing it.
 BACKEND_MODULES: dict[str, str] = {
@@ -45,6 +55,9 @@ _TRITON_GRAM_FROM_K: dict[torch.dtype, int] = {
 }
 
 
+_GRAM_LIKE = ("gram", "min_norm_aggregate")
+
+
 def auto_order(
     device_type: str, op: str, dtype: torch.dtype | None = None, K: int | None = None
 ) -> tuple[str, ...]:
@@ -53,7 +66,7 @@ def auto_order(
     order = AUTO_ORDER.get(device_type, ("torch",))
     from_k = (
         _TRITON_GRAM_FROM_K.get(dtype)
-        if device_type == "cuda" and op == "gram" and dtype is not None
+        if device_type == "cuda" and op in _GRAM_LIKE and dtype is not None
         else None
     )
     if from_k is not None and K is not None and from_k <= K:
@@ -96,11 +109,31 @@ def get_backend() -> str:
 def _module(name: str) -> ModuleType | None:
     if name not in _modules:
         try:
-            _modules[name] = importlib.import_module(BACKEND_MODULES[name])
+            mod = importlib.import_module(BACKEND_MODULES[name])
         except ImportError as e:  # optional dependency or extension missing
             _modules[name] = None
             _import_errors[name] = f"{type(e).__name__}: {e}"
+        else:
+            check_backend(name, mod)
+            _modules[name] = mod
     return _modules[name]
+
+
+def register_backend(name: str, module: ModuleType) -> None:
+    """Add (or replace) backend ``name``, implemented by ``module``, after checking it against the
+    op contract (:class:`._contract.Backend`; ``TypeError`` naming the missing ops or the wrong
+    signatures). It is then selectable by name (``backend=name``, :func:`set_backend`);
+    ``"auto"`` keeps :data:`AUTO_ORDER`."""
+    global BACKEND_NAMES
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(
+            f"a backend name must be a non-empty string other than 'auto', got {name!r}"
+        )
+    check_backend(name, module)
+    BACKEND_MODULES[name] = module.__name__
+    _modules[name] = module
+    _import_errors.pop(name, None)
+    BACKEND_NAMES = ("auto", *BACKEND_MODULES)
 
 
 def unavailable_reason(name: str, device_type: str) -> str | None:
@@ -120,42 +153,129 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     return [n for n in BACKEND_MODULES if any(unavailable_reason(n, t) is None for t in types)]
 
 
+def _reason_while_tracing(name: str, device_type: str) -> str | None:
+    """:func:`unavailable_reason` for backends already imported (dynamo traces it: plain Python on
+    module state); ``"not imported"`` for the others (never import while dynamo traces)."""
+    if name != "auto" and name not in _modules:
+        return "not imported before torch.compile traced the call"
+    return unavailable_reason(name, device_type)
+
+
 def resolve(
     backend: str | None,
     device: torch.device,
     op: str,
     dtype: torch.dtype | None = None,
     K: int | None = None,
+    *,
+    grad: bool = False,
 ) -> ModuleType:
     """The backend module that runs ``op`` for tensors on ``device`` (``"auto"`` also weighs the
-    buffer's ``dtype`` and row count ``K`` where given: :func:`auto_order`).
+    buffer's ``dtype`` and row count ``K`` where given: :func:`auto_order`). With ``grad`` (an
+    input requires grad), a compiled backend hands the op to the differentiable reference.
 
     Every op call goes through here: a backend already imported costs a name check, a dict lookup
     and the backend's own availability check."""
     name = get_backend() if backend is None else backend
     device_type = device.type
+    compiling = torch.compiler.is_compiling()
+    mod: ModuleType | None = None
     if name == "auto":
-        compiling = torch.compiler.is_compiling()
         for candidate in auto_order(device_type, op, dtype, K):
-            if compiling and candidate not in _modules:
-                continue  # never import while dynamo traces
-            mod = _modules[candidate] if compiling else _module(candidate)
-            if (
-                mod is not None
-                and mod.unavailable_reason(device_type) is None
-                and hasattr(mod, op)
-                and (not compiling or getattr(mod, "TRACEABLE", False))
-            ):
-                return mod
-        return _modules["torch"]  # type: ignore[return-value]
-    reason = unavailable_reason(name, device_type)
-    if reason is not None:
-        avail = ", ".join(available_backends(device)) or "none"
-        raise RuntimeError(
-            f"backend {name!r} is not available for {device_type} tensors ({reason}); "
-            f"available here: {avail}"
+            if compiling:
+                found = _modules.get(candidate)
+                if (
+                    found is not None
+                    and getattr(found, "TRACEABLE", False)
+                    and _reason_while_tracing(candidate, device_type) is None
+                ):
+                    mod = found
+                    break
+                continue
+            found = _module(candidate)
+            if found is not None and found.unavailable_reason(device_type) is None:
+                mod = found
+                break
+        ran = "torch" if mod is None else candidate
+        mod = mod or _modules["torch"]
+    else:
+        reason = (
+            _reason_while_tracing(name, device_type)
+            if compiling
+            else unavailable_reason(name, device_type)
         )
-    mod = _modules[name]  # imported by unavailable_reason
-    if not hasattr(mod, op):
-        raise NotImplementedError(f"backend {name!r} does not implement op {op!r}")
+        if reason is not None:
+            avail = ", ".join(available_backends(device)) or "none"
+            raise RuntimeError(
+                f"backend {name!r} is not available for {device_type} tensors ({reason}); "
+                f"available here: {avail}"
+            )
+        mod, ran = _modules[name], name  # imported by unavailable_reason
+    if grad and ran != "torch":
+        if _sinks:
+            _note(
+                Dispatch(op, name, "torch", f"{ran}: autograd needs the differentiable reference")
+            )
+        return _modules["torch"]  # type: ignore[return-value]
+    if _sinks:
+        _note(Dispatch(op, name, ran, None))
     return mod  # type: ignore[return-value]
+
+
+# --- observing the dispatch ---------------------------------------------------------------------
+
+
+class Dispatch(NamedTuple):
+    """One op call: the backend asked for (``"auto"`` or a name), the backend that ran it, and why
+    it was not the one chosen (a compiled backend's hand-off to the reference), else ``None``."""
+
+    op: str
+    requested: str
+    backend: str
+    fallback: str | None
+
+
+_log = logging.getLogger("mtlsam_fast.ops")
+#: active sinks: lists of :func:`dispatch_log` and the logger of :func:`log_dispatches`
+_sinks: list[list[Dispatch] | logging.Logger] = []
+
+
+def _note(record: Dispatch) -> None:
+    if torch.compiler.is_compiling():
+        return  # dispatch happens at trace time; the graph holds the ops that run
+    for sink in _sinks:
+        if isinstance(sink, list):
+            sink.append(record)
+        else:
+            how = f" (fallback: {record.fallback})" if record.fallback else ""
+            sink.debug("%s: %s -> %s%s", record.op, record.requested, record.backend, how)
+
+
+def fallback(op: str, backend: str, reason: str) -> ModuleType:
+    """The torch reference, for ``backend`` handing ``op`` to it (``reason``: which input its
+    kernels do not take). Every fallback goes through here, so :func:`dispatch_log` sees it."""
+    if _sinks:
+        _note(Dispatch(op, backend, "torch", reason))
+    return _modules["torch"]  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def dispatch_log() -> Iterator[list[Dispatch]]:
+    """Record the dispatches made inside the block: ``with dispatch_log() as log: ...`` gives one
+    :class:`Dispatch` per op call, followed by one per hand-off to the reference (``backend`` is
+    then ``"torch"`` and ``fallback`` says why). Not recorded while ``torch.compile`` traces (the
+    compiled graph shows which ops it calls)."""
+    log: list[Dispatch] = []
+    _sinks.append(log)
+    try:
+        yield log
+    finally:
+        _sinks.remove(log)
+
+
+def log_dispatches(enabled: bool = True) -> None:
+    """Report every dispatch on the logger ``mtlsam_fast.ops`` at ``DEBUG`` level (on or off)."""
+    if enabled and _log not in _sinks:
+        _sinks.append(_log)
+    elif not enabled and _log in _sinks:
+        _sinks.remove(_log)

@@ -5,19 +5,31 @@ and fp16 buffers (fp32 accumulation; Gram / norm partials in fp64, combined in a
 results do not depend on the thread count) with 64-bit offsets. Inputs the kernels do not handle
 fall back to the torch backend: float64 buffers, buffers without a unit column stride,
 ``solve_qp`` with more than ``_C.QP_MAX_K`` (32768) variables, a ``backup`` whose dtype differs
-from ``theta``. ``solve_qp(..., norm_coef=...)`` (CAGrad's norm objective) runs in the kernel.
+from ``theta``; and, for every op, inputs that require grad (the kernels are not differentiable;
+the reference is). Each hand-off goes through ``_registry.fallback``, so ``ops.dispatch_log()``
+shows it with its reason. ``solve_qp(..., norm_coef=...)`` (CAGrad's norm objective) runs in the
+kernel.
+
+While ``torch.compile`` traces, the kernels are called as the custom ops of :mod:`._library`
+(``torch.ops.mtlsam_fast.*``), so the compiled graph calls them (``TRACEABLE``).
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from .. import _ext
+from . import _registry
 from . import qp as _qp
-from . import torch_backend as _ref
+from ._contract import compose_min_norm_aggregate, compose_perturb_noise_stats
+from ._library import TRACED
 from .threads import single_threaded
 
 Tensor = torch.Tensor
+
+TRACEABLE = True  # the kernels are torch custom ops while dynamo traces (_library)
 
 _DEVICE_TYPE = "cpu"
 _M64 = (1 << 64) - 1
@@ -37,7 +49,13 @@ def _extra_reason() -> str | None:
 
 
 def _C():
-    return _ext.get()
+    """The kernels: ``mtlsam_fast._C`` (eager), or its custom ops while dynamo traces."""
+    return TRACED if torch.compiler.is_compiling() else _ext.get()
+
+
+def _ref(op: str, t: Tensor, reason: str):
+    """The torch reference, running ``op`` instead of this backend (on ``t``'s device)."""
+    return _registry.fallback(op, t.device.type, reason)
 
 
 def _rows_ok(t: Tensor) -> bool:
@@ -72,14 +90,18 @@ def _vec(t: Tensor) -> Tensor:
 
 
 def gram(G: Tensor) -> Tensor:
-    if not _kernel_dtype(G) or not _rows_ok(G):
-        return _ref.gram(G)
+    if not _kernel_dtype(G):
+        return _ref("gram", G, f"{str(G.dtype)[6:]} buffer").gram(G)
+    if not _rows_ok(G):
+        return _ref("gram", G, "rows without a unit column stride").gram(G)
     return single_threaded(lambda: _C().gram(G), G.device, G.numel())
 
 
 def diff_gram(A: Tensor, B: Tensor) -> Tensor:
-    if not _kernel_dtype(A) or not _rows_ok(A):
-        return _ref.diff_gram(A, B)
+    if not _kernel_dtype(A):
+        return _ref("diff_gram", A, f"{str(A.dtype)[6:]} buffer").diff_gram(A, B)
+    if not _rows_ok(A):
+        return _ref("diff_gram", A, "rows without a unit column stride").diff_gram(A, B)
     if not _rows_ok(B):
         B = B.contiguous()
     return single_threaded(lambda: _C().diff_gram(A, B), A.device, A.numel())
@@ -87,7 +109,7 @@ def diff_gram(A: Tensor, B: Tensor) -> Tensor:
 
 def segment_norms(x: Tensor, offsets: Tensor, weight: Tensor | None = None) -> Tensor:
     if not _kernel_dtype(x, weight):
-        return _ref.segment_norms(x, offsets, weight)
+        return _ref("segment_norms", x, "float64 input").segment_norms(x, offsets, weight)
     if x.dim() == 1:
         x = _vec(x)
     elif not _rows_ok(x):
@@ -96,8 +118,10 @@ def segment_norms(x: Tensor, offsets: Tensor, weight: Tensor | None = None) -> T
 
 
 def combine(w: Tensor, G: Tensor, w2: Tensor | None, H: Tensor | None, out: Tensor) -> Tensor:
-    if not _kernel_dtype(G, H, out) or (H is not None and H.dtype != G.dtype):
-        return _ref.combine(w, G, w2, H, out)
+    if not _kernel_dtype(G, H, out):
+        return _ref("combine", G, "float64 input").combine(w, G, w2, H, out)
+    if H is not None and H.dtype != G.dtype:
+        return _ref("combine", G, f"H is {H.dtype}, G is {G.dtype}").combine(w, G, w2, H, out)
     if not _rows_ok(G):
         G = G.contiguous()
     if H is not None and not _rows_ok(H):
@@ -120,19 +144,20 @@ def perturb(
     seed: int,
     noise_offset: int,
 ) -> Tensor:
-    scale32, noise32 = _f32(scale), _f32(noise_scale)
-    segments = offsets.numel() - 1
-    if (
-        not _kernel_dtype(theta, direction)
-        or backup.dtype != theta.dtype
-        or not theta.is_contiguous()
-        or (scale32 is not None and scale32.numel() not in (1, segments))
-        or (noise32 is not None and noise32.numel() not in (1, segments))
-    ):
-        return _ref.perturb(
+    if not _kernel_dtype(theta, direction):
+        reason = "float64 input"
+    elif backup.dtype != theta.dtype:
+        reason = f"backup is {backup.dtype}, theta is {theta.dtype}"
+    elif not theta.is_contiguous():
+        reason = "a strided theta"
+    else:
+        reason = None
+    if reason is not None:
+        return _ref("perturb", theta, reason).perturb(
             theta, backup, direction, scale, offsets, adaptive, noise_scale, seed, noise_offset
         )
-    return _C().perturb(
+    scale32, noise32 = _f32(scale), _f32(noise_scale)
+    _C().perturb(
         theta,
         _vec(backup),
         None if direction is None else _vec(direction),
@@ -140,13 +165,10 @@ def perturb(
         _vec(offsets),
         bool(adaptive),
         noise32,
-        int(seed) & _M64,
-        int(noise_offset) & _M64,
+        seed,
+        noise_offset,
     )
-
-
-def restore(theta: Tensor, backup: Tensor) -> Tensor:
-    return theta.copy_(backup)
+    return theta
 
 
 def gaussian_noise(seed: int, offset: int, numel: int, device: torch.device) -> Tensor:
@@ -154,13 +176,14 @@ def gaussian_noise(seed: int, offset: int, numel: int, device: torch.device) -> 
     log / cos polynomials, a few ulp from the torch oracle's Box-Muller -- so it is exactly the
     noise that ``perturb`` and ``noise_stats`` of this backend add and reduce (as on CUDA)."""
     out = torch.empty(numel, dtype=torch.float32, device=device)
-    return _C().gaussian_noise(int(seed) & _M64, int(offset) & _M64, out)
+    _C().gaussian_noise(seed, offset, out)
+    return out
 
 
 def noise_stats(seed: int, offset: int, ref: Tensor, offsets: Tensor) -> Tensor:
     if not _kernel_dtype(ref):
-        return _ref.noise_stats(seed, offset, ref, offsets)
-    return _C().noise_stats(int(seed) & _M64, int(offset) & _M64, _vec(ref), _vec(offsets))
+        return _ref("noise_stats", ref, "float64 input").noise_stats(seed, offset, ref, offsets)
+    return _C().noise_stats(seed, offset, _vec(ref), _vec(offsets))
 
 
 def perturb_noise_stats(
@@ -171,26 +194,22 @@ def perturb_noise_stats(
     seed: int,
     noise_offset: int,
     ref: Tensor,
-) -> Tensor | None:
-    """One pass over the noise for ``perturb`` (noise only) and ``noise_stats``; inputs the kernel
-    does not take: ``None``, and ops runs the two ops."""
+) -> Tensor:
+    """One pass over the noise for ``perturb`` (noise only) and ``noise_stats`` on CPU tensors the
+    kernel takes; otherwise this backend's two ops (the same results)."""
     ns = _f32(noise_scale)
     assert ns is not None  # noise_scale is a tensor
     if (
-        not _kernel_dtype(theta, ref)
+        theta.is_cuda
+        or not _kernel_dtype(theta, ref)
         or backup.dtype != theta.dtype
         or not theta.is_contiguous()
-        or ns.numel() not in (1, offsets.numel() - 1)
     ):
-        return None
+        return compose_perturb_noise_stats(
+            _self, theta, backup, offsets, noise_scale, seed, noise_offset, ref
+        )
     return _C().perturb_noise_stats(
-        theta,
-        _vec(backup),
-        _vec(offsets),
-        ns,
-        int(seed) & _M64,
-        int(noise_offset) & _M64,
-        _vec(ref),
+        theta, _vec(backup), _vec(offsets), ns, seed, noise_offset, _vec(ref)
     )
 
 
@@ -198,23 +217,22 @@ def philox_words(
     seed: int, offset: int, n: int, device: torch.device | str = _DEVICE_TYPE
 ) -> tuple[Tensor, Tensor]:
     """The Philox4x32-10 words ``(r0, r1)`` (as int64) of counters ``offset .. offset + n - 1``."""
-    words = _C().philox_words(
+    words = _ext.get().philox_words(  # type: ignore[union-attr]
         int(seed) & _M64, int(offset) & _M64, int(n), torch.empty(0, device=device)
     )
     words = words.to(torch.int64) & 0xFFFFFFFF
     return words[:, 0], words[:, 1]
 
 
-def _qp_kernel_ok(gram: Tensor) -> bool:
-    return 1 <= gram.shape[-1] <= _C().QP_MAX_K
-
-
 def solve_qp(
     gram: Tensor, q, lower, constraint: str, norm_coef, max_iter: int, tol: float
 ) -> Tensor:
-    if not _qp_kernel_ok(gram):
-        return _ref.solve_qp(gram, q, lower, constraint, norm_coef, max_iter, tol)
-    return _solve_qp_kernel(gram, q, lower, constraint, max_iter, tol, norm_coef=norm_coef)[0]
+    if 1 <= gram.shape[-1] <= _ext.get().QP_MAX_K:  # type: ignore[union-attr]
+        return _solve_qp_kernel(gram, q, lower, constraint, max_iter, tol, norm_coef=norm_coef)[0]
+    reason = f"K = {gram.shape[-1]} outside the kernel's 1 ... QP_MAX_K"
+    return _ref("solve_qp", gram, reason).solve_qp(
+        gram, q, lower, constraint, norm_coef, max_iter, tol
+    )
 
 
 def _as_kernel_input(t: Tensor, dt: torch.dtype) -> Tensor:
@@ -253,6 +271,15 @@ def _solve_qp_kernel(
         norm_coef,
     )
 
+
+def min_norm_aggregate(
+    G: Tensor, out: Tensor, subtract: bool, max_iter: int, tol: float
+) -> tuple[Tensor, Tensor]:
+    """No fused kernel on the CPU: this backend's gram, solve_qp and combine."""
+    return compose_min_norm_aggregate(_self, G, out, subtract, max_iter, tol)
+
+
+_self = sys.modules[__name__]  # this module, as the backend the compositions call
 
 DEFAULT_MAX_ITER = _qp.DEFAULT_MAX_ITER
 DEFAULT_TOL = _qp.DEFAULT_TOL

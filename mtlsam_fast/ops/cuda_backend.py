@@ -9,23 +9,31 @@ per-CTA partial and a deterministic second pass; registers for K <= 8, shared-me
 K <= 64), fused difference + Gram, segmented norms, combine, perturb with Philox noise, noise
 statistics, and the batched QP with one warp (K <= 64) or one CTA per problem (the
 ``__host__ __device__`` solver of ``csrc/qp_core.h`` that the CPU backend runs too). Fallbacks to
-the torch backend: float64 buffers, K > 64 for the Gram, layouts without a unit column stride
-(``solve_qp(..., norm_coef=...)``, CAGrad's norm objective, runs in the QP kernel).
+the torch backend: float64 buffers, K > 64 for the Gram, layouts without a unit column stride,
+inputs that require grad (each through ``_registry.fallback``); ``solve_qp(..., norm_coef=...)``,
+CAGrad's norm objective, runs in the QP kernel.
 
 :class:`FusedAggregator` / :func:`fused_aggregate` expose the two-launch aggregation path of
-DESIGN.md section 6 (MGDA weights without leaving the device).
+docs/ARCHITECTURE.md §6 (MGDA weights without leaving the device). While ``torch.compile``
+traces, the kernels are the custom ops of :mod:`._library` (``TRACEABLE``) and
+``min_norm_aggregate`` composes gram, solve_qp and combine (the fused pair is not a custom op).
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from .. import _ext
+from . import _registry
 from . import cpu_backend as _k  # the device-agnostic wrappers around mtlsam_fast._C
 from . import qp as _qp
-from . import torch_backend as _ref
+from ._contract import compose_min_norm_aggregate
 
 Tensor = torch.Tensor
+
+TRACEABLE = True  # the kernels are torch custom ops while dynamo traces (_library)
 
 MAX_GRAM_K = 64
 
@@ -48,22 +56,23 @@ def unavailable_reason(device_type: str) -> str | None:
 
 def gram(G: Tensor) -> Tensor:
     if G.shape[0] > MAX_GRAM_K:
-        return _ref.gram(G)
+        return _registry.fallback("gram", "cuda", f"K = {G.shape[0]} > {MAX_GRAM_K}").gram(G)
     return _k.gram(G)
 
 
 def diff_gram(A: Tensor, B: Tensor) -> Tensor:
     if A.shape[0] > MAX_GRAM_K:
-        return _ref.diff_gram(A, B)
+        reason = f"K = {A.shape[0]} > {MAX_GRAM_K}"
+        return _registry.fallback("diff_gram", "cuda", reason).diff_gram(A, B)
     return _k.diff_gram(A, B)
 
 
 segment_norms = _k.segment_norms
 combine = _k.combine
 perturb = _k.perturb
-restore = _k.restore
 gaussian_noise = _k.gaussian_noise  # one fused launch (CUDA logf / cosf: last-ulp differences)
 noise_stats = _k.noise_stats
+perturb_noise_stats = _k.perturb_noise_stats  # CUDA tensors: perturb, then noise_stats
 solve_qp = _k.solve_qp
 
 
@@ -77,7 +86,8 @@ _MODES = {"direction": 0, "perturb": 1, "update": 2}
 
 
 class FusedAggregator:
-    """MGDA aggregation of a ``[K, P]`` CUDA gradient buffer in two kernel launches (DESIGN.md §6).
+    """MGDA aggregation of a ``[K, P]`` CUDA gradient buffer in two kernel launches
+    (docs/ARCHITECTURE.md §6).
 
     Launch 1 computes Gram partials over a persistent grid; the last CTA to finish (an atomic
     ticket that it resets, so repeated calls and CUDA-graph replays work) sums the partials in a
@@ -199,19 +209,23 @@ def _aggregator(
     return agg
 
 
-def min_norm_aggregate(G: Tensor, out: Tensor, subtract: bool, max_iter: int, tol: float):
+def min_norm_aggregate(
+    G: Tensor, out: Tensor, subtract: bool, max_iter: int, tol: float
+) -> tuple[Tensor, Tensor]:
     """``ops.min_norm_aggregate`` through a cached :class:`FusedAggregator` (mode ``"direction"``,
     or ``"update"`` with scale 1 for ``subtract``). Inputs it does not take (fp64, K > 64, rows
-    without a unit column stride): ``None``, and ops composes the unfused ops."""
+    without a unit column stride), and while dynamo traces: this backend's gram, solve_qp and
+    combine."""
     K, P = G.shape
     if (
-        G.dtype == torch.float64
+        torch.compiler.is_compiling()
+        or G.dtype == torch.float64
         or out.dtype == torch.float64
         or K > MAX_GRAM_K
         or not _k._rows_ok(G)
         or (P > 1 and out.stride(0) != 1)
     ):
-        return None
+        return compose_min_norm_aggregate(_self, G, out, subtract, max_iter, tol)
     agg = _aggregator(G, max_iter, tol)
     if subtract:
         agg(G, out, mode="update", scale=_unit_scale(G.device))
@@ -228,3 +242,6 @@ def _unit_scale(device: torch.device) -> Tensor:
     if t is None:
         t = _unit_scales[device] = torch.ones(1, dtype=torch.float32, device=device)
     return t
+
+
+_self = sys.modules[__name__]  # this module, as the backend the compositions call

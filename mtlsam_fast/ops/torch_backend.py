@@ -6,9 +6,12 @@ Plain PyTorch, any device, no host synchronization. Inputs are validated by
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from . import qp
+from ._contract import compose_min_norm_aggregate, compose_perturb_noise_stats
 from .philox import gaussian_from_counter
 
 Tensor = torch.Tensor
@@ -82,7 +85,11 @@ def segment_norms(x: Tensor, offsets: Tensor, weight: Tensor | None = None) -> T
     v = x.to(acc)
     if weight is not None:
         v = v * weight.to(acc)
-    return _segment_sum(v * v, offsets).sqrt().to(acc)
+    squares = _segment_sum(v * v, offsets)
+    # sqrt has an infinite derivative at 0: an empty or zero segment gets the zero subgradient
+    # (as torch.linalg.norm), not NaN; NaN and inf still propagate
+    zero = squares == 0
+    return torch.where(zero, 0.0, torch.where(zero, 1.0, squares).sqrt()).to(acc)
 
 
 def combine(w: Tensor, G: Tensor, w2: Tensor | None, H: Tensor | None, out: Tensor) -> Tensor:
@@ -102,7 +109,13 @@ def _expand_segments(values: Tensor, offsets: Tensor, numel: int) -> Tensor:
 
 
 def gaussian_noise(seed: int, offset: int, numel: int, device: torch.device) -> Tensor:
-    counter = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
+    # the 64-bit counters offset + j as int64 with the same bits (offset may exceed 2**63 - 1)
+    signed = offset - (1 << 64) if offset >= 1 << 63 else offset
+    counter = torch.arange(numel, dtype=torch.int64, device=device)
+    if signed >= 0 and signed + numel <= 1 << 63:
+        counter += signed  # no int64 wrap-around
+    else:
+        counter = (counter + (signed >> 1)) + (signed - (signed >> 1))  # wraps like uint64
     return gaussian_from_counter(seed, counter)
 
 
@@ -140,9 +153,32 @@ def noise_stats(seed: int, offset: int, ref: Tensor, offsets: Tensor) -> Tensor:
     )
 
 
+def perturb_noise_stats(
+    theta: Tensor,
+    backup: Tensor,
+    offsets: Tensor,
+    noise_scale: Tensor,
+    seed: int,
+    noise_offset: int,
+    ref: Tensor,
+) -> Tensor:
+    return compose_perturb_noise_stats(
+        _self, theta, backup, offsets, noise_scale, seed, noise_offset, ref
+    )
+
+
 def solve_qp(
     gram: Tensor, q, lower, constraint: str, norm_coef, max_iter: int, tol: float
 ) -> Tensor:
     return qp.solve_qp(
         gram, q, lower, constraint=constraint, norm_coef=norm_coef, max_iter=max_iter, tol=tol
     )
+
+
+def min_norm_aggregate(
+    G: Tensor, out: Tensor, subtract: bool, max_iter: int, tol: float
+) -> tuple[Tensor, Tensor]:
+    return compose_min_norm_aggregate(_self, G, out, subtract, max_iter, tol)
+
+
+_self = sys.modules[__name__]  # this module, as the backend the compositions call

@@ -8,7 +8,8 @@ accumulation is its contract; K <= 64 is the design range of the register-tile k
 here reads a tensor value on the host.
 
 Beyond the ops of :mod:`mtlsam_fast.ops`, :func:`fused_aggregate` is the two-launch aggregation
-path of DESIGN.md section 6 for the optimizers.
+path of docs/ARCHITECTURE.md §6 for the optimizers. Every hand-off to the reference goes through
+``_registry.fallback`` (``ops.dispatch_log()`` shows it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import sys
 
 import torch
 
-from . import torch_backend
+from . import _registry
+from ._contract import compose_min_norm_aggregate, compose_perturb_noise_stats
 
 Tensor = torch.Tensor
 
@@ -32,6 +34,7 @@ __all__ = [
     "min_norm_aggregate",
     "noise_stats",
     "perturb",
+    "perturb_noise_stats",
     "pin_config",
     "segment_norms",
     "solve_qp",
@@ -91,33 +94,45 @@ def _f64(*ts: Tensor | None) -> bool:
     return any(t is not None and t.dtype == torch.float64 for t in ts)
 
 
+def _ref(op: str, why: str):
+    return _registry.fallback(op, "triton", why)
+
+
+def _gram_reason(G: Tensor) -> str | None:
+    if _f64(G):
+        return "float64 buffer"
+    return f"K = {G.shape[0]} > {MAX_K}" if G.shape[0] > MAX_K else None
+
+
 def gram(G: Tensor) -> Tensor:
-    if _f64(G) or G.shape[0] > MAX_K:
-        return torch_backend.gram(G)
+    reason = _gram_reason(G)
+    if reason is not None:
+        return _ref("gram", reason).gram(G)
     return _kernels().gram.gram(G)
 
 
 def diff_gram(A: Tensor, B: Tensor) -> Tensor:
-    if _f64(A) or A.shape[0] > MAX_K:
-        return torch_backend.diff_gram(A, B)
+    reason = _gram_reason(A)
+    if reason is not None:
+        return _ref("diff_gram", reason).diff_gram(A, B)
     return _kernels().gram.diff_gram(A, B)
 
 
-def segment_norms(x: Tensor, offsets: Tensor, weight: Tensor | None = None) -> Tensor:
+def segment_norms(x: Tensor, offsets: Tensor, weight: Tensor | None) -> Tensor:
     if _f64(x):
-        return torch_backend.segment_norms(x, offsets, weight)
+        return _ref("segment_norms", "float64 input").segment_norms(x, offsets, weight)
     return _kernels().elementwise.segment_norms(x, offsets, weight)
 
 
 def combine(w: Tensor, G: Tensor, w2: Tensor | None, H: Tensor | None, out: Tensor) -> Tensor:
     if _f64(G, H):
-        return torch_backend.combine(w, G, w2, H, out)
+        return _ref("combine", "float64 input").combine(w, G, w2, H, out)
     return _kernels().elementwise.combine(w, G, w2, H, out)
 
 
 def perturb(theta, backup, direction, scale, offsets, adaptive, noise_scale, seed, noise_offset):
     if _f64(theta):
-        return torch_backend.perturb(
+        return _ref("perturb", "float64 input").perturb(
             theta, backup, direction, scale, offsets, adaptive, noise_scale, seed, noise_offset
         )
     return _kernels().elementwise.perturb(
@@ -131,8 +146,23 @@ def gaussian_noise(seed: int, offset: int, numel: int, device: torch.device) -> 
 
 def noise_stats(seed: int, offset: int, ref: Tensor, offsets: Tensor) -> Tensor:
     if _f64(ref):
-        return torch_backend.noise_stats(seed, offset, ref, offsets)
+        return _ref("noise_stats", "float64 input").noise_stats(seed, offset, ref, offsets)
     return _kernels().elementwise.noise_stats(seed, offset, ref, offsets)
+
+
+def perturb_noise_stats(
+    theta: Tensor,
+    backup: Tensor,
+    offsets: Tensor,
+    noise_scale: Tensor,
+    seed: int,
+    noise_offset: int,
+    ref: Tensor,
+) -> Tensor:
+    """No fused kernel: this backend's perturb, then its noise_stats."""
+    return compose_perturb_noise_stats(
+        _self, theta, backup, offsets, noise_scale, seed, noise_offset, ref
+    )
 
 
 def solve_qp(
@@ -151,7 +181,7 @@ def fused_aggregate(
     max_iter: int = 60,
     tol: float = 1e-9,
 ):
-    """The two-launch MGDA aggregation of DESIGN.md section 6; the full contract is in
+    """The two-launch MGDA aggregation of docs/ARCHITECTURE.md §6; the full contract is in
     :func:`mtlsam_fast.triton_kernels.fused.fused_aggregate`. Returns ``Aggregate(weights, gram,
     weights2, gram2, direction)``: launch 1 = Gram partials -> last-program reduction -> QP,
     launch 2 = ``d = w^T G (+ w2^T H)`` -> ``out <- d`` and/or ``theta <- theta - lr * d``."""
@@ -160,15 +190,20 @@ def fused_aggregate(
     )
 
 
-def min_norm_aggregate(G: Tensor, out: Tensor, subtract: bool, max_iter: int, tol: float):
+def min_norm_aggregate(
+    G: Tensor, out: Tensor, subtract: bool, max_iter: int, tol: float
+) -> tuple[Tensor, Tensor]:
     """``ops.min_norm_aggregate`` through :func:`fused_aggregate` (two launches); ``subtract`` is
     its fused update ``theta <- theta - lr * d`` with ``theta = out`` and ``lr = 1``. fp64 and
-    K > 64: ``None`` (ops composes the unfused ops, which keep fp64 weights)."""
+    K > 64: this backend's gram, solve_qp and combine (which keep fp64 weights)."""
     if G.dtype == torch.float64 or G.shape[0] > MAX_K:
-        return None
+        return compose_min_norm_aggregate(_self, G, out, subtract, max_iter, tol)
     if subtract:
         one = _kernels()._workspace.get(G.device, "unit_lr", (1,), torch.float32, fill=1.0)
         res = fused_aggregate(G, theta=out, lr=one, max_iter=max_iter, tol=tol)
     else:
         res = fused_aggregate(G, out=out, max_iter=max_iter, tol=tol)
     return res.weights, res.gram
+
+
+_self = sys.modules[__name__]  # this module, as the backend the compositions call

@@ -198,6 +198,7 @@ def test_no_host_sync():
     agg = cuda_backend.FusedAggregator(K, P, DEV)
     out = torch.empty(P, device=DEV)
     rho = torch.tensor([0.05], device=DEV)
+    ops.segment_norms(G, offsets, backend="cuda")  # a new offsets tensor: its one host read
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
