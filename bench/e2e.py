@@ -418,9 +418,10 @@ def naive_step(
 def analytical_bytes(method: str, impl: str, P: int, PH: int, K: int, itemsize: int = 4) -> dict:
     """Optimizer-side buffers (bytes) beyond parameters, their .grad and activations.
 
-    mtlsam_fast (DESIGN §2, §5): G [K, P]; F-MTL overwrites G's rows with the flat components after
-    combining the loss gradients (K.P + a few P: backup, direction); SAMO keeps G, g0 and a backup
-    (its noise is regenerated, never stored). Naive: K per-parameter gradient clones per gradient
+    mtlsam_fast (docs/ARCHITECTURE.md §2, §8): G [K, P]; F-MTL overwrites G's rows with the flat
+    components after combining the loss gradients (K.P + a few P: backup, direction); SAMO keeps
+    G, g0 and a backup (its noise is regenerated, never stored). Naive: K per-parameter gradient
+    clones per gradient
     set, plus per-parameter clones for the perturbation (old_p) and the combination temporaries.
     """
     b = itemsize

@@ -65,7 +65,7 @@ int64_t qp_workspace(int64_t B, int K);  // bytes of global workspace solve_qp n
 void solve_qp(const void* gram, const void* q, const void* lower, const void* norm_coef, int dt, int64_t B, int K,
               bool simplex, int max_iter, double tol, void* out, void* ws, void* stream);
 
-// Fused aggregation (DESIGN.md section 6), launch 1: Gram partials over a persistent grid; the
+// Fused aggregation (docs/ARCHITECTURE.md §6), launch 1: Gram partials over a persistent grid; the
 // last CTA to finish (atomic ticket, reset by that CTA) reduces the partials in a fixed order,
 // writes gram_out [K, K], solves the simplex QP (MGDA min-norm point) into weights[0:K] and
 // writes ||weights^T G|| = sqrt(w^T Gamma w) into weights[K]. `ws` holds gram_workspace(K, P) bytes.

@@ -122,3 +122,33 @@ def test_weighting_options_table_matches_the_classes() -> None:
         params = list(inspect.signature(cls.__init__).parameters.values())[1:]
         want = ", ".join(f"`{p.name}={p.default!r}`" for p in params if p.name != "backend")
         assert options == (want or "—"), name
+
+
+def repository_text_files() -> list[Path]:
+    """The tracked source, test, benchmark and documentation files."""
+    import subprocess
+
+    out = subprocess.run(
+        ["git", "ls-files", "*.py", "*.md", "*.h", "*.cpp", "*.cu", "*.sh", "*.toml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    return [ROOT / f for f in out]
+
+
+def test_code_and_docs_cite_only_files_inside_the_repository() -> None:
+    """Nothing cites the original design note that lives outside the repository; every citation
+    of docs/ARCHITECTURE.md names a section it has."""
+    files = repository_text_files()
+    assert any(f.name == "base.py" for f in files)  # the listing itself works
+    arch = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    sections = set(re.findall(r"^## (\d+)\.", arch, re.M))
+    cite = re.compile(r"ARCHITECTURE\.md,? (?:§|section )(\d+)")
+    outside = "DESIGN" + ".md"  # spelled so that this file does not cite it either
+    for f in files:
+        text = f.read_text(errors="replace")
+        assert outside not in text, f"{f.relative_to(ROOT)} cites {outside}"
+        for n in cite.findall(text):
+            assert n in sections, f"{f.relative_to(ROOT)} cites docs/ARCHITECTURE.md §{n}"

@@ -1,9 +1,9 @@
 """One optimizer step equals a straightforward implementation of the paper's algorithm.
 
 The references below follow F-MTL's Algorithm 1 (arXiv 2211.13723) and SAMO (arXiv 2507.07883,
-DESIGN.md section 5) literally: ``torch.autograd.grad``, per-parameter loops, a plain SGD update,
-BatchNorm statistics saved and restored by hand around the perturbed forwards. Everything runs in
-float64 on a small model with BatchNorm and two heads; the only shared piece is the weighting
+docs/ARCHITECTURE.md §8) literally: ``torch.autograd.grad``, per-parameter loops, a plain SGD
+update, BatchNorm statistics saved and restored by hand around the perturbed forwards. Everything
+runs in float64 on a small model with BatchNorm and two heads; the only shared piece is the weighting
 object itself (a fresh instance with the same seed), applied to a Gram matrix the test computes.
 """
 

@@ -1,7 +1,7 @@
 """The batched QP solver (``mtlsam_fast.ops.solve_qp``) against exact references.
 
 References: closed forms for K = 2, quadprog (Goldfarb-Idnani, with a tiny ridge) for larger K,
-the KKT target of DESIGN.md section 4 (relative residual <= 1e-5 for fp32 input, K <= 64) over a
+the KKT target of docs/ARCHITECTURE.md §4 (relative residual <= 1e-5 for fp32 input, K <= 64) over a
 fixed set of hard matrices, and, for the norm variant (CAGrad's inner problem), a problem whose
 optimum sits exactly on the non-smooth point ``Gamma v = 0``.
 """
@@ -203,7 +203,7 @@ def test_against_quadprog(K, kind, constraint):
 
 
 # ---------------------------------------------------------------------------------------------
-# the KKT target of DESIGN.md section 4
+# the KKT target of docs/ARCHITECTURE.md §4
 
 
 @pytest.mark.parametrize("constraint", ["simplex", "lower"])

@@ -1,4 +1,4 @@
-"""The fused two-launch aggregation path of DESIGN.md section 6.
+"""The fused two-launch aggregation path of docs/ARCHITECTURE.md §6.
 
 Launch 1 (``_gram_qp_kernel``): the persistent Gram pass of :mod:`.gram` over ``G`` (and, for
 F-MTL, over a second buffer ``H`` of the same shape); every program stores its symmetrized

@@ -1,7 +1,7 @@
 """SAMO: sharpness-aware multi-task optimization with joint global-local perturbations, from
 
 "SAMO: A Lightweight Sharpness-Aware Approach for Multi-Task Optimization with Joint Global-Local
-Perturbation", 2025 (https://arxiv.org/abs/2507.07883), as specified in DESIGN.md §5.
+Perturbation", 2025 (https://arxiv.org/abs/2507.07883), as specified in docs/ARCHITECTURE.md §8.
 """
 
 from __future__ import annotations

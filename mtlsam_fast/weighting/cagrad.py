@@ -28,7 +28,7 @@ class CAGrad(Weighting):
     (``||g_w||^2`` below the Gram's rounding level) the correction is dropped and ``d = g0`` (the
     official code's ``1e-8`` guard does the same at exactly ``g_w = 0``). ``rescale`` follows the
     official code: 0 none, 1 divide by ``1 + c^2``, 2 divide by ``1 + c``. ``c = 0`` is linear
-    scalarization. A single task gets weight 1 (DESIGN.md section 4; the formula would give
+    scalarization. A single task gets weight 1 (docs/ARCHITECTURE.md §7; the formula would give
     ``(1 + c)`` before rescaling, a mere step-size change, since one task has nothing to conflict
     with).
     """

@@ -1,6 +1,6 @@
-"""``ops.min_norm_aggregate`` (the two-launch MGDA path of DESIGN.md section 6) on a CUDA device,
-for every fused backend: oracle agreement, no host sync, CUDA-graph replay, and the optimizers
-taking it."""
+"""``ops.min_norm_aggregate`` (the two-launch MGDA path of docs/ARCHITECTURE.md §6) on a CUDA
+device, for every fused backend: oracle agreement, no host sync, CUDA-graph replay, and the
+optimizers taking it."""
 
 from __future__ import annotations
 
