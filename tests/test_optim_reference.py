@@ -3,8 +3,9 @@
 The references below follow F-MTL's Algorithm 1 (arXiv 2211.13723) and SAMO (arXiv 2507.07883,
 docs/ARCHITECTURE.md §8) literally: ``torch.autograd.grad``, per-parameter loops, a plain SGD
 update, BatchNorm statistics saved and restored by hand around the perturbed forwards. Everything
-runs in float64 on a small model with BatchNorm and two heads; the only shared piece is the weighting
-object itself (a fresh instance with the same seed), applied to a Gram matrix the test computes.
+runs in float64 on a small model with BatchNorm and two heads; the only shared piece is the
+weighting object itself (a fresh instance with the same seed), applied to a Gram matrix the test
+computes.
 """
 
 from __future__ import annotations
