@@ -192,3 +192,12 @@ def test_pbi_is_the_direction_plus_theta_times_the_unit_residual():
     # on the preference ray the residual has no direction: the weights are u
     on_ray = t(0.5 + 2 * u[0], 0.5 + 2 * u[1])
     close(w(torch.eye(2, dtype=F64), on_ray), u)
+
+
+def test_krum_picks_the_gradient_closest_to_its_neighbours_at_small_scale():
+    """Scalar gradients 0, 0.1, 0.2, 0.9 (all squared distances below 1): with n_byzantine = 0
+    each scores its K - 2 = 2 nearest squared distances: 0.05, 0.02, 0.05, 1.13, so Krum takes
+    the second."""
+    g = t(0.0, 0.1, 0.2, 0.9)
+    gram = g[:, None] * g[None, :]
+    close(weighting.get("krum", n_byzantine=0, n_selected=1)(gram), [0.0, 1.0, 0.0, 0.0])
