@@ -82,6 +82,7 @@ MODULES: dict[str, Module] = {
         ),
         tests=(
             "tests/test_found_inf.py",
+            "tests/test_values_samo.py",
             "tests/test_off_default_paths.py",
             "tests/test_optim_behaviour.py",
         ),
