@@ -24,7 +24,7 @@ def test_samo_perturbed_points_lie_at_distance_rho(alpha, layerwise):
     def closure():
         x = torch.cat([a.reshape(-1), b.reshape(-1)])
         points.append((torch.is_grad_enabled(), x.detach().clone()))
-        return [(x[:13 - 3] - targets[k, :10]).square().sum() + x[10:].sum() * (k + 1)
+        return [(x[:10] - targets[k, :10]).square().sum() + x[10:].sum() * (k + 1)
                 for k in range(2)]  # fmt: skip
 
     rho = 0.05
@@ -39,6 +39,18 @@ def test_samo_perturbed_points_lie_at_distance_rho(alpha, layerwise):
     assert len(perturbed) == 2 and len(probes) == 4
     for x in perturbed:
         torch.testing.assert_close((x - start).norm(), torch.tensor(rho), rtol=1e-4, atol=0)
+    if alpha == 1.0:  # no noise term (beta = 0): plain SAM along the mean loss's gradient g0
+        x0 = start.clone().requires_grad_(True)
+        mean = (
+            sum(
+                (x0[:10] - targets[k, :10]).square().sum() + x0[10:].sum() * (k + 1)
+                for k in range(2)
+            )
+            / 2
+        )
+        (g0,) = torch.autograd.grad(mean, x0)
+        for x in perturbed:
+            torch.testing.assert_close(x - start, rho * g0 / g0.norm(), rtol=1e-4, atol=1e-7)
     # the probes of task i are start ± μ z_i: symmetric about the start
     for plus, minus in zip(probes[0::2], probes[1::2]):
         torch.testing.assert_close(plus - start, start - minus, rtol=1e-4, atol=1e-6)

@@ -266,8 +266,10 @@ def run_module(
     carried: dict[str, str] = {}
     if previous is not None:
         old = json.loads((RESULTS / f"{name}.{previous}.json").read_text())
-        if (old["seed"], old["sample"]) != (seed, len(chosen)):
-            raise SystemExit(f"{name}.{previous}.json is another sample (seed, size)")
+        if [m["id"] for m in old["mutants"]] != [m.id for m in chosen]:
+            raise SystemExit(
+                f"{name}.{previous}.json is another sample (seed, size or the sources changed)"
+            )
         carried = {m["id"]: m["status"] for m in old["mutants"] if m["status"] != "survived"}
     root = make_copy()
     try:
