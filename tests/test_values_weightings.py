@@ -149,6 +149,19 @@ def test_imtl_l_weights_and_its_scale_step():
     close(w(torch.eye(2, dtype=F64), L), [math.exp(si) for si in s])
 
 
+def test_imtl_l_adam_step_adds_l2_weight_decay_to_the_gradient():
+    """Adam's L2 weight decay (torch.optim.Adam's): the step is taken on dS/ds + wd · s. Adam's
+    first step is ±lr whatever the gradient's size, so wd = 2 is chosen to flip task 2's sign:
+    dS/ds = e^0.5 · 0.25 - 1 = -0.59, plus 2 · 0.5 = +0.41."""
+    w = weighting.get("imtl_l", lr=0.05, init=0.5, weight_decay=2.0)
+    L = t(3.0, 0.25)
+    a = math.exp(0.5)
+    w(torch.eye(2, dtype=F64), L)
+    s = [0.5 + adam_first_steps([a * Li - 1.0 + 2.0 * 0.5], 0.05)[0] for Li in (3.0, 0.25)]
+    assert s[1] < 0.5  # the decay, not the loss, drives task 2's step
+    close(w(torch.eye(2, dtype=F64), L), [math.exp(si) for si in s])
+
+
 def test_gls_is_the_geometric_mean_over_k_times_the_loss():
     L = [2.0, 8.0, 0.5]
     S = (2.0 * 8.0 * 0.5) ** (1 / 3)
