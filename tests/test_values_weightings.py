@@ -214,3 +214,15 @@ def test_krum_picks_the_gradient_closest_to_its_neighbours_at_small_scale():
     g = t(0.0, 0.1, 0.2, 0.9)
     gram = g[:, None] * g[None, :]
     close(weighting.get("krum", n_byzantine=0, n_selected=1)(gram), [0.0, 1.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("name,option", [("famo", "min_losses"), ("stch", "pref_vector")])
+def test_vector_options_are_checked_when_set(name, option):
+    """At construction and on reassignment (preferences change between steps)."""
+    bad = t(float("nan"), 1.0)
+    with pytest.raises(ValueError, match=option):
+        weighting.get(name, **{option: bad})
+    w = weighting.get(name, **{option: t(0.5, 0.5)})
+    with pytest.raises(ValueError, match=option):
+        setattr(w, option, bad)
+    torch.testing.assert_close(getattr(w, option), t(0.5, 0.5))
