@@ -13,7 +13,8 @@ mutant costs its tests, not torch's import.
 A mutant is *killed* when its tests fail (or it breaks the import), *timeout* when they run past
 `--timeout-factor` times the unmutated run (counted as killed: the mutant changed behaviour) and
 *survived* when they pass. `bench/results/mutation/equivalent.json` names the survivors that no
-test can kill (the mutant computes the same thing) with the reason; the report lists the others.
+test can kill (the mutant computes the same thing) with the reason, `unkilled.json` the others
+with why no test kills them yet; the report lists both.
 How to run it and what CI runs: docs/testing.md.
 """
 
@@ -258,17 +259,24 @@ def run_module(
     timeout_factor: float,
     previous: str | None,
     tests: list[str] | None,
+    resume: bool = False,
 ) -> dict:
     """Run one module's sample, writing MODULE.LABEL.json after each mutant (an interrupted run
     keeps what it measured: the mutants not reached stay "untested"). With `previous` (an earlier
     label of the same sample), only that run's survivors run again, against `tests` (default the
     module's subset), and its kills are carried over: give the tests added or changed since, the
-    others already passed on those survivors."""
+    others already passed on those survivors. `resume`: finish this label's interrupted run."""
     module = MODULES[name]
     tests = tests or [t for t in module.tests if t.startswith("-") or (ROOT / t).exists()]
     population, chosen = sample_mutants(module, sample, seed)
     carried: dict[str, str] = {}
-    if previous is not None:
+    if resume:  # this label's earlier, interrupted run: keep what it measured
+        old = json.loads((RESULTS / f"{name}.{label}.json").read_text())
+        if [m["id"] for m in old["mutants"]] != [m.id for m in chosen]:
+            raise SystemExit(f"{name}.{label}.json is another sample: cannot resume it")
+        carried = {m["id"]: m["status"] for m in old["mutants"] if m["status"] != "untested"}
+        previous = old["kills_carried_from"]
+    elif previous is not None:
         old = json.loads((RESULTS / f"{name}.{previous}.json").read_text())
         if [m["id"] for m in old["mutants"]] != [m.id for m in chosen]:
             raise SystemExit(
@@ -326,35 +334,46 @@ def score(report: dict, equivalent: dict[str, str]) -> tuple[int, int, int]:
     return killed, eq, len(tested)
 
 
+#: the order in which a module's runs supersede each other in the survivors' list
+LABEL_ORDER = ("before", "after", "suites")
+
+
 def write_summary() -> Path:
+    """bench/results/mutation/summary.md: a row per result file; the survivors of each module's
+    last run (LABEL_ORDER), each with its reason from equivalent.json or unkilled.json."""
     equivalent = json.loads((RESULTS / "equivalent.json").read_text())
+    unkilled = json.loads((RESULTS / "unkilled.json").read_text())
     reports = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.*.json"))]
+    reports.sort(key=lambda r: (r["module"], LABEL_ORDER.index(r["label"])))
     lines = [
         "# Mutation scores",
         "",
-        "`python tools/mutation.py MODULE --sample N --seed S --label L` (docs/testing.md).",
-        "Score =",
-        "killed / (sample − equivalent survivors); equivalent survivors are listed with their",
-        "reason in `equivalent.json`.",
+        "Written by `python tools/mutation.py report` from the result files beside it; how to",
+        "run a sample: docs/testing.md. Score = killed / (tested - equivalent survivors).",
+        "`before`: the module's fast tests as they were; `after`: the survivors of `before`",
+        "against the tests added since; `suites`: the survivors against slower suites.",
         "",
         "| module | label | seed | population | tested | killed | equivalent | survived | score |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    survivors = []
+    last: dict[str, dict] = {}
     for r in reports:
         killed, eq, n = score(r, equivalent)
-        alive = n - killed - eq
         pct = 100.0 * killed / max(n - eq, 1)
         lines.append(
             f"| {r['module']} | {r['label']} | {r['seed']} | {r['population']} | {n} | {killed} "
-            f"| {eq} | {alive} | {pct:.0f} % |"
+            f"| {eq} | {n - killed - eq} | {pct:.0f} % |"
         )
-        survivors += [
-            f"- {r['module']}/{r['label']}: `{m['id']}` `{m['before']}` → `{m['after']}`"
-            for m in r["mutants"]
-            if m["status"] == "survived" and m["id"] not in equivalent
-        ]
-    lines += ["", "## Survivors not shown equivalent", ""] + (survivors or ["(none)"])
+        last[r["module"]] = r
+    lines += ["", "## Survivors of each module's last run", ""]
+    for name, r in last.items():
+        for m in r["mutants"]:
+            if m["status"] != "survived":
+                continue
+            why = equivalent.get(m["id"])
+            why = f"equivalent: {why}" if why else f"not killed: {unkilled.get(m['id'], '?')}"
+            lines.append(f"- {name}/{r['label']} `{m['id']}` `{m['before']}` → `{m['after']}`")
+            lines.append(f"  — {why}")
     out = RESULTS / "summary.md"
     out.write_text("\n".join(lines) + "\n")
     return out
@@ -373,6 +392,7 @@ def main(argv: list[str] | None = None) -> None:
         metavar="LABEL",
         help="run only the survivors of MODULE.LABEL.json again (same seed and sample)",
     )
+    p.add_argument("--resume", action="store_true", help="run only MODULE.LABEL.json's untested")
     p.add_argument("--list", action="store_true", help="print the sampled mutants, run nothing")
     args = p.parse_args(argv)
     if args.modules == ["report"]:
@@ -399,6 +419,7 @@ def main(argv: list[str] | None = None) -> None:
             args.timeout_factor,
             args.retest_survivors_of,
             args.tests,
+            args.resume,
         )
 
 
