@@ -226,3 +226,10 @@ def test_vector_options_are_checked_when_set(name, option):
     with pytest.raises(ValueError, match=option):
         setattr(w, option, bad)
     torch.testing.assert_close(getattr(w, option), t(0.5, 0.5))
+
+
+@pytest.mark.parametrize("name", weighting.names())
+def test_every_weighting_reports_its_registry_name(name):
+    """`name` is what state_dicts, errors and the CLI print: the class behind a registry entry
+    carries that same name (aliases to one class, e.g. dualproj, included)."""
+    assert weighting.get(name).name == name
