@@ -352,6 +352,7 @@ def write_summary() -> Path:
         "run a sample: docs/testing.md. Score = killed / (tested - equivalent survivors).",
         "`before`: the module's fast tests as they were; `after`: the survivors of `before`",
         "against the tests added since; `suites`: the survivors against slower suites.",
+        "Mutant ids (`file:line:index`) refer to the sources as they were sampled.",
         "",
         "| module | label | seed | population | tested | killed | equivalent | survived | score |",
         "|---|---|---|---|---|---|---|---|---|",
