@@ -117,8 +117,8 @@ def _grams(K, B=6, seed=0):
 
 @needs_ext
 def test_qp_matches_quadprog_on_definite_problems():
-    quadprog = pytest.importorskip("quadprog")
     import numpy as np
+    import quadprog
 
     g = _grams(8, B=1, seed=3)[0].double()
     v = ops.solve_qp(g, backend="cpu")

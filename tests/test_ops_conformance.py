@@ -154,6 +154,17 @@ def test_gram(target, K, P, dtype):
     assert_within(out, exact, acc(dtype) * float(exact.abs().max()), f"gram K={K} P={P}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gram_bound_tells_a_16_bit_gram_apart(dtype):
+    """The 16-bit bound is the accumulation dtype's, not the inputs': a Gram rounded to or
+    accumulated in the 16-bit dtype fails it (so the conformance cases above would catch one)."""
+    G = view(8, 1000, dtype, "cpu")
+    exact = G.double() @ G.double().T
+    bound = acc(dtype) * float(exact.abs().max())
+    with pytest.raises(AssertionError):
+        assert_within((G @ G.T).float(), exact, bound, "16-bit Gram")
+
+
 def test_gram_of_a_column_strided_view(target):
     """Rows without a unit column stride: Triton reads them, the C++ kernels hand them to the
     reference; the same bound either way, and the same bits on a second call."""

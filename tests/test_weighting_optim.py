@@ -9,6 +9,7 @@ import io
 
 import pytest
 import torch
+from sklearn import datasets
 from torch import nn
 
 import mtlsam_fast
@@ -169,7 +170,6 @@ def test_checkpoint_resume_is_bitwise(name, opt_name):
 # ---------------------------------------------------------------- a short training run
 @pytest.fixture(scope="module")
 def digits():
-    datasets = pytest.importorskip("sklearn.datasets")
     X, y = datasets.load_digits(return_X_y=True)
     X = torch.tensor(X / 16.0, dtype=torch.float32)
     y = torch.tensor(y)

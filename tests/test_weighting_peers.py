@@ -26,11 +26,10 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+import torchjd.aggregation as tj
+import torchjd.scalarization as tjs
 
 from mtlsam_fast import ops, weighting
-
-tj = pytest.importorskip("torchjd.aggregation")
-tjs = pytest.importorskip("torchjd.scalarization")
 
 F64 = torch.float64
 EXACT = 1e-12
@@ -54,7 +53,9 @@ def libmtl():
         shim = types.ModuleType("torchvision.models.utils")
         shim.load_state_dict_from_url = torch.hub.load_state_dict_from_url  # type: ignore[attr-defined]
         sys.modules["torchvision.models.utils"] = shim
-    return pytest.importorskip("LibMTL.weighting")
+    import LibMTL.weighting
+
+    return LibMTL.weighting
 
 
 def close(out, ref, tol):

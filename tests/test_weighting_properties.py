@@ -9,13 +9,12 @@ is fixed (derandomized, ``MAX_EXAMPLES`` per method, no example database), so CI
 
 from __future__ import annotations
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 import torch
 
 from mtlsam_fast import weighting
-
-hypothesis = pytest.importorskip("hypothesis")
-st = pytest.importorskip("hypothesis.strategies")
 
 MAX_EXAMPLES = 25
 FAMILIES = ("random", "low_rank", "identical", "opposite", "collinear", "zero_rows", "zero")

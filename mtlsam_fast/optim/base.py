@@ -1128,10 +1128,13 @@ class MTLBase(torch.optim.Optimizer):
         local = _distributed.local_tensor
         params = [p for g in self.base_optimizer.param_groups for p in g["params"]]
         snapshot: dict[tuple[int, str], Tensor] = {}
+        host: dict[tuple[int, str], Any] = {}  # the state's other values, and which keys exist
         for p in params:
             for key, val in self.base_optimizer.state.get(p, {}).items():
                 if isinstance(val, torch.Tensor):
                     snapshot[(id(p), key)] = local(val).clone()
+                else:
+                    host[(id(p), key)] = copy.deepcopy(val)
         self.base_optimizer.step()
         flats = [self._shared] + [h for h in self._heads if h is not None]
         for f in flats:
@@ -1147,6 +1150,16 @@ class MTLBase(torch.optim.Optimizer):
                     v.copy_(torch.where(s, old, v))
                 elif isinstance(val, (int, float)) and not isinstance(val, bool):
                     self._state_has_host_values = True
+        if self._state_has_host_values and bool(skip):
+            # The step that first shows host-side state cannot be undone on the device: read the
+            # flag on the host (as every later step does, above) and put the state back exactly.
+            for p in params:
+                state = self.base_optimizer.state.get(p, {})
+                for key in list(state):
+                    if (id(p), key) in host:
+                        state[key] = host[(id(p), key)]
+                    elif (id(p), key) not in snapshot:
+                        del state[key]  # made by the skipped step
 
     # ---------------------------------------------------------------- public API
     def zero_grad(self, set_to_none: bool = True) -> None:
