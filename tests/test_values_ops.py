@@ -41,8 +41,8 @@ def test_gaussian_noise_edge_sizes():
     assert empty.shape == (0,) and empty.dtype == torch.float32
     one = ops.gaussian_noise(3, 5, 1, backend="torch")
     assert torch.equal(one, ops.gaussian_noise(3, 0, 6, backend="torch")[5:])
-    for numel, offset in ((-1, 0), (1, -1)):
-        with pytest.raises(ValueError, match="non-negative"):
+    for numel, offset, message in ((-1, 0, "numel must be non-negative"), (1, -1, "offset must")):
+        with pytest.raises(ValueError, match=message):
             ops.gaussian_noise(3, offset, numel, backend="torch")
 
 
