@@ -153,15 +153,14 @@ def test_samo_infinite_zeroth_order_estimate_alone_skips_the_step(base):
     assert not torch.equal(flat_state(opt, model)[0], before[0])
 
 
-@pytest.mark.parametrize("weighting", ["dwa", "gls", "uw"])
+@pytest.mark.parametrize("weighting", ["dwa", "gls", "uw", "ls", "mgda"])
 @pytest.mark.parametrize("base", ["adam", "sgd-momentum"])
 @pytest.mark.parametrize("method", ["mtl", "fmtl", "samo"])
-def test_an_infinite_loss_with_finite_gradients_skips_a_loss_based_weighting(
-    method, base, weighting
-):
-    """Task 1's loss carries an infinite constant: its gradient is finite, but a weighting that
-    reads the losses cannot weigh it; the step is skipped, the weighting's state (DWA's sums,
-    UW's log-variances and Adam moments) included."""
+def test_an_infinite_loss_with_finite_gradients_skips_the_step(method, base, weighting):
+    """Task 1's loss carries an infinite constant: its gradient is finite, but the step's clean
+    losses are not, so the step is skipped (a weighting that reads the losses could not weigh it
+    either; its state -- DWA's sums, UW's log-variances and Adam moments -- is kept too), also
+    for the Gram-only weightings whose arithmetic never sees the losses."""
     model, opt = make(method, base, weighting)
     inf = torch.tensor(math.inf)
 

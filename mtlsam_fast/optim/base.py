@@ -847,11 +847,13 @@ class MTLBase(torch.optim.Optimizer):
         return self._check_losses(losses, need_grad=grad)
 
     def _mean_losses(self, per_micro: list[Tensor]) -> Tensor:
-        """The mean over the micro-batches of their detached ``[K]`` losses."""
+        """The mean over the micro-batches of their detached ``[K]`` losses: the step's clean
+        losses (a non-finite one skips the step, see :meth:`_finish`)."""
         total = per_micro[0]
         for more in per_micro[1:]:
             total = total + more
-        return total if len(per_micro) == 1 else total / len(per_micro)
+        self._clean_losses = total if len(per_micro) == 1 else total / len(per_micro)
+        return self._clean_losses
 
     def _backward(
         self, loss: Tensor, seed: Tensor, task: int | None, *, retain_graph: bool = False
@@ -1079,14 +1081,14 @@ class MTLBase(torch.optim.Optimizer):
         return torch.stack(scales), bad
 
     def _finish(self, bad: Tensor, grad_scaler: Any) -> None:
-        """Set the found-inf flag (``bad`` or a non-finite final gradient), unscale through the
-        scaler, step the base optimizer guarded by the flag."""
+        """Set the found-inf flag (``bad``, a non-finite clean loss or a non-finite final
+        gradient), unscale through the scaler, step the base optimizer guarded by the flag."""
         self._check_reached = False  # this step's backward passes reached every group
         if self._sync is not None:
             self._sync.wait()
         grads = [self._shared.grad] + [h.grad for h in self._heads if h is not None]
         nonfinite = torch.stack([~torch.isfinite(g).all() for g in grads])
-        found = bad.reshape(()) | nonfinite.any()
+        found = bad.reshape(()) | nonfinite.any() | ~torch.isfinite(self._clean_losses).all()
         if self._sync is not None:
             found = self._sync.any(found)  # a NaN on any rank skips the step on every rank
         if grad_scaler is not None and grad_scaler.is_enabled():
