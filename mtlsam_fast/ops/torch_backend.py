@@ -52,7 +52,12 @@ def diff_gram(A: Tensor, B: Tensor) -> Tensor:
 def _segment_sum(x: Tensor, offsets: Tensor) -> Tensor:
     """Sums of ``x`` (``[P]`` or ``[R, P]``) over the column segments ``offsets``, in fp64.
 
-    Accurate for segments of any length, deterministic and free of host synchronization.
+    On the CPU each segment is summed on its own (:func:`_segment_sum_local`), so a huge or
+    non-finite segment cannot change the sums of the others. On other devices: accurate for
+    segments of any length, deterministic and free of host synchronization, but formed from
+    prefix sums over the whole buffer (below), so a segment after one whose sum is ~1e16 times
+    larger loses its digits to cancellation and one after a non-finite segment is NaN (the CUDA
+    and Triton kernels, the fast paths there, sum each segment on its own).
     (``torch.segment_reduce`` sums each segment sequentially in the input dtype, 4 % off for a
     2**25-column fp32 segment, and synchronizes on CUDA; fp64 ``index_add_`` is not deterministic
     on CUDA.) In blocks of ``_SUM_BLOCK`` columns, from fp64 prefix sums: a segment's sum is the
@@ -61,6 +66,8 @@ def _segment_sum(x: Tensor, offsets: Tensor) -> Tensor:
     segment, and a segment within one block is a difference of prefixes of at most that block.
     Columns go in chunks of ``_CHUNK`` to bound the temporaries.
     """
+    if x.device.type == "cpu":
+        return _segment_sum_local(x, offsets)
     rows = x.unsqueeze(0) if x.dim() == 1 else x
     R, P = rows.shape
     B = _SUM_BLOCK
@@ -77,6 +84,20 @@ def _segment_sum(x: Tensor, offsets: Tensor) -> Tensor:
         before_block = torch.nn.functional.pad(blocks.sum(-1).cumsum(-1), (1, 0))  # [R, nb + 1]
         ends = offsets.clamp(lo, hi) - lo
         out += before_block[:, ends // B].diff(dim=-1) + in_block[:, ends].diff(dim=-1)
+    return out[0] if x.dim() == 1 else out
+
+
+def _segment_sum_local(x: Tensor, offsets: Tensor) -> Tensor:
+    """:func:`_segment_sum` with each segment summed on its own: every column's segment from
+    ``bucketize`` (the offsets run from 0 to P, checked by the front end), then a fp64
+    ``index_add_``, which on the CPU adds in column order (deterministic)."""
+    rows = x.unsqueeze(0) if x.dim() == 1 else x
+    R, P = rows.shape
+    out = torch.zeros(R, offsets.numel() - 1, dtype=torch.float64, device=x.device)
+    for lo in range(0, P, _CHUNK):
+        hi = min(P, lo + _CHUNK)
+        cols = torch.arange(lo, hi, device=x.device, dtype=offsets.dtype)
+        out.index_add_(1, torch.bucketize(cols, offsets[1:], right=True), rows[:, lo:hi].double())
     return out[0] if x.dim() == 1 else out
 
 
