@@ -200,6 +200,11 @@ def check_state_keys(name: str, state: Any, expected: set[str]) -> None:
         raise ValueError(f"weighting {name!r} expects state keys {sorted(expected)}, got {got}")
 
 
+def _coordinate_dtype(grad_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of per-coordinate state for gradients of ``grad_dtype``."""
+    return torch.float64 if grad_dtype == torch.float64 else torch.float32
+
+
 def _checked_init(init: Callable[..., None]) -> Callable[..., None]:
     """``init`` raising a ValueError that lists the valid options for an unknown keyword."""
     params = list(inspect.signature(init).parameters.values())[1:]
@@ -238,7 +243,8 @@ class Weighting:
     #: names of the tensors a stateful weighting carries between calls (the first one's leading
     #: dimension is K)
     STATE: ClassVar[tuple[str, ...]] = ()
-    #: whether that state has one entry per coordinate of the gradients (its size depends on P)
+    #: whether that state has one entry per coordinate of the gradients (its size depends on P;
+    #: the first STATE tensor is then K x P, kept in fp64 for fp64 gradients, fp32 otherwise)
     PER_COORDINATE_STATE: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -376,9 +382,16 @@ class Weighting:
         if not self.STATE:
             return
         if self.PER_COORDINATE_STATE and self._state is None and dtype is not None:
-            # per-coordinate state is kept in fp64 for fp64 gradients, fp32 otherwise
-            self._dtype = torch.float64 if dtype == torch.float64 else torch.float32
+            self._dtype = _coordinate_dtype(dtype)
         self._ensure_state(num_tasks, device, numel if self.PER_COORDINATE_STATE else None)
+
+    def _coordinate_state(self, grads: Tensor) -> dict[str, Tensor]:
+        """The live per-coordinate state for the K x P gradients ``grads`` (created at the first
+        call in their accumulation dtype, see :attr:`PER_COORDINATE_STATE`)."""
+        K, P = grads.shape
+        if self._state is None:
+            self._dtype = _coordinate_dtype(grads.dtype)
+        return self._ensure_state(K, grads.device, P)
 
     def _extra_state_tensors(self) -> dict[str, Tensor]:
         """Further live tensors updated in place (random streams); part of the snapshot."""
@@ -453,8 +466,13 @@ class Weighting:
         return {k: v.to(ref[k].dtype).clone() for k, v in values.items()}, (K, dev, numel)
 
     def _numel_from_state(self, values: dict[str, Tensor]) -> int | None:
-        """P of a loaded per-coordinate state (None for K-sized state)."""
-        return None
+        """P of a loaded per-coordinate state (None for K-sized state): the second dimension of
+        the first :attr:`STATE` tensor, whose dtype the state keeps."""
+        if not self.PER_COORDINATE_STATE:
+            return None
+        first = values[self.STATE[0]]
+        self._dtype = first.dtype
+        return first.shape[1]
 
     def __repr__(self) -> str:
         opts = {k: v for k, v in vars(self).items() if not k.startswith("_")}

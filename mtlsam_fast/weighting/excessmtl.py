@@ -63,18 +63,10 @@ class ExcessMTL(Weighting):
             "n_steps": torch.zeros((), **f64),
         }
 
-    def _numel_from_state(self, values: dict[str, Tensor]) -> int | None:
-        self._dtype = values["sq_grad_sum"].dtype
-        return values["sq_grad_sum"].shape[1]
-
     def compute(self, x: Inputs) -> Tensor:
         G = x.grads
         assert G is not None  # needs_grads: __call__ checked it
-        K, P = G.shape
-        dev = G.device
-        if self._state is None:
-            self._dtype = torch.float64 if G.dtype == torch.float64 else torch.float32
-        state = self._ensure_state(K, dev, P)
+        state = self._coordinate_state(G)
         S = state["sq_grad_sum"]
         finite = torch.isfinite(x.gram).all()
         g = G.to(S.dtype)

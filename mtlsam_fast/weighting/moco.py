@@ -70,18 +70,12 @@ class MoCo(Weighting):
             "step": torch.zeros((), dtype=torch.float64, device=device),
         }
 
-    def _numel_from_state(self, values: dict[str, Tensor]) -> int | None:
-        self._dtype = values["tracked"].dtype
-        return values["tracked"].shape[1]
-
     def compute(self, x: Inputs) -> Tensor:
         G = x.grads
         assert G is not None  # needs_grads: __call__ checked it
-        K, P = G.shape
+        K = G.shape[0]
         dev = G.device
-        if self._state is None:
-            self._dtype = torch.float64 if G.dtype == torch.float64 else torch.float32
-        state = self._ensure_state(K, dev, P)
+        state = self._coordinate_state(G)
         Y, lam, count = state["tracked"], state["simplex_weights"], state["step"]
         inv = (
             torch.ones((), dtype=torch.float64, device=dev)
