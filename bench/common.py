@@ -6,6 +6,7 @@ and the inter-quartile spread, never the minimum alone.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -226,3 +228,15 @@ def make_offsets(P: int, n_layers: int = 20) -> list[int]:
             bounds.append(off)
     assert off == P, (off, P)
     return bounds
+
+
+def write_cpu_rows(out: Path | None, name: str, args: Any, rows: list[dict]) -> Path:
+    """``OUT/NAME.json`` (``OUT`` default :data:`CPU_OUT`): this machine, the run's arguments and
+    its rows; returns the path."""
+    folder = out or CPU_OUT
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {"meta": machine_info(torch.device("cpu")), "config": vars(args), "rows": rows}
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(doc, indent=1, default=str))
+    print(f"wrote {path}")
+    return path

@@ -19,7 +19,6 @@ read the losses get positive ones.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import statistics
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .common import CPU_OUT, machine_info
+from .common import write_cpu_rows
 
 
 def _spin(deadline: float) -> None:
@@ -147,11 +146,7 @@ def main(args: argparse.Namespace) -> int:
         f"{os.getloadavg()[0]:.1f} at the end"
     )
     print("\n".join(lines))
-    out = args.out or CPU_OUT
-    out.mkdir(parents=True, exist_ok=True)
-    doc = {"meta": machine_info(torch.device("cpu")), "config": vars(args), "rows": rows}
-    (out / "load.json").write_text(json.dumps(doc, indent=1, default=str))
-    print(f"wrote {out / 'load.json'}")
+    write_cpu_rows(args.out, "load", args, rows)
     return 0
 
 

@@ -13,14 +13,13 @@ yields the weights (plus its Adam step for learnt parameters), what a torchjd us
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
 from . import peers
 from .bench_cpu_kernels import interleaved_times
-from .common import CPU_OUT, machine_info
+from .common import write_cpu_rows
 
 
 def _inputs(K: int, P: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,11 +62,7 @@ def main(args: argparse.Namespace) -> int:
                 f"{name:12s} K={K:3d}  ours {r['ours_us']:10.1f} us   peer {r['peer_us']:10.1f} us"
                 f"  x{speedup:7.2f}  {r['peer'] or 'no installed peer'}"
             )
-    out = args.out or CPU_OUT
-    out.mkdir(parents=True, exist_ok=True)
-    doc = {"meta": machine_info(torch.device("cpu")), "config": vars(args), "rows": rows}
-    (out / "peers.json").write_text(json.dumps(doc, indent=1, default=str))
-    print(f"wrote {out / 'peers.json'}")
+    write_cpu_rows(args.out, "peers", args, rows)
     return 0
 
 
