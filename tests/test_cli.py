@@ -10,10 +10,10 @@ import sys
 
 import pytest
 import torch
+from _cli import run
 
 import mtlsam_fast
 from mtlsam_fast import train as T
-from mtlsam_fast.cli import main
 
 # a few steps on a small MultiDigits: fast on any CPU
 TINY = [
@@ -29,12 +29,6 @@ TINY = [
     "1",
     "--quiet",
 ]
-
-
-def run(argv, capsys):
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def listing(path) -> list[str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _cli import run
 
 import mtlsam_fast
 from mtlsam_fast import cli, files
@@ -26,12 +27,6 @@ from mtlsam_fast.signals import Interrupted, StopSignals
 ROOT = Path(mtlsam_fast.__file__).resolve().parent.parent
 TINY = ["--n-train", "64", "--n-test", "32", "--batch-size", "16", "--width", "4", "--quiet"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
-def run(argv, capsys):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def listing(path) -> list[str]:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from _cli import run
 
 from mtlsam_fast import train as T
-from mtlsam_fast.cli import main
 
 TINY = [
     "--n-train",
@@ -26,12 +26,6 @@ TINY = [
     "--baseline",
     "none",
 ]
-
-
-def run(argv, capsys):
-    code = main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.mark.parametrize(

@@ -12,21 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _cli import run
 
 import mtlsam_fast
 from mtlsam_fast import cli, data
 from mtlsam_fast import train as T
-from mtlsam_fast.cli import main
 from mtlsam_fast.models import MultiTaskNet
 
 ROOT = Path(mtlsam_fast.__file__).resolve().parent.parent
 TINY = ["--n-train", "64", "--n-test", "40", "--batch-size", "16", "--width", "4", "--quiet"]
-
-
-def run(argv, capsys):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 # ---------------------------------------------------------------------------- flags -> config
