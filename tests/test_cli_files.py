@@ -628,3 +628,30 @@ def test_stray_temporaries_of_live_processes_are_left_alone(tmp_path):
         p.write_text("partial")
     files.atomic_write(str(target), b"{}")
     assert listing(tmp_path) == sorted(["r.json", mine.name, other_host.name])
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("alpha", 1.0), ("alpha", 0.0), ("noise_rate", 1.0), ("momentum", 0.0), ("rho", 0.0)],
+)
+def test_a_value_at_a_closed_bound_is_accepted(field, value):
+    """The ends of a closed range are inside it (``--alpha 1.0`` is SAM's global-only SAMO)."""
+    T.validate(T.TrainConfig(**{field: value}))
+
+
+@pytest.mark.parametrize("field, value", [("alpha", 1.0 + 1e-12), ("momentum", 1.0)])
+def test_a_value_past_a_bound_is_refused(field, value):
+    """Just past a closed end, or at an open one, is refused naming the flag."""
+    with pytest.raises(T.UsageError, match=f"--{field.replace('_', '-')} must be"):
+        T.validate(T.TrainConfig(**{field: value}))
+
+
+def test_a_stored_configuration_takes_an_int_for_a_float_field():
+    """JSON writes 5.0 as 5 when a tool rewrites it: a float field takes an int (as a float), but
+    not a bool, and an int field does not take a float."""
+    cfg = T.TrainConfig.from_dict({"epochs": 5, "lr": 1})
+    assert cfg.epochs == 5.0 and isinstance(cfg.epochs, float) and isinstance(cfg.lr, float)
+    with pytest.raises(T.UsageError, match="'epochs' must be float"):
+        T.TrainConfig.from_dict({"epochs": True})
+    with pytest.raises(T.UsageError, match="'width' must be int"):
+        T.TrainConfig.from_dict({"width": 8.0})
