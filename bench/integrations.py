@@ -364,6 +364,17 @@ def _ms(v: dict[str, Any]) -> str:
     return f"{ms:.2f}" if ms >= 1 else f"{ms:.3f}"
 
 
+def _peer_table(title: str, peer: str, rows: dict[str, Any]) -> list[str]:
+    """A section of the report: per method the peer's median ms, ours and our speed-up."""
+    lines = [f"## {title}", "", f"| method | {peer} | ours |", "|---|---:|---:|"]
+    for name, row in rows.items():
+        lines.append(
+            f"| {name} | {_ms(row[peer])} | {_ms(row['ours'])} "
+            f"({row['ours']['speedup_vs_peer']:.1f}x) |"
+        )
+    return [*lines, ""]
+
+
 def markdown(report: dict[str, Any]) -> str:
     meta = report["meta"]
     lines = [
@@ -393,44 +404,14 @@ def markdown(report: dict[str, Any]) -> str:
             )
         lines.append("")
     for K, rows in report.get("scalarizers", {}).items():
-        lines += [
-            f"## torchjd scalarizers, K = {K}: forward, `scalarizer(losses).backward()`, SGD step",
-            "",
-            "| method | torchjd | ours |",
-            "|---|---:|---:|",
-        ]
-        for name, row in rows.items():
-            lines.append(
-                f"| {name} | {_ms(row['torchjd'])} | {_ms(row['ours'])} "
-                f"({row['ours']['speedup_vs_peer']:.1f}x) |"
-            )
-        lines.append("")
+        title = f"torchjd scalarizers, K = {K}: forward, `scalarizer(losses).backward()`, SGD step"
+        lines += _peer_table(title, "torchjd", rows)
     if report.get("libmtl"):
-        lines += [
-            "## LibMTL 1.1.5, K = 3: forward, losses, `zero_grad`, `model.backward`, SGD step",
-            "",
-            "| method | LibMTL | ours |",
-            "|---|---:|---:|",
-        ]
-        for name, row in report["libmtl"].items():
-            lines.append(
-                f"| {name} | {_ms(row['LibMTL'])} | {_ms(row['ours'])} "
-                f"({row['ours']['speedup_vs_peer']:.1f}x) |"
-            )
-        lines.append("")
+        title = "LibMTL 1.1.5, K = 3: forward, losses, `zero_grad`, `model.backward`, SGD step"
+        lines += _peer_table(title, "LibMTL", report["libmtl"])
     for K, rows in report["weights"].items():
-        lines += [
-            f"## Weights alone from a {K} x {K} Gramian (torchjd's `<Name>Weighting` and ours)",
-            "",
-            "| method | torchjd | ours |",
-            "|---|---:|---:|",
-        ]
-        for name, row in rows.items():
-            lines.append(
-                f"| {name} | {_ms(row['torchjd'])} | {_ms(row['ours'])} "
-                f"({row['ours']['speedup_vs_peer']:.1f}x) |"
-            )
-        lines.append("")
+        title = f"Weights alone from a {K} x {K} Gramian (torchjd's `<Name>Weighting` and ours)"
+        lines += _peer_table(title, "torchjd", rows)
     lines += [
         "## UPGrad on badly scaled Jacobians: smallest cos(g_i, d) (negative: a conflict)",
         "",
