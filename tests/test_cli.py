@@ -10,25 +10,10 @@ import sys
 
 import pytest
 import torch
-from _cli import run
+from _cli import TINY, run
 
 import mtlsam_fast
 from mtlsam_fast import train as T
-
-# a few steps on a small MultiDigits: fast on any CPU
-TINY = [
-    "--n-train",
-    "256",
-    "--n-test",
-    "128",
-    "--batch-size",
-    "32",
-    "--width",
-    "8",
-    "--threads",
-    "1",
-    "--quiet",
-]
 
 
 def listing(path) -> list[str]:

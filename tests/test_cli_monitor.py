@@ -7,25 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from _cli import TINY as CLI_TINY
 from _cli import run
 
 from mtlsam_fast import train as T
 
-TINY = [
-    "--n-train",
-    "256",
-    "--n-test",
-    "128",
-    "--batch-size",
-    "32",
-    "--width",
-    "8",
-    "--threads",
-    "1",
-    "--quiet",
-    "--baseline",
-    "none",
-]
+TINY = [*CLI_TINY, "--baseline", "none"]
 
 
 @pytest.mark.parametrize(
